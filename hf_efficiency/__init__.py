@@ -1,0 +1,25 @@
+"""hf-efficiency: LLM efficiency methods as a Hugging Face transformers plugin.
+
+``import hf_efficiency`` registers the plugin with transformers (idempotent): the
+``quant_method="hf_efficiency"`` quantizer and the ``efficiency_config=`` keyword of every
+``from_pretrained``.
+"""
+
+__version__ = "0.1.0"
+
+from .config import FORMAT_VERSION, QUANT_METHOD, EfficiencyConfig, QuantizationSpec  # noqa: E402
+from .quant import QuantLinear, quantize_weight  # noqa: E402
+from .registry import register  # noqa: E402
+
+register()
+
+__all__ = [
+    "FORMAT_VERSION",
+    "QUANT_METHOD",
+    "EfficiencyConfig",
+    "QuantLinear",
+    "QuantizationSpec",
+    "__version__",
+    "quantize_weight",
+    "register",
+]

@@ -1,0 +1,122 @@
+"""`EfficiencyHfQuantizer`: the transformers backend for ``quant_method="hf_efficiency"``.
+
+* on-the-fly (``from_pretrained(fp_model, efficiency_config=...)``): linears become empty
+  `QuantLinear` shells on the meta device; each float weight is quantized by `QuantizeOp` as it
+  is read from disk, so the full float model never sits in memory.
+* pre-quantized (our checkpoint): the same shells, then the checkpoint headers are validated and
+  the packed tensors load by name.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.core_model_loading import ConversionOps
+from transformers.quantizers.base import HfQuantizer
+from transformers.quantizers.quantizers_utils import get_module_from_name
+from transformers.utils import logging
+
+from ..config import FORMAT_VERSION, QUANT_METHOD, EfficiencyConfig
+from .checkpoint import validate_checkpoint
+from .linear import QuantLinear, scale_dtype_of
+from .replace import dequantize_model, replace_with_quant_linear
+from .scheme import quantize_weight
+
+logger = logging.get_logger(__name__)
+
+
+class QuantizeOp(ConversionOps):
+    """Quantizes one float ``weight`` as it is loaded; emits every companion tensor."""
+
+    def __init__(self, hf_quantizer: "EfficiencyHfQuantizer") -> None:
+        self.hf_quantizer = hf_quantizer
+
+    def convert(self, input_dict, full_layer_name: str | None = None, model=None, **kwargs):
+        (value,) = tuple(input_dict.values())
+        weight = value[0] if isinstance(value, list) else value
+        module, _ = get_module_from_name(model, full_layer_name)
+        spec = self.hf_quantizer.quantization_config.quantization
+        q = quantize_weight(
+            weight,
+            module.bits,
+            module.group_size,
+            module.symmetric,
+            spec.clip,
+            spec.clip_grid,
+            spec.clip_max_shrink,
+            module.weight_scale.dtype,
+        )
+        module.__dict__.pop("_kernel_cache", None)
+        prefix = full_layer_name.rsplit(".", 1)[0]
+        out = {full_layer_name: q.packed, f"{prefix}.weight_scale": q.scale}
+        if q.minimum is not None:
+            out[f"{prefix}.weight_min"] = q.minimum
+        return out
+
+
+class EfficiencyHfQuantizer(HfQuantizer):
+    """Applies an `EfficiencyConfig` inside ``from_pretrained``."""
+
+    requires_calibration = False
+    quantization_config: EfficiencyConfig
+
+    def __init__(self, quantization_config: EfficiencyConfig, **kwargs) -> None:
+        super().__init__(quantization_config, **kwargs)
+        self.quantized_modules: list[str] = []
+
+    # --- what gets converted -----------------------------------------------------------------
+    def _skip_list(self, model) -> list[str]:
+        spec = self.quantization_config.quantization
+        if spec.modules_to_not_convert is not None:
+            return list(spec.modules_to_not_convert)
+        return self.get_modules_to_not_convert(model, None, getattr(model, "_keep_in_fp32_modules", None))
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        if self.quantization_config.quantization is None:
+            return model
+        self.quantized_modules = replace_with_quant_linear(
+            model, self.quantization_config.quantization, self._skip_list(model)
+        )
+        if self.pre_quantized and checkpoint_files:
+            validate_checkpoint(model, checkpoint_files)
+        return model
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        if self.pre_quantized:
+            return False
+        module, tensor_name = get_module_from_name(model, param_name)
+        return isinstance(module, QuantLinear) and tensor_name == "weight"
+
+    def get_quantize_ops(self):
+        return QuantizeOp(self)
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        for name, module in model.named_modules():
+            if isinstance(module, QuantLinear):
+                module.requires_grad_(False)
+                module.__dict__.pop("_kernel_cache", None)
+        return model
+
+    # --- saving -----------------------------------------------------------------------------
+    def get_state_dict_and_metadata(self, model):
+        return None, {"hf_efficiency_format_version": str(FORMAT_VERSION), "quant_method": QUANT_METHOD}
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        # Nothing is weight-quantized: full fine-tuning of a model carrying only other sections.
+        return self.quantization_config.quantization is None
+
+    def _dequantize(self, model, dtype=None):
+        count = dequantize_model(model, dtype or torch.float32)
+        logger.info(f"dequantized {count} QuantLinear modules to {dtype}")
+        return model
+
+
+def spec_scale_dtype(config: EfficiencyConfig) -> torch.dtype:
+    return scale_dtype_of(config.quantization.scale_dtype)

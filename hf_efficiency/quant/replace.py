@@ -1,0 +1,90 @@
+"""Swap `nn.Linear` layers of a model for `QuantLinear` (structure only; no tensor math here)."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from ..config import QuantizationSpec
+from .linear import QuantLinear, scale_dtype_of
+
+
+def is_skipped(name: str, patterns: list[str] | None) -> bool:
+    """True when ``name`` matches a pattern: a prefix up to a module boundary, a regex from the
+    start (with the same boundary), or a suffix (transformers' ``modules_to_not_convert`` rules)."""
+    if not patterns:
+        return False
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    return any(re.match(rf"(?:{p}){boundary}", name) or name.endswith(p) for p in patterns)
+
+
+def linears_to_quantize(model: nn.Module, skip: list[str] | None) -> list[str]:
+    """Names of the ``nn.Linear`` modules that the spec quantizes, in model order."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not is_skipped(n, skip)]
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def replace_with_quant_linear(model: nn.Module, spec: QuantizationSpec, skip: list[str] | None) -> list[str]:
+    """Replace the selected linears by empty `QuantLinear` shells on the linears' own device
+    (meta during ``from_pretrained``). Returns the replaced names; raises if nothing matched."""
+    names = linears_to_quantize(model, skip)
+    if not names:
+        raise ValueError(
+            "quantization matched no nn.Linear module "
+            f"(modules_to_not_convert={skip!r}); nothing would be quantized"
+        )
+    for name in names:
+        linear = model.get_submodule(name)
+        shell = QuantLinear(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            bits=spec.bits,
+            group_size=spec.group_size,
+            symmetric=spec.symmetric,
+            scale_dtype=scale_dtype_of(spec.scale_dtype),
+            bias_dtype=linear.weight.dtype,
+            device=linear.weight.device,
+        )
+        shell.requires_grad_(False)
+        _set_submodule(model, name, shell)
+    return names
+
+
+def quantize_linears(model: nn.Module, spec: QuantizationSpec, skip: list[str] | None, progress: bool = False) -> list[str]:
+    """Quantize a float model in place with round-to-nearest (used outside ``from_pretrained``)."""
+    from tqdm.auto import tqdm
+
+    names = linears_to_quantize(model, skip)
+    for name in tqdm(names, desc="quantizing", disable=not progress):
+        linear = model.get_submodule(name)
+        _set_submodule(
+            model,
+            name,
+            QuantLinear.from_linear(
+                linear,
+                bits=spec.bits,
+                group_size=spec.group_size,
+                symmetric=spec.symmetric,
+                clip=spec.clip,
+                clip_grid=spec.clip_grid,
+                clip_max_shrink=spec.clip_max_shrink,
+                scale_dtype=scale_dtype_of(spec.scale_dtype),
+            ),
+        )
+    return names
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype) -> int:
+    """Replace every `QuantLinear` by an ``nn.Linear`` holding its dequantized weight."""
+    names = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    for name in names:
+        _set_submodule(model, name, model.get_submodule(name).to_linear(dtype))
+    return len(names)

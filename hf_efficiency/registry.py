@@ -1,0 +1,104 @@
+"""The ONLY module that touches transformers' registries and patches.
+
+:func:`register` (run by ``import hf_efficiency``; idempotent, reload-safe):
+
+1. registers `EfficiencyConfig` and `EfficiencyHfQuantizer` under ``quant_method="hf_efficiency"``
+   (stable hook: ``transformers.quantizers.register_*``);
+2. adds ``efficiency_config=`` to every ``from_pretrained`` by wrapping
+   ``PreTrainedModel.from_pretrained`` (Auto classes forward unknown kwargs to it); it is an
+   alias of ``quantization_config=`` and accepts an `EfficiencyConfig` or its dict;
+3. routes ``push_to_hub`` of models carrying an `EfficiencyConfig` through
+   :func:`hf_efficiency.hub.push.push_to_hub` (adds our model card).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+_PATCH_MARK = "_hf_efficiency_original"
+
+
+def _register_quantizer() -> None:
+    from transformers.quantizers import auto
+
+    from .config import QUANT_METHOD, EfficiencyConfig
+    from .quant.quantizer import EfficiencyHfQuantizer
+
+    # register_* refuse duplicates; after a module reload the classes are new objects, so set
+    # the entries directly when they already exist.
+    if QUANT_METHOD in auto.AUTO_QUANTIZATION_CONFIG_MAPPING:
+        auto.AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD] = EfficiencyConfig
+    else:
+        auto.register_quantization_config(QUANT_METHOD)(EfficiencyConfig)
+    if QUANT_METHOD in auto.AUTO_QUANTIZER_MAPPING:
+        auto.AUTO_QUANTIZER_MAPPING[QUANT_METHOD] = EfficiencyHfQuantizer
+    else:
+        auto.register_quantizer(QUANT_METHOD)(EfficiencyHfQuantizer)
+    # Let users pass loading attributes (dequantize=True) when loading our checkpoints.
+    if EfficiencyConfig not in auto.LOADING_ATTRIBUTES_CONFIG_TYPES:
+        auto.LOADING_ATTRIBUTES_CONFIG_TYPES = (
+            *(t for t in auto.LOADING_ATTRIBUTES_CONFIG_TYPES if getattr(t, "__name__", "") != "EfficiencyConfig"),
+            EfficiencyConfig,
+        )
+
+
+def _patch_from_pretrained() -> None:
+    from transformers import PreTrainedModel
+
+    current = PreTrainedModel.__dict__["from_pretrained"].__func__
+    original = getattr(current, _PATCH_MARK, current)
+
+    @functools.wraps(original)
+    def from_pretrained(cls, *args: Any, efficiency_config: Any = None, **kwargs: Any):
+        if efficiency_config is not None:
+            from .config import EfficiencyConfig
+
+            if kwargs.get("quantization_config") is not None:
+                raise ValueError(
+                    "pass either efficiency_config= or quantization_config=, not both "
+                    "(efficiency_config is an alias of quantization_config=EfficiencyConfig(...))"
+                )
+            kwargs["quantization_config"] = EfficiencyConfig.coerce(efficiency_config)
+        return original(cls, *args, **kwargs)
+
+    setattr(from_pretrained, _PATCH_MARK, original)
+    PreTrainedModel.from_pretrained = classmethod(from_pretrained)
+
+
+def _patch_push_to_hub() -> None:
+    from transformers import PreTrainedModel
+
+    current = PreTrainedModel.__dict__.get("push_to_hub", PreTrainedModel.push_to_hub)
+    original = getattr(current, _PATCH_MARK, current)
+
+    @functools.wraps(original)
+    def push_to_hub(self, repo_id: str, *args: Any, **kwargs: Any):
+        from .config import EfficiencyConfig
+
+        if isinstance(getattr(self.config, "quantization_config", None), EfficiencyConfig):
+            from .hub.push import push_to_hub as push
+
+            return push(self, repo_id, *args, **kwargs)
+        return original(self, repo_id, *args, **kwargs)
+
+    setattr(push_to_hub, _PATCH_MARK, original)
+    PreTrainedModel.push_to_hub = push_to_hub
+
+
+def register() -> None:
+    """Register hf-efficiency with transformers (safe to call any number of times)."""
+    _register_quantizer()
+    _patch_from_pretrained()
+    _patch_push_to_hub()
+
+
+def is_registered() -> bool:
+    from transformers import PreTrainedModel
+    from transformers.quantizers import auto
+
+    from .config import QUANT_METHOD
+
+    return QUANT_METHOD in auto.AUTO_QUANTIZER_MAPPING and hasattr(
+        PreTrainedModel.__dict__["from_pretrained"].__func__, _PATCH_MARK
+    )
