@@ -160,6 +160,7 @@ class EfficiencyConfig(QuantizationConfigMixin):
         quant_method: str = QUANT_METHOD,
         format_version: int = FORMAT_VERSION,
         dequantize: bool = False,
+        base_model: str | None = None,
         **sections: Any,
     ) -> None:
         if quant_method != QUANT_METHOD:
@@ -183,6 +184,9 @@ class EfficiencyConfig(QuantizationConfigMixin):
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
         self.dequantize = bool(dequantize)
+        if base_model is not None and not isinstance(base_model, str):
+            raise ValueError(f"base_model={base_model!r} is not allowed; allowed values: None or a model id string")
+        self.base_model = base_model
         for name, cls in SECTIONS.items():
             value = sections.get(name)
             setattr(self, name, None if value is None else cls.from_dict(value))
@@ -190,6 +194,8 @@ class EfficiencyConfig(QuantizationConfigMixin):
     # --- serialization -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"quant_method": self.quant_method, "format_version": self.format_version}
+        if self.base_model is not None:
+            out["base_model"] = self.base_model
         for name in SECTIONS:
             section = getattr(self, name, None)
             if section is not None:

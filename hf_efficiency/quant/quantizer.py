@@ -17,7 +17,7 @@ from transformers.utils import logging
 
 from ..config import FORMAT_VERSION, QUANT_METHOD, EfficiencyConfig
 from .checkpoint import validate_checkpoint
-from .linear import QuantLinear, scale_dtype_of
+from .linear import QuantLinear
 from .replace import dequantize_model, replace_with_quant_linear
 from .scheme import quantize_weight
 
@@ -90,6 +90,12 @@ class EfficiencyHfQuantizer(HfQuantizer):
         return QuantizeOp(self)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        if not self.pre_quantized and self.quantization_config.base_model is None:
+            # Record the source model on a copy (never mutate the user's config object).
+            cfg = EfficiencyConfig(**self.quantization_config.to_dict())
+            cfg.base_model = base_model_of(getattr(model.config, "_name_or_path", None))
+            self.quantization_config = cfg
+            model.config.quantization_config = cfg
         for name, module in model.named_modules():
             if isinstance(module, QuantLinear):
                 module.requires_grad_(False)
@@ -118,5 +124,18 @@ class EfficiencyHfQuantizer(HfQuantizer):
         return model
 
 
-def spec_scale_dtype(config: EfficiencyConfig) -> torch.dtype:
-    return scale_dtype_of(config.quantization.scale_dtype)
+def base_model_of(name_or_path: str | None) -> str | None:
+    """The Hub id a model came from: from ``hf_efficiency_source.json`` in a local folder (the
+    bundled model writes one), else the name itself when it is not a local path."""
+    import json
+    import os
+
+    if not name_or_path:
+        return None
+    if os.path.isdir(name_or_path):
+        source = os.path.join(name_or_path, "hf_efficiency_source.json")
+        if os.path.isfile(source):
+            with open(source, encoding="utf-8") as fh:
+                return json.load(fh).get("base_model")
+        return None
+    return name_or_path

