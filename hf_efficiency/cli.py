@@ -44,14 +44,26 @@ def _add_text_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default: 4)")
 
 
+QUANTIZE_HELP = "quantize a model and write a complete model folder"
+QUANTIZE_DESCRIPTION = (
+    "Quantize the linear layers of MODEL and save a folder that plain from_pretrained, `hf-efficiency eval` "
+    "and push_to_hub take as is (weights, config, tokenizer, generation config, model card)."
+)
+EVAL_HELP = "perplexity, weight bytes and decode speed of a model"
+EVAL_DESCRIPTION = (
+    "Evaluate MODEL with the hf-efficiency harness: perplexity over fixed non-overlapping windows, weight "
+    "bytes in memory and on disk, median greedy decode tokens/s, a sample."
+)
+
+
 def add_quantize_parser(sub: Any) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "quantize",
-        help="quantize a model and write a complete model folder",
-        description="Quantize the linear layers of MODEL and save a folder that plain from_pretrained, "
-        "`hf-efficiency eval` and push_to_hub take as is (weights, config, tokenizer, generation config, "
-        "model card).",
-    )
+    p = sub.add_parser("quantize", help=QUANTIZE_HELP, description=QUANTIZE_DESCRIPTION)
+    add_quantize_arguments(p)
+    return p
+
+
+def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of `quantize` (shared with `optimum-cli hf-efficiency quantize`)."""
     p.add_argument("model", nargs="?", default=None, help="model folder or Hub id (default: bundled SmolLM2-135M)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--method", default="rtn", help="quantization method (default: rtn)")
@@ -63,7 +75,7 @@ def add_quantize_parser(sub: Any) -> argparse.ArgumentParser:
     sym.add_argument("--symmetric", dest="symmetric", action="store_true", help="absmax scales, no stored minimum")
     sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="scale + minimum (default)")
     p.set_defaults(symmetric=False)
-    p.add_argument("--clip", default="mse", help="clip search: none or mse (default: mse)")
+    p.add_argument("--clip", default="none", help="clip search: none or mse (default: none; see README)")
     p.add_argument("--scale-dtype", default="float16", help="float16, bfloat16 or float32 (default: float16)")
     p.add_argument(
         "--skip", action="append", default=None, metavar="PATTERN", help="module name/pattern kept in float (repeatable)"
@@ -72,24 +84,23 @@ def add_quantize_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--eval", action="store_true", help="also evaluate the result (perplexity, bytes, tokens/s)")
     _add_text_args(p)
     p.add_argument("--json", action="store_true", help="print a JSON summary")
-    p.set_defaults(func=run_quantize)
-    return p
+    p.set_defaults(func=run_quantize, command="quantize")
 
 
 def add_eval_parser(sub: Any) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "eval",
-        help="perplexity, weight bytes and decode speed of a model",
-        description="Evaluate MODEL with the hf-efficiency harness: perplexity over fixed non-overlapping "
-        "windows, weight bytes in memory and on disk, median greedy decode tokens/s, a sample.",
-    )
+    p = sub.add_parser("eval", help=EVAL_HELP, description=EVAL_DESCRIPTION)
+    add_eval_arguments(p)
+    return p
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of `eval` (shared with `optimum-cli hf-efficiency eval`)."""
     p.add_argument("model", nargs="?", default=None, help="model folder or Hub id (default: bundled SmolLM2-135M)")
     _add_text_args(p)
     p.add_argument("--no-speed", action="store_true", help="skip the decode-speed measurement")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per speed run (default: 32)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.set_defaults(func=run_eval)
-    return p
+    p.set_defaults(func=run_eval, command="eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -246,13 +257,15 @@ def _print_eval(r: dict[str, Any]) -> None:
         print(f"sample: {r['sample_prompt']!r} -> {r['sample']!r}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.verbose:
+COMMANDS = {"quantize": run_quantize, "eval": run_eval}
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed command, print its result (table or ``--json``); return the exit code."""
+    if getattr(args, "verbose", False):
         logging.set_verbosity_info()
     try:
-        result = args.func(args)
+        result = COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, OSError) as exc:
         print(f"hf-efficiency {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -261,6 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         _print_human(args.command, result)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `hf-efficiency` console script."""
+    return run_command(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

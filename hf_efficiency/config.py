@@ -72,8 +72,10 @@ class QuantizationSpec(Section):
             scale per output channel.
         symmetric: absmax scaling with an implicit zero point (``True``) or a scale and a
             stored minimum per group (``False``).
-        clip: ``"none"`` (use the full range) or ``"mse"`` (search a shrink ratio of the range
-            per group that minimizes the squared reconstruction error).
+        clip: ``"none"`` (use the full range; default) or ``"mse"`` (search a shrink ratio of the
+            range per group that minimizes the squared weight reconstruction error). On SmolLM2 the
+            weight-MSE search lowers weight error but raises perplexity (it clips the large weights
+            that matter most); see README "Clipping".
         clip_grid: number of shrink ratios tried by the clip search.
         clip_max_shrink: the smallest ratio tried is ``1 - clip_max_shrink``.
         scale_dtype: storage dtype of scales and minima.
@@ -91,7 +93,7 @@ class QuantizationSpec(Section):
     bits: int = 4
     group_size: int | None = 128
     symmetric: bool = False
-    clip: str = "mse"
+    clip: str = "none"
     clip_grid: int = 20
     clip_max_shrink: float = 0.5
     scale_dtype: str = "float16"

@@ -1,0 +1,50 @@
+"""`optimum-cli hf-efficiency ...`: optimum's CLI plugin hook (PEP 420 namespace, no __init__.py).
+
+optimum imports this file at CLI start-up and reads `REGISTER_COMMANDS`; it stays light (no torch
+import) and reuses the argument definitions of `hf-efficiency`'s own CLI.
+"""
+
+from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
+
+from hf_efficiency import cli
+
+
+class _HfEfficiencyLeaf(BaseOptimumCLICommand):
+    NAME = ""
+
+    def run(self):
+        self.args.command = self.NAME
+        code = cli.run_command(self.args)
+        if code:
+            raise SystemExit(code)
+
+
+class QuantizeCommand(_HfEfficiencyLeaf):
+    NAME = "quantize"
+    COMMAND = CommandInfo(name="quantize", help=cli.QUANTIZE_HELP)
+
+    @staticmethod
+    def parse_args(parser):
+        parser.description = cli.QUANTIZE_DESCRIPTION
+        cli.add_quantize_arguments(parser)
+
+
+class EvalCommand(_HfEfficiencyLeaf):
+    NAME = "eval"
+    COMMAND = CommandInfo(name="eval", help=cli.EVAL_HELP)
+
+    @staticmethod
+    def parse_args(parser):
+        parser.description = cli.EVAL_DESCRIPTION
+        cli.add_eval_arguments(parser)
+
+
+class HfEfficiencyCommand(BaseOptimumCLICommand):
+    COMMAND = CommandInfo(name="hf-efficiency", help="hf-efficiency: quantize and evaluate models")
+    SUBCOMMANDS = (
+        CommandInfo(name="quantize", help=cli.QUANTIZE_HELP, subcommand_class=QuantizeCommand),
+        CommandInfo(name="eval", help=cli.EVAL_HELP, subcommand_class=EvalCommand),
+    )
+
+
+REGISTER_COMMANDS = [HfEfficiencyCommand]
