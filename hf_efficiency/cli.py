@@ -98,7 +98,6 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, help="model folder or Hub id (default: bundled SmolLM2-135M)")
     _add_text_args(p)
     p.add_argument("--no-speed", action="store_true", help="skip the decode-speed measurement")
-    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per speed run (default: 32)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run_eval, command="eval")
 
@@ -210,18 +209,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     source = resolve_model_path(args.model)
     model, tokenizer = _load(source)
     model_dir = source if os.path.isdir(source) else None
-    from .evaluate import evaluate
-
-    result = evaluate(
-        model,
-        tokenizer,
-        text=_text_source(args),
-        window=args.window,
-        num_tokens=args.num_tokens,
-        batch_size=args.batch_size,
-        speed=not args.no_speed,
-        model_dir=model_dir,
-    )
+    result = _evaluate(model, tokenizer, args, model_dir, speed=not args.no_speed)
     out = result.to_dict()
     out["quantization_config"] = (
         model.config.quantization_config.to_dict() if getattr(model.config, "quantization_config", None) else None
