@@ -54,24 +54,17 @@ def _fill(template: str, values: dict[str, Any]) -> str:
 
 
 def quantization_stats(model: nn.Module) -> dict[str, Any]:
-    """Counts and bytes of the quantized linear layers (modules with ``hf_efficiency_quantized``)
-    and of the whole model (unique parameters and buffers)."""
-    layers, weights, nbytes = 0, 0, 0
-    for module in model.modules():
-        if getattr(module, "hf_efficiency_quantized", False):
-            layers += 1
-            weights += module.in_features * module.out_features
-            for name in ("weight", "weight_scale", "weight_min"):
-                t = getattr(module, name, None)
-                if t is not None:
-                    nbytes += t.numel() * t.element_size()
-    total = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    """Counts and bytes of the quantized linear layers and of the whole model, as measured by the
+    evaluation harness (:func:`hf_efficiency.evaluate.weight_bytes`)."""
+    from ..evaluate import weight_bytes
+
+    wb = weight_bytes(model)
     return {
-        "quantized_layers": layers,
-        "quantized_weights": weights,
-        "quantized_bytes": nbytes,
-        "bits_per_weight": 8.0 * nbytes / weights if weights else None,
-        "total_bytes": total,
+        "quantized_layers": wb["quantized_modules"],
+        "quantized_weights": wb["quantized_params"],
+        "quantized_bytes": wb["quantized"],
+        "bits_per_weight": wb["bits_per_weight"],
+        "total_bytes": wb["total"],
     }
 
 

@@ -127,15 +127,12 @@ class EfficiencyHfQuantizer(HfQuantizer):
 def base_model_of(name_or_path: str | None) -> str | None:
     """The Hub id a model came from: from ``hf_efficiency_source.json`` in a local folder (the
     bundled model writes one), else the name itself when it is not a local path."""
-    import json
     import os
+
+    from ..data import bundled_source_info
 
     if not name_or_path:
         return None
     if os.path.isdir(name_or_path):
-        source = os.path.join(name_or_path, "hf_efficiency_source.json")
-        if os.path.isfile(source):
-            with open(source, encoding="utf-8") as fh:
-                return json.load(fh).get("base_model")
-        return None
+        return bundled_source_info(name_or_path).get("base_model")
     return name_or_path
