@@ -7,13 +7,22 @@
 
 __version__ = "0.1.0"
 
-from .config import FORMAT_VERSION, QUANT_METHOD, EfficiencyConfig, QuantizationSpec  # noqa: E402
+from .config import (  # noqa: E402
+    FORMAT_VERSION,
+    QUANT_METHOD,
+    ActivationSpec,
+    CalibrationSpec,
+    EfficiencyConfig,
+    QuantizationSpec,
+)
 from .quant import QuantLinear, quantize_weight  # noqa: E402
 from .registry import register  # noqa: E402
 
 register()
 
 __all__ = [
+    "ActivationSpec",
+    "CalibrationSpec",
     "FORMAT_VERSION",
     "QUANT_METHOD",
     "EfficiencyConfig",

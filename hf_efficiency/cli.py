@@ -66,7 +66,12 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of `quantize` (shared with `optimum-cli hf-efficiency quantize`)."""
     p.add_argument("model", nargs="?", default=None, help="model folder or Hub id (default: bundled SmolLM2-135M)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--method", default="rtn", help="quantization method (default: rtn)")
+    p.add_argument(
+        "--method",
+        default="rtn",
+        choices=("rtn", "hqq", "awq", "gptq"),
+        help="rtn and hqq need no data; awq and gptq run on calibration data (default: rtn)",
+    )
     p.add_argument("--bits", type=int, default=4, help="bits per weight: 8, 4, 3 or 2 (default: 4)")
     p.add_argument(
         "--group-size", type=_group_size, default=128, help="weights per scale, 32-256, or 'none' for per channel"
@@ -77,6 +82,29 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(symmetric=False)
     p.add_argument("--clip", default="none", help="clip search: none or mse (default: none; see README)")
     p.add_argument("--scale-dtype", default="float16", help="float16, bfloat16 or float32 (default: float16)")
+    p.add_argument(
+        "--outliers", type=float, default=0.0, help="fraction of weights per row kept in float16, e.g. 0.01 (default: 0)"
+    )
+    p.add_argument(
+        "--module-bits",
+        action="append",
+        default=None,
+        metavar="PATTERN=BITS",
+        help="per-module width, e.g. down_proj=8 (repeatable; first match wins)",
+    )
+    p.add_argument(
+        "--target-bits", type=float, default=None, help="automatic mixed precision to this mean code width (calibrated)"
+    )
+    p.add_argument("--act-order", action="store_true", help="gptq: process columns by decreasing Hessian diagonal")
+    p.add_argument(
+        "--activations", choices=("dynamic", "static"), default=None, help="W8A8: int8 activations (needs --bits 8)"
+    )
+    p.add_argument("--smoothquant", type=float, default=None, help="W8A8: SmoothQuant migration strength, e.g. 0.5")
+    p.add_argument(
+        "--calibration-file", default=None, help="calibration text file (default: the bundled KJV calibration slice)"
+    )
+    p.add_argument("--calibration-samples", type=int, default=None, help="calibration windows (default: 32)")
+    p.add_argument("--calibration-length", type=int, default=None, help="tokens per calibration window (default: 512)")
     p.add_argument(
         "--skip", action="append", default=None, metavar="PATTERN", help="module name/pattern kept in float (repeatable)"
     )
@@ -148,6 +176,50 @@ def _evaluate(model, tokenizer, args: argparse.Namespace, model_dir: str | None,
     )
 
 
+def _module_bits(items: list[str] | None) -> dict[str, int] | None:
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        pattern, sep, bits = item.rpartition("=")
+        if not sep or not pattern or not bits.isdigit():
+            raise ValueError(f"--module-bits {item!r}: expected PATTERN=BITS, e.g. down_proj=8")
+        out[pattern] = int(bits)
+    return out
+
+
+def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The EfficiencyConfig sections the `quantize` arguments describe."""
+    quantization = {
+        "method": args.method,
+        "bits": args.bits,
+        "group_size": args.group_size,
+        "symmetric": args.symmetric or args.activations is not None,
+        "clip": args.clip,
+        "scale_dtype": args.scale_dtype,
+        "modules_to_not_convert": args.skip,
+        "outliers": args.outliers,
+        "module_bits": _module_bits(args.module_bits),
+        "target_bits": args.target_bits,
+        "gptq_act_order": args.act_order,
+    }
+    sections: dict[str, Any] = {"quantization": quantization}
+    calibration = {
+        k: v
+        for k, v in (
+            ("dataset", args.calibration_file),
+            ("samples", args.calibration_samples),
+            ("sequence_length", args.calibration_length),
+        )
+        if v is not None
+    }
+    if calibration:
+        sections["calibration"] = calibration
+    if args.activations is not None or args.smoothquant is not None:
+        sections["activations"] = {"mode": args.activations or "dynamic", "smoothquant": args.smoothquant}
+    return sections
+
+
 def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
     """Quantize, save the complete folder (+ model card), optionally evaluate."""
     from transformers import GenerationConfig
@@ -157,17 +229,7 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
     from .evaluate import disk_bytes, weight_bytes
     from .hub.model_card import save_model_card
 
-    cfg = EfficiencyConfig(
-        quantization={
-            "method": args.method,
-            "bits": args.bits,
-            "group_size": args.group_size,
-            "symmetric": args.symmetric,
-            "clip": args.clip,
-            "scale_dtype": args.scale_dtype,
-            "modules_to_not_convert": args.skip,
-        }
-    )
+    cfg = EfficiencyConfig(**config_from_args(args))
     source = resolve_model_path(args.model)
     start = time.perf_counter()
     model, tokenizer = _load(source, efficiency_config=cfg)

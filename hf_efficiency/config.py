@@ -19,8 +19,9 @@ from typing import Any, ClassVar
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 QUANT_METHOD = "hf_efficiency"
-#: Version of the on-disk format written by this installation. Bumped on incompatible changes.
-FORMAT_VERSION = 1
+#: Version of the on-disk format written by this installation. Bumped on incompatible changes:
+#: 2 added methods hqq/awq/gptq, outliers, mixed precision and int8 activations.
+FORMAT_VERSION = 2
 
 _SCALE_DTYPES = ("float16", "bfloat16", "float32")
 
@@ -66,26 +67,56 @@ class QuantizationSpec(Section):
     """Weight quantization of linear layers.
 
     Args:
-        method: the algorithm; ``"rtn"`` (round-to-nearest, optionally with a clip search).
-        bits: integer width of stored weights: 8, 4, 3 or 2.
+        method: the algorithm. ``"rtn"`` (round-to-nearest, optionally with a clip search) and
+            ``"hqq"`` (half-quadratic zero/scale optimization) need no calibration data and run
+            per tensor while the checkpoint loads; ``"awq"`` (activation-aware scales folded into
+            the preceding norm/linear, plus an output-aware clip search) and ``"gptq"``
+            (Hessian-based rounding with error compensation) run layer by layer on the
+            ``calibration`` data.
+        bits: integer width of stored weights: 8, 4, 3 or 2 (the default for every module).
         group_size: weights per scale along the input dimension (32-256), or ``None`` for one
-            scale per output channel.
+            scale per output channel. A width that is not a multiple of the group size ends with
+            a partial group (576 = 4 x 128 + 64): it is stored and computed exactly.
         symmetric: absmax scaling with an implicit zero point (``True``) or a scale and a
-            stored minimum per group (``False``).
+            stored minimum per group (``False``). ``hqq`` is asymmetric only.
         clip: ``"none"`` (use the full range; default) or ``"mse"`` (search a shrink ratio of the
-            range per group that minimizes the squared weight reconstruction error). On SmolLM2 the
-            weight-MSE search lowers weight error but raises perplexity (it clips the large weights
-            that matter most); see README "Clipping".
-        clip_grid: number of shrink ratios tried by the clip search.
+            range per group that minimizes the squared weight reconstruction error; for ``gptq``
+            it applies when each group's parameters are fitted). ``awq`` has its own output-aware
+            clip search (``awq_clip``).
+        clip_grid: number of shrink ratios tried by the clip searches.
         clip_max_shrink: the smallest ratio tried is ``1 - clip_max_shrink``.
         scale_dtype: storage dtype of scales and minima.
         modules_to_not_convert: module names or patterns kept in float (prefix, suffix or regex
             match, as in transformers). ``None`` keeps the output embedding (``lm_head``); an
             explicit list replaces that default. Embeddings are never quantized.
+        outliers: fraction of the weights of every row kept exactly in float16 beside the
+            low-bit codes (SpQR-style; ``0.01`` = 1 %), chosen by sensitivity (``|w|`` times the
+            input channel's RMS activation when calibration data is available, ``|w|`` otherwise)
+            and excluded from the group ranges. ``0`` disables it.
+        module_bits: per-module bit widths overriding ``bits``: ``{pattern: bits}`` where a
+            pattern is a full module name, a ``.``-suffix of it (``"down_proj"``) or a regex
+            matched against the whole name; the first matching pattern wins.
+        target_bits: automatic mixed precision: choose each module's width from ``bits_choices``
+            so that the parameter-weighted mean code width is at most ``target_bits``, upgrading
+            the modules whose measured relative output error (activation-weighted squared weight
+            error over the module's output energy) drops most per bit. The result is written into ``module_bits``. Needs calibration data.
+        bits_choices: widths the automatic allocation may use.
+        awq_grid: number of migration strengths ``alpha`` in ``[0, 1)`` tried by ``awq``.
+        awq_clip: run AWQ's output-aware clip search after scaling.
+        gptq_damp: GPTQ dampening, as a fraction of the mean Hessian diagonal.
+        gptq_act_order: process columns by decreasing Hessian diagonal (group parameters are
+            then fitted up front, so groups stay contiguous on disk).
+        gptq_block_size: columns per lazy batch update.
+        hqq_iters: half-quadratic iterations of ``hqq``.
+        hqq_optimize_scale: also update each group's scale (a least-squares step) besides the
+            zero point. It lowers the weight error further but, measured on SmolLM2-135M, raises
+            perplexity (it clips the largest weights, like the ``mse`` clip search), so the
+            default is HQQ's own zero-point-only optimization.
     """
 
     section_name: ClassVar[str] = "quantization"
-    METHODS: ClassVar[tuple[str, ...]] = ("rtn",)
+    METHODS: ClassVar[tuple[str, ...]] = ("rtn", "hqq", "awq", "gptq")
+    CALIBRATED_METHODS: ClassVar[tuple[str, ...]] = ("awq", "gptq")
     BITS: ClassVar[tuple[int, ...]] = (8, 4, 3, 2)
     CLIPS: ClassVar[tuple[str, ...]] = ("none", "mse")
 
@@ -98,6 +129,17 @@ class QuantizationSpec(Section):
     clip_max_shrink: float = 0.5
     scale_dtype: str = "float16"
     modules_to_not_convert: list[str] | None = None
+    outliers: float = 0.0
+    module_bits: dict[str, int] | None = None
+    target_bits: float | None = None
+    bits_choices: list[int] = field(default_factory=lambda: [2, 3, 4, 8])
+    awq_grid: int = 20
+    awq_clip: bool = True
+    gptq_damp: float = 0.01
+    gptq_act_order: bool = False
+    gptq_block_size: int = 128
+    hqq_iters: int = 20
+    hqq_optimize_scale: bool = False
 
     def validate(self) -> None:
         s = self.section_name
@@ -116,6 +158,8 @@ class QuantizationSpec(Section):
             _fail(s, "group_size", self.group_size, "None (per output channel) or 32, 64, 96, ..., 256")
         if not isinstance(self.symmetric, bool):
             _fail(s, "symmetric", self.symmetric, "True, False")
+        if self.method == "hqq" and self.symmetric:
+            _fail(s, "symmetric", self.symmetric, "False (hqq optimizes a zero point, so it is asymmetric only)")
         if self.clip not in self.CLIPS:
             _fail(s, "clip", self.clip, ", ".join(self.CLIPS))
         if isinstance(self.clip_grid, bool) or not isinstance(self.clip_grid, int) or not 2 <= self.clip_grid <= 200:
@@ -130,10 +174,136 @@ class QuantizationSpec(Section):
             ):
                 _fail(s, "modules_to_not_convert", self.modules_to_not_convert, "None or a list of strings")
             self.modules_to_not_convert = list(self.modules_to_not_convert)
+        if isinstance(self.outliers, bool) or not isinstance(self.outliers, (int, float)) or not 0 <= self.outliers <= 0.1:
+            _fail(s, "outliers", self.outliers, "a fraction in [0, 0.1] (0.01 = 1 %)")
+        self.outliers = float(self.outliers)
+        if self.module_bits is not None:
+            if not isinstance(self.module_bits, dict) or not all(
+                isinstance(k, str) and not isinstance(v, bool) and v in self.BITS for k, v in self.module_bits.items()
+            ):
+                _fail(s, "module_bits", self.module_bits, "None or a dict {module pattern: bits in 8, 4, 3, 2}")
+            self.module_bits = dict(self.module_bits)
+        if not isinstance(self.bits_choices, (list, tuple)) or not self.bits_choices or not all(
+            not isinstance(b, bool) and b in self.BITS for b in self.bits_choices
+        ):
+            _fail(s, "bits_choices", self.bits_choices, "a non-empty list of 8, 4, 3, 2")
+        self.bits_choices = sorted(set(self.bits_choices))
+        if self.target_bits is not None and (
+            isinstance(self.target_bits, bool)
+            or not isinstance(self.target_bits, (int, float))
+            or not min(self.bits_choices) <= self.target_bits <= max(self.bits_choices)
+        ):
+            _fail(s, "target_bits", self.target_bits, f"None or a number in [{min(self.bits_choices)}, {max(self.bits_choices)}] (bits_choices)")
+        if isinstance(self.awq_grid, bool) or not isinstance(self.awq_grid, int) or not 2 <= self.awq_grid <= 100:
+            _fail(s, "awq_grid", self.awq_grid, "an integer in [2, 100]")
+        for key in ("awq_clip", "gptq_act_order", "hqq_optimize_scale"):
+            if not isinstance(getattr(self, key), bool):
+                _fail(s, key, getattr(self, key), "True, False")
+        if not isinstance(self.gptq_damp, (int, float)) or isinstance(self.gptq_damp, bool) or not 0 < self.gptq_damp < 1:
+            _fail(s, "gptq_damp", self.gptq_damp, "a float in (0, 1)")
+        if isinstance(self.gptq_block_size, bool) or not isinstance(self.gptq_block_size, int) or self.gptq_block_size < 1:
+            _fail(s, "gptq_block_size", self.gptq_block_size, "a positive integer")
+        if isinstance(self.hqq_iters, bool) or not isinstance(self.hqq_iters, int) or not 1 <= self.hqq_iters <= 1000:
+            _fail(s, "hqq_iters", self.hqq_iters, "an integer in [1, 1000]")
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True when this spec cannot be applied one tensor at a time without data."""
+        return self.method in self.CALIBRATED_METHODS or self.target_bits is not None
+
+
+@dataclass
+class CalibrationSpec(Section):
+    """Calibration data for ``awq``, ``gptq``, automatic mixed precision, outlier selection and
+    static activation scales.
+
+    Args:
+        dataset: ``"kjv"`` (the bundled corpus's calibration slice, disjoint from the evaluation
+            slice), a path to a UTF-8 text file, ``"datasets:NAME[:CONFIG]:SPLIT"``, or a list of
+            strings. The text is tokenized once and cut into ``samples`` windows.
+        samples: number of windows of ``sequence_length`` tokens.
+        sequence_length: tokens per window.
+        batch_size: windows per forward pass during capture.
+        tokenizer: tokenizer name or path; ``None`` uses the model's own folder / Hub id.
+        device: where each decoder layer runs during calibration (``None``: where the model
+            is). With ``"cuda"`` only one layer at a time is moved to the GPU.
+    """
+
+    section_name: ClassVar[str] = "calibration"
+
+    dataset: str | list[str] = "kjv"
+    samples: int = 32
+    sequence_length: int = 512
+    batch_size: int = 4
+    tokenizer: str | None = None
+    device: str | None = None
+
+    def validate(self) -> None:
+        s = self.section_name
+        if isinstance(self.dataset, (list, tuple)):
+            if not all(isinstance(t, str) for t in self.dataset):
+                _fail(s, "dataset", self.dataset, "'kjv', a file path, 'datasets:NAME[:CONFIG]:SPLIT' or a list of strings")
+            if not any(t.strip() for t in self.dataset):
+                raise ValueError("calibration.dataset is empty: give at least one non-empty text")
+            self.dataset = list(self.dataset)
+        elif not isinstance(self.dataset, str) or not self.dataset.strip():
+            _fail(s, "dataset", self.dataset, "'kjv', a file path, 'datasets:NAME[:CONFIG]:SPLIT' or a list of strings")
+        for key, low, high in (("samples", 1, 100_000), ("sequence_length", 2, 1_000_000), ("batch_size", 1, 4096)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                _fail(s, key, value, f"an integer in [{low}, {high}]")
+        for key in ("tokenizer", "device"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, str):
+                _fail(s, key, value, "None or a string")
+
+
+@dataclass
+class ActivationSpec(Section):
+    """Int8 activation quantization of the quantized linears (W8A8, with 8-bit weights).
+
+    Args:
+        mode: ``"dynamic"`` (a scale per token computed at run time) or ``"static"`` (one scale
+            per linear input, from calibration data, clipped at ``percentile``).
+        percentile: percentile of ``|x|`` over the calibration tokens that maps to 127
+            (static mode).
+        smoothquant: SmoothQuant migration strength ``alpha`` in (0, 1), or ``None``. Moves
+            activation outliers into the weights with per-channel scales folded into the
+            preceding norm/linear (needs calibration data).
+    """
+
+    section_name: ClassVar[str] = "activations"
+    MODES: ClassVar[tuple[str, ...]] = ("dynamic", "static")
+
+    bits: int = 8
+    mode: str = "dynamic"
+    percentile: float = 99.99
+    smoothquant: float | None = None
+
+    def validate(self) -> None:
+        s = self.section_name
+        if isinstance(self.bits, bool) or self.bits != 8:
+            _fail(s, "bits", self.bits, "8")
+        if self.mode not in self.MODES:
+            _fail(s, "mode", self.mode, ", ".join(self.MODES))
+        if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) or not 50 < self.percentile <= 100:
+            _fail(s, "percentile", self.percentile, "a number in (50, 100]")
+        if self.smoothquant is not None and (
+            isinstance(self.smoothquant, bool) or not isinstance(self.smoothquant, (int, float)) or not 0 < self.smoothquant < 1
+        ):
+            _fail(s, "smoothquant", self.smoothquant, "None or a float in (0, 1)")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.mode == "static" or self.smoothquant is not None
 
 
 #: section name -> Section class. Later features register theirs with `register_section`.
-SECTIONS: dict[str, type[Section]] = {"quantization": QuantizationSpec}
+SECTIONS: dict[str, type[Section]] = {
+    "quantization": QuantizationSpec,
+    "calibration": CalibrationSpec,
+    "activations": ActivationSpec,
+}
 
 
 def register_section(cls: type[Section]) -> type[Section]:
@@ -192,6 +362,26 @@ class EfficiencyConfig(QuantizationConfigMixin):
         for name, cls in SECTIONS.items():
             value = sections.get(name)
             setattr(self, name, None if value is None else cls.from_dict(value))
+        self._validate_sections()
+
+    def _validate_sections(self) -> None:
+        """Rules that span sections."""
+        q, act = self.quantization, getattr(self, "activations", None)
+        if act is not None:
+            if q is None or q.bits != 8 or q.group_size is not None or not q.symmetric:
+                raise ValueError(
+                    "activations (W8A8) needs quantization={'bits': 8, 'group_size': None, 'symmetric': True}; "
+                    f"got {None if q is None else {'bits': q.bits, 'group_size': q.group_size, 'symmetric': q.symmetric}}"
+                )
+            if q.method not in ("rtn", "gptq") or q.outliers or q.module_bits or q.target_bits is not None:
+                raise ValueError(
+                    "activations (W8A8) supports quantization.method 'rtn' or 'gptq' without outliers or mixed "
+                    f"precision; got method={q.method!r}, outliers={q.outliers}, module_bits={q.module_bits}, "
+                    f"target_bits={q.target_bits}"
+                )
+        if self.needs_calibration and getattr(self, "calibration", None) is None:
+            # Made explicit (and saved in config.json) rather than applied silently.
+            self.calibration = CalibrationSpec()
 
     # --- serialization -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -230,3 +420,15 @@ class EfficiencyConfig(QuantizationConfigMixin):
     @property
     def quantizes_weights(self) -> bool:
         return self.quantization is not None
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True when applying this config runs the calibrated, layer-by-layer pipeline."""
+        q, act = self.quantization, getattr(self, "activations", None)
+        if q is None:
+            return False
+        return (
+            q.needs_calibration
+            or (act is not None and act.needs_calibration)
+            or (q.outliers > 0 and getattr(self, "calibration", None) is not None)
+        )

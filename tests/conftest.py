@@ -8,13 +8,15 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 BYTE_VOCAB = 257  # 256 byte symbols + <eos>
 
 
 def make_byte_tokenizer() -> PreTrainedTokenizerFast:
     """Byte-level BPE without merges: every UTF-8 byte is one token (ids 0-255), <eos> = 256."""
-    vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    # id == byte value, in every process (ByteLevel.alphabet() is an unordered set)
+    vocab = {ch: b for b, ch in bytes_to_unicode().items()}
     vocab["<eos>"] = 256
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -25,10 +27,11 @@ def make_byte_tokenizer() -> PreTrainedTokenizerFast:
 def make_tiny_llama(seed: int = 0, tie: bool = True, **overrides) -> LlamaForCausalLM:
     """A 2-layer, 64-wide Llama over the byte vocabulary, deterministic for a seed."""
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=BYTE_VOCAB, hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=512, tie_word_embeddings=tie,
-                      bos_token_id=None, eos_token_id=256, pad_token_id=256, **overrides)
+    kwargs = dict(vocab_size=BYTE_VOCAB, hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=512, tie_word_embeddings=tie,
+                  bos_token_id=None, eos_token_id=256, pad_token_id=256)
+    cfg = LlamaConfig(**{**kwargs, **overrides})
     return LlamaForCausalLM(cfg).eval()
 
 

@@ -131,3 +131,38 @@ def test_optimum_quantizer_subclass(model_dir, tmp_path):
         EfficiencyOptimumQuantizer.from_pretrained(model_dir).quantize(tmp_path / "none")
     with pytest.raises(TypeError, match="unexpected keyword argument\\(s\\): colour"):
         q.quantize(tmp_path / "bad", colour="red")
+
+
+def test_quantize_calibrated_method_with_outliers_and_module_bits(model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "gptq"
+    code = main(["quantize", str(model_dir), "--method", "gptq", "--bits", "3", "--group-size", "32", "--out", str(out),
+                 "--outliers", "0.02", "--module-bits", "down_proj=8", "--calibration-file", str(text_file),
+                 "--calibration-samples", "4", "--calibration-length", "128", "--act-order", "--json"])
+    assert code == 0
+    cfg = json.loads(capsys.readouterr().out)["config"]
+    assert cfg["quantization"]["method"] == "gptq" and cfg["quantization"]["outliers"] == 0.02
+    assert cfg["quantization"]["module_bits"] == {"down_proj": 8} and cfg["quantization"]["gptq_act_order"] is True
+    assert cfg["calibration"] == {"dataset": str(text_file), "samples": 4, "sequence_length": 128, "batch_size": 4,
+                                  "tokenizer": None, "device": None}
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.model.layers[0].mlp.down_proj.bits == 8 and model.model.layers[0].mlp.up_proj.bits == 3
+    assert model.model.layers[0].mlp.up_proj.outliers == 2  # ceil(0.02 * 64)
+    card = (out / "README.md").read_text()
+    assert "Hessian-based rounding with error compensation (`gptq`, activation order), calibrated on 4 x 128" in card
+    assert "2.0% of the weights of every row kept exactly in float16" in card
+
+
+def test_quantize_w8a8_arguments_and_errors(model_dir, tmp_path, capsys):
+    from hf_efficiency.cli import config_from_args
+
+    args = build_parser().parse_args(["quantize", "--bits", "8", "--group-size", "none", "--activations", "static",
+                                      "--smoothquant", "0.5", "--out", "x"])
+    assert config_from_args(args)["activations"] == {"mode": "static", "smoothquant": 0.5}
+    assert config_from_args(args)["quantization"]["symmetric"] is True
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["quantize", "--method", "magic", "--out", "x"])
+    assert "invalid choice: 'magic'" in capsys.readouterr().err
+    code = main(["quantize", str(model_dir), "--module-bits", "down_proj", "--out", str(tmp_path / "bad")])
+    assert code == 2 and "--module-bits 'down_proj': expected PATTERN=BITS" in capsys.readouterr().err
+    code = main(["quantize", str(model_dir), "--bits", "4", "--activations", "dynamic", "--out", str(tmp_path / "bad")])
+    assert code == 2 and "activations (W8A8) needs quantization=" in capsys.readouterr().err

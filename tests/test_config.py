@@ -17,6 +17,9 @@ def test_defaults_and_round_trip_through_dict_and_json():
         "quantization": {
             "method": "rtn", "bits": 4, "group_size": 128, "symmetric": False, "clip": "mse", "clip_grid": 20,
             "clip_max_shrink": 0.5, "scale_dtype": "float16", "modules_to_not_convert": None,
+            "outliers": 0.0, "module_bits": None, "target_bits": None, "bits_choices": [2, 3, 4, 8],
+            "awq_grid": 20, "awq_clip": True, "gptq_damp": 0.01, "gptq_act_order": False,
+            "gptq_block_size": 128, "hqq_iters": 20, "hqq_optimize_scale": False,
         },
     }
     again = EfficiencyConfig.from_dict(json.loads(cfg.to_json_string()))
@@ -36,7 +39,7 @@ def test_section_dataclass_accepted_and_group_size_minus_one_means_per_channel()
         ({"bits": True}, r"quantization.bits=True is not allowed"),
         ({"group_size": 48}, r"quantization.group_size=48 is not allowed; allowed values: None \(per output channel\) or 32"),
         ({"group_size": 512}, r"group_size=512"),
-        ({"method": "magic"}, r"quantization.method='magic' is not allowed; allowed values: rtn"),
+        ({"method": "magic"}, r"quantization.method='magic' is not allowed; allowed values: rtn, hqq, awq, gptq"),
         ({"clip": "yes"}, r"quantization.clip='yes' is not allowed; allowed values: none, mse"),
         ({"scale_dtype": "float64"}, r"scale_dtype='float64' is not allowed; allowed values: float16, bfloat16, float32"),
         ({"clip_max_shrink": 1.5}, r"clip_max_shrink=1.5"),
@@ -50,7 +53,7 @@ def test_bad_values_name_key_and_allowed_values(section, message):
 
 
 def test_unknown_section_and_bad_section_type():
-    with pytest.raises(ValueError, match=r"unknown EfficiencyConfig section\(s\) 'quantisation'; allowed sections: quantization"):
+    with pytest.raises(ValueError, match=r"unknown EfficiencyConfig section\(s\) 'quantisation'; allowed sections: activations, calibration, quantization"):
         EfficiencyConfig(quantisation={"bits": 4})
     with pytest.raises(ValueError, match=r"section 'quantization' must be a dict or QuantizationSpec, got int"):
         EfficiencyConfig(quantization=4)

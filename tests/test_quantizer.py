@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from conftest import make_tiny_llama
+import hf_efficiency
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
@@ -102,7 +103,7 @@ def test_save_reload_fresh_process_identical_logits(fp_dir, tmp_path, ids, bits,
     saved = json.loads((out / "config.json").read_text())["quantization_config"]
     assert saved["quant_method"] == "hf_efficiency" and saved["quantization"]["bits"] == bits
     with safe_open(out / "model.safetensors", "pt") as fh:
-        assert fh.metadata()["hf_efficiency_format_version"] == "1"
+        assert fh.metadata()["hf_efficiency_format_version"] == str(hf_efficiency.FORMAT_VERSION)
         assert fh.get_slice("model.layers.0.self_attn.q_proj.weight").get_dtype() == "I32"
     code = f"""
 import torch, hf_efficiency

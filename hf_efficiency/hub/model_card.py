@@ -182,8 +182,7 @@ def render_model_card(
 
     dash = "-"
     if spec is not None:
-        clip = "MSE search of the clipping range" if spec.clip == "mse" else "full weight range"
-        how = f"round-to-nearest (`{spec.method}`) quantization of the linear weights ({clip})"
+        how = describe_method(cfg)
         per = "output channel" if spec.group_size is None else f"{spec.group_size} input weights"
         layout = f"one {spec.scale_dtype} scale{'' if spec.symmetric else ' and minimum'} per {per}"
     else:
@@ -212,6 +211,42 @@ def render_model_card(
         "auto_class": "AutoModelForCausalLM" if causal else "AutoModel",
     }
     return ModelCard(_fill(template_text(), values))
+
+
+def describe_method(cfg: EfficiencyConfig) -> str:
+    """One sentence fragment saying how the weights (and activations) were quantized."""
+    spec, cal, act = cfg.quantization, getattr(cfg, "calibration", None), getattr(cfg, "activations", None)
+    clip = "MSE search of the clipping range" if spec.clip == "mse" else "full weight range"
+    data = ""
+    if cal is not None and cfg.needs_calibration:
+        source = cal.dataset if isinstance(cal.dataset, str) else f"{len(cal.dataset)} given texts"
+        data = f", calibrated on {cal.samples} x {cal.sequence_length} tokens of `{source}`"
+    how = {
+        "rtn": f"round-to-nearest (`rtn`) quantization of the linear weights ({clip})",
+        "hqq": "half-quadratic (`hqq`) optimization of every group's scale and zero point (no calibration data)",
+        "awq": "activation-aware scaling (`awq`: per-channel scales folded into the preceding norms and linears, "
+        "then an output-aware clip search)",
+        "gptq": "Hessian-based rounding with error compensation (`gptq`"
+        + (", activation order" if spec.gptq_act_order else "")
+        + ")",
+    }[spec.method]
+    extras = []
+    if spec.outliers:
+        extras.append(f"{spec.outliers:.1%} of the weights of every row kept exactly in float16")
+    if spec.module_bits:
+        widths = sorted(set(spec.module_bits.values()) | {spec.bits})
+        extras.append(
+            f"mixed precision ({'/'.join(map(str, widths))} bits"
+            + (f", allocated to a mean of {spec.target_bits} bits by measured sensitivity" if spec.target_bits else "")
+            + ")"
+        )
+    if act is not None:
+        extras.append(
+            f"int8 activations ({act.mode}"
+            + (f", SmoothQuant alpha={act.smoothquant}" if act.smoothquant else "")
+            + ")"
+        )
+    return how + data + "".join(f"; {e}" for e in extras)
 
 
 def save_model_card(

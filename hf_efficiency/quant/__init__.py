@@ -2,6 +2,6 @@
 
 from .linear import QuantLinear
 from .packing import pack, unpack
-from .scheme import QuantizedWeight, dequantize_codes, quantize_weight
+from .scheme import QuantizedWeight, dequantize_codes, fake_quantize, quantize_weight
 
-__all__ = ["QuantLinear", "QuantizedWeight", "dequantize_codes", "pack", "quantize_weight", "unpack"]
+__all__ = ["QuantLinear", "QuantizedWeight", "dequantize_codes", "fake_quantize", "pack", "quantize_weight", "unpack"]

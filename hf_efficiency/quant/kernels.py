@@ -9,6 +9,16 @@ Paths, chosen per call by :func:`select_path`:
 * ``"cuda_int4"``: torch's tinygemm ``torch._weight_int4pack_mm`` for 4-bit group-wise weights
   (groups 32-256 dividing ``in_features``) with bf16 activations on CUDA.
 
+* ``"w8a8"`` (modules with int8 activations, any device): activations are quantized to int8
+  per token (dynamic) or with the calibrated ``input_scale`` (static), then
+  ``torch._int_mm`` accumulates in int32 (exact) and the product of scales rescales. On CPU this
+  was measured fastest among the exact int8 paths (benchmarks/results/w8a8_cpu.md);
+  ``HF_EFFICIENCY_W8A8_PATH`` picks another of :data:`~.activation.INT8_LINEAR_PATHS`
+  (same numbers, different speed).
+
+Outliers (``weight_outlier_*``) are only applied by the ``dequant`` path, so modules that keep
+them always take it.
+
 Kernel layouts are built once per module and cached outside the state dict, so the saved
 format never changes. ``HF_EFFICIENCY_KERNEL=dequant`` forces the reference path.
 """
@@ -22,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .packing import unpack
-from .scheme import dequantize_codes
+from .scheme import apply_outliers, dequantize_codes
 
 if TYPE_CHECKING:
     from .linear import QuantLinear
@@ -33,10 +43,12 @@ INT4_INNER_K_TILES = 8
 
 def select_path(module: "QuantLinear", x: torch.Tensor) -> str:
     """Name of the matmul path used for ``module(x)``."""
+    if getattr(module, "act_mode", None):
+        return "w8a8"  # int8 activations change the numbers: never silently swap the path
     forced = os.environ.get("HF_EFFICIENCY_KERNEL")
     if forced:
         return forced
-    if x.device.type != "cuda":
+    if x.device.type != "cuda" or getattr(module, "outliers", 0):
         return "dequant"
     if module.bits == 8 and module.symmetric and module.group_size is None and x.dtype in (torch.float16, torch.bfloat16):
         return "cuda_int8"
@@ -55,7 +67,8 @@ def select_path(module: "QuantLinear", x: torch.Tensor) -> str:
 def dequantize_weight(module: "QuantLinear", dtype: torch.dtype) -> torch.Tensor:
     """The module's float weight ``[out, in]`` in ``dtype``."""
     codes = unpack(module.weight, module.bits, module.in_features)
-    return dequantize_codes(codes, module.weight_scale, module.weight_min, module.bits, module.group_size, dtype)
+    w = dequantize_codes(codes, module.weight_scale, module.weight_min, module.bits, module.group_size, dtype)
+    return apply_outliers(w, module.weight_outlier_index, module.weight_outlier_value)
 
 
 def int8_kernel_layout(module: "QuantLinear", dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,8 +116,39 @@ def quant_linear_forward(module: "QuantLinear", x: torch.Tensor) -> torch.Tensor
         out = out.reshape(*x.shape[:-1], module.out_features)
     elif path == "dequant":
         return F.linear(x, dequantize_weight(module, x.dtype), module.bias)
+    elif path == "w8a8":
+        return w8a8_forward(module, x)
     else:
-        raise ValueError(f"unknown kernel path {path!r}; allowed values: dequant, cuda_int8, cuda_int4")
+        raise ValueError(f"unknown kernel path {path!r}; allowed values: dequant, cuda_int8, cuda_int4, w8a8")
     if module.bias is not None:
         out = out + module.bias.to(out.dtype)
     return out
+
+
+def w8a8_path() -> str:
+    """The int8 matmul used by W8A8 modules (``HF_EFFICIENCY_W8A8_PATH``, default ``int_mm``)."""
+    from .activation import INT8_LINEAR_PATHS
+
+    path = os.environ.get("HF_EFFICIENCY_W8A8_PATH", "int_mm")
+    if path not in INT8_LINEAR_PATHS:
+        raise ValueError(f"HF_EFFICIENCY_W8A8_PATH={path!r} is not allowed; allowed values: {', '.join(INT8_LINEAR_PATHS)}")
+    return path
+
+
+def w8a8_forward(module: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
+    """Int8 activations x int8 weights with int32 accumulation (see module docstring)."""
+    from . import activation
+
+    path = w8a8_path()
+
+    def build():
+        q_w, s_w = int8_kernel_layout(module, torch.float32)
+        return q_w, s_w, activation.prepare_weight(q_w, s_w, path)
+
+    q_w, s_w, prepared = _cached(module, f"w8a8-{path}", build)
+    if module.act_mode == "static":
+        s_x = module.input_scale.float()
+        q_x = activation.quantize_static(x, s_x)
+    else:
+        q_x, s_x = activation.quantize_per_token(x)
+    return activation.int8_linear(q_x, s_x, q_w, s_w, module.bias, path=path, out_dtype=x.dtype, prepared=prepared)

@@ -3,6 +3,9 @@
 * on-the-fly (``from_pretrained(fp_model, efficiency_config=...)``): linears become empty
   `QuantLinear` shells on the meta device; each float weight is quantized by `QuantizeOp` as it
   is read from disk, so the full float model never sits in memory.
+* calibrated (``awq``, ``gptq``, automatic mixed precision, static activations, SmoothQuant,
+  outliers with calibration data): the float weights load as they are, then
+  :func:`~.pipeline.quantize_calibrated` runs layer by layer on the calibration data.
 * pre-quantized (our checkpoint): the same shells, then the checkpoint headers are validated and
   the packed tensors load by name.
 """
@@ -19,7 +22,8 @@ from ..config import FORMAT_VERSION, QUANT_METHOD, EfficiencyConfig
 from .checkpoint import validate_checkpoint
 from .linear import QuantLinear
 from .replace import dequantize_model, replace_with_quant_linear
-from .scheme import quantize_weight
+from .linear import outlier_count
+from .methods import quantize_matrix
 
 logger = logging.get_logger(__name__)
 
@@ -35,21 +39,15 @@ class QuantizeOp(ConversionOps):
         weight = value[0] if isinstance(value, list) else value
         module, _ = get_module_from_name(model, full_layer_name)
         spec = self.hf_quantizer.quantization_config.quantization
-        q = quantize_weight(
-            weight,
-            module.bits,
-            module.group_size,
-            module.symmetric,
-            spec.clip,
-            spec.clip_grid,
-            spec.clip_max_shrink,
-            module.weight_scale.dtype,
-        )
+        q = quantize_matrix(weight, spec, module.bits, scale_dtype=module.weight_scale.dtype, outliers=module.outliers)
         module.__dict__.pop("_kernel_cache", None)
         prefix = full_layer_name.rsplit(".", 1)[0]
         out = {full_layer_name: q.packed, f"{prefix}.weight_scale": q.scale}
         if q.minimum is not None:
             out[f"{prefix}.weight_min"] = q.minimum
+        if q.outlier_index is not None:
+            out[f"{prefix}.weight_outlier_index"] = q.outlier_index
+            out[f"{prefix}.weight_outlier_value"] = q.outlier_value
         return out
 
 
@@ -70,18 +68,26 @@ class EfficiencyHfQuantizer(HfQuantizer):
             return list(spec.modules_to_not_convert)
         return self.get_modules_to_not_convert(model, None, getattr(model, "_keep_in_fp32_modules", None))
 
+    @property
+    def _calibrates(self) -> bool:
+        return not self.pre_quantized and self.quantization_config.needs_calibration
+
+    def _act_mode(self) -> str | None:
+        act = getattr(self.quantization_config, "activations", None)
+        return None if act is None else act.mode
+
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-        if self.quantization_config.quantization is None:
-            return model
+        if self.quantization_config.quantization is None or self._calibrates:
+            return model  # calibrated methods quantize after the float weights are loaded
         self.quantized_modules = replace_with_quant_linear(
-            model, self.quantization_config.quantization, self._skip_list(model)
+            model, self.quantization_config.quantization, self._skip_list(model), self._act_mode()
         )
         if self.pre_quantized and checkpoint_files:
             validate_checkpoint(model, checkpoint_files)
         return model
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
-        if self.pre_quantized:
+        if self.pre_quantized or self._calibrates:
             return False
         module, tensor_name = get_module_from_name(model, param_name)
         return isinstance(module, QuantLinear) and tensor_name == "weight"
@@ -90,6 +96,18 @@ class EfficiencyHfQuantizer(HfQuantizer):
         return QuantizeOp(self)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        if self._calibrates:
+            from .pipeline import quantize_calibrated
+
+            tokenizer = self._calibration_tokenizer(model)
+            cfg, report = quantize_calibrated(model, self.quantization_config, tokenizer, self._skip_list(model))
+            logger.info(
+                f"calibrated {cfg.quantization.method} quantization of {len(report.module_bits)} linears on "
+                f"{report.calibration_tokens} tokens took {report.seconds:.1f} s"
+            )
+            self.quantization_config = cfg
+            model.config.quantization_config = cfg
+            model.hf_efficiency_report = report
         if not self.pre_quantized and self.quantization_config.base_model is None:
             # Record the source model on a copy (never mutate the user's config object).
             cfg = EfficiencyConfig(**self.quantization_config.to_dict())
@@ -101,6 +119,21 @@ class EfficiencyHfQuantizer(HfQuantizer):
                 module.requires_grad_(False)
                 module.__dict__.pop("_kernel_cache", None)
         return model
+
+    def _calibration_tokenizer(self, model):
+        from transformers import AutoTokenizer
+
+        source = self.quantization_config.calibration.tokenizer or getattr(model.config, "_name_or_path", None)
+        if not source:
+            raise ValueError(
+                "calibrated quantization needs a tokenizer: set calibration.tokenizer to a tokenizer name or path"
+            )
+        try:
+            return AutoTokenizer.from_pretrained(source)
+        except Exception as e:  # noqa: BLE001 - re-raised with the fix
+            raise ValueError(
+                f"could not load a tokenizer from {source!r} for calibration ({e}); set calibration.tokenizer"
+            ) from e
 
     # --- saving -----------------------------------------------------------------------------
     def get_state_dict_and_metadata(self, model):

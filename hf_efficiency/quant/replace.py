@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from ..config import QuantizationSpec
-from .linear import QuantLinear, scale_dtype_of
+from .linear import QuantLinear, outlier_count, scale_dtype_of
+from .mixed import bits_for_module
 
 
 def is_skipped(name: str, patterns: list[str] | None) -> bool:
@@ -31,9 +32,12 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def replace_with_quant_linear(model: nn.Module, spec: QuantizationSpec, skip: list[str] | None) -> list[str]:
+def replace_with_quant_linear(
+    model: nn.Module, spec: QuantizationSpec, skip: list[str] | None, act_mode: str | None = None
+) -> list[str]:
     """Replace the selected linears by empty `QuantLinear` shells on the linears' own device
-    (meta during ``from_pretrained``). Returns the replaced names; raises if nothing matched."""
+    (meta during ``from_pretrained``), with each module's width (``module_bits``), outlier count
+    and activation mode. Returns the replaced names; raises if nothing matched."""
     names = linears_to_quantize(model, skip)
     if not names:
         raise ValueError(
@@ -46,12 +50,14 @@ def replace_with_quant_linear(model: nn.Module, spec: QuantizationSpec, skip: li
             linear.in_features,
             linear.out_features,
             linear.bias is not None,
-            bits=spec.bits,
+            bits=bits_for_module(name, spec),
             group_size=spec.group_size,
             symmetric=spec.symmetric,
             scale_dtype=scale_dtype_of(spec.scale_dtype),
             bias_dtype=linear.weight.dtype,
             device=linear.weight.device,
+            outliers=outlier_count(linear.in_features, spec.outliers),
+            act_mode=act_mode,
         )
         shell.requires_grad_(False)
         _set_submodule(model, name, shell)

@@ -29,10 +29,21 @@ class QuantizedWeight:
     bits: int
     group_size: int | None
     in_features: int
+    outlier_index: torch.Tensor | None = None  # int16/int32 [out, k]: columns kept exactly
+    outlier_value: torch.Tensor | None = None  # float16 [out, k]: their values
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         codes = unpack(self.packed, self.bits, self.in_features)
-        return dequantize_codes(codes, self.scale, self.minimum, self.bits, self.group_size, dtype)
+        w = dequantize_codes(codes, self.scale, self.minimum, self.bits, self.group_size, dtype)
+        return apply_outliers(w, self.outlier_index, self.outlier_value)
+
+
+def apply_outliers(w: torch.Tensor, index: torch.Tensor | None, value: torch.Tensor | None) -> torch.Tensor:
+    """Overwrite ``w [out, in]`` at the kept (outlier) positions: row ``r`` gets ``value[r, j]`` at
+    column ``index[r, j]`` (a fixed number of entries per row: the ELL sparse layout)."""
+    if index is None or index.numel() == 0:
+        return w
+    return w.scatter(1, index.long(), value.to(w.dtype))
 
 
 def num_groups(in_features: int, group_size: int | None) -> int:
@@ -50,6 +61,15 @@ def _grouped(w: torch.Tensor, group_size: int | None) -> tuple[torch.Tensor, tor
         w = torch.nn.functional.pad(w, (0, pad))
         mask = torch.nn.functional.pad(mask, (0, pad))
     return w.reshape(out, groups, g), mask.reshape(1, groups, g)
+
+
+def _masked_range(wg: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group ``[..., G, 1]`` min and max over the valid (mask) entries; 0 for empty groups."""
+    big = torch.finfo(torch.float32).max
+    wmin = torch.where(mask, wg, big).amin(-1, keepdim=True)
+    wmax = torch.where(mask, wg, -big).amax(-1, keepdim=True)
+    empty = wmin > wmax
+    return torch.where(empty, 0.0, wmin), torch.where(empty, 0.0, wmax)
 
 
 def _params(wmin: torch.Tensor, wmax: torch.Tensor, bits: int, symmetric: bool, dtype: torch.dtype):
@@ -89,12 +109,17 @@ def quantize_weight(
     clip_grid: int = 20,
     clip_max_shrink: float = 0.5,
     scale_dtype: torch.dtype = torch.float16,
+    exclude: torch.Tensor | None = None,
 ) -> QuantizedWeight:
     """Round-to-nearest quantization of ``weight [out, in]``, optionally with a clip search.
 
     The clip search ("mse") tries ``clip_grid`` shrink ratios ``r`` from 1 down to
     ``1 - clip_max_shrink``, quantizes each group over the shrunk range ``[r*min, r*max]`` and keeps,
     per group, the ratio with the smallest squared reconstruction error.
+
+    ``exclude`` (bool ``[out, in]``) marks weights stored exactly elsewhere (outliers): they neither
+    widen a group's range nor count in the clip search. The returned codes at those positions
+    are valid but unused.
     """
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
@@ -103,9 +128,12 @@ def quantize_weight(
     w = weight.detach().float()
     out, n = w.shape
     wg, mask = _grouped(w, group_size)
-    big = torch.finfo(torch.float32).max
-    wmin = torch.where(mask, wg, big).amin(-1, keepdim=True)
-    wmax = torch.where(mask, wg, -big).amax(-1, keepdim=True)
+    if exclude is not None:
+        if exclude.shape != weight.shape:
+            raise ValueError(f"exclude has shape {tuple(exclude.shape)}, expected {tuple(weight.shape)}")
+        kept, _ = _grouped(exclude.to(w.device).float(), group_size)
+        mask = mask & (kept == 0)
+    wmin, wmax = _masked_range(wg, mask)
 
     scale, minimum = _params(wmin, wmax, bits, symmetric, scale_dtype)
     if clip == "mse":
@@ -129,6 +157,26 @@ def quantize_weight(
         group_size=group_size,
         in_features=n,
     )
+
+
+def fake_quantize(
+    weight: torch.Tensor,
+    bits: int,
+    group_size: int | None,
+    symmetric: bool,
+    scale_dtype: torch.dtype = torch.float16,
+) -> torch.Tensor:
+    """``quantize_weight(...).dequantize()`` without packing (min/max range, no clip search):
+    the float32 weight the rounded model would compute with. Used inside searches."""
+    w = weight.detach().float()
+    out, n = w.shape
+    g = n if group_size is None else group_size
+    groups = -(-n // g)
+    pad = groups * g - n
+    # pad the partial last group by repeating its last column: min/max are unchanged
+    wg = (torch.cat([w, w[:, -1:].expand(out, pad)], 1) if pad else w).reshape(out, groups, g)
+    scale, minimum = _params(wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True), bits, symmetric, scale_dtype)
+    return _recon(_codes(wg, scale, minimum, bits), scale, minimum, bits).reshape(out, -1)[:, :n]
 
 
 def dequantize_codes(
