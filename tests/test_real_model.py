@@ -91,7 +91,9 @@ def test_calibrated_methods_beat_round_to_nearest_at_4_bits_and_hqq_at_3_bits(bu
     """The issue's ordering on the real model, with a smaller calibration set to fit CI
     (benchmarks/quantization.py has the full-size numbers)."""
     path, windows, fp_ppl = bundled
-    cal = {"dataset": "kjv", "samples": 8, "sequence_length": 512}
+    # 16 windows: AWQ on this model needs them (8 windows: 23.4, 16: 15.8, 32: 14.8 on these 4 eval
+    # windows; RTN with clipping 22.7)
+    cal = {"dataset": "kjv", "samples": 16, "sequence_length": 512}
     ppl = {}
     for name, quant in {
         "rtn-clip": {"method": "rtn", "bits": 4, "group_size": 128, "clip": "mse"},
