@@ -64,30 +64,6 @@ def replace_with_quant_linear(
     return names
 
 
-def quantize_linears(model: nn.Module, spec: QuantizationSpec, skip: list[str] | None, progress: bool = False) -> list[str]:
-    """Quantize a float model in place with round-to-nearest (used outside ``from_pretrained``)."""
-    from tqdm.auto import tqdm
-
-    names = linears_to_quantize(model, skip)
-    for name in tqdm(names, desc="quantizing", disable=not progress):
-        linear = model.get_submodule(name)
-        _set_submodule(
-            model,
-            name,
-            QuantLinear.from_linear(
-                linear,
-                bits=spec.bits,
-                group_size=spec.group_size,
-                symmetric=spec.symmetric,
-                clip=spec.clip,
-                clip_grid=spec.clip_grid,
-                clip_max_shrink=spec.clip_max_shrink,
-                scale_dtype=scale_dtype_of(spec.scale_dtype),
-            ),
-        )
-    return names
-
-
 def dequantize_model(model: nn.Module, dtype: torch.dtype) -> int:
     """Replace every `QuantLinear` by an ``nn.Linear`` holding its dequantized weight."""
     names = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
