@@ -19,7 +19,7 @@ auxiliary ``W_e ~ W - W_r`` and alternates, starting from the min/max (round-to-
 The joint scale step lowers the mean absolute weight error well below the zero-only variant at
 2-4 bits (heavy-tailed random weights and SmolLM2-135M weights), but it does so by shrinking the
 range, and on SmolLM2-135M that raises perplexity (3-bit g64, 8 evaluation windows: RTN 206,
-zero-only 161, joint 256): the largest weights matter most. So the default is HQQ's own
+zero-only 161, joint 256; benchmarks/hqq_and_mixed_screen.py): the largest weights matter most. So the default is HQQ's own
 zero-point-only optimization (``optimize_scale=False``). Since the starting point is the
 min/max fit and the best iterate is kept, each group's mean absolute error is not above
 round-to-nearest min/max (up to float ties in the rounding).
