@@ -68,6 +68,7 @@ SCHEMES: dict[str, dict | None] = {
     "rtn-w2-g32": q("rtn", 2, 32),
     "rtn-w2-g32-clip": q("rtn", 2, 32, clip="mse"),
     "hqq-w2-g32": q("hqq", 2, 32),
+    "hqq-w2-g32-scale": q("hqq", 2, 32, hqq_optimize_scale=True),
     "gptq-w2-g32": {**q("gptq", 2, 32), **CAL},
 }
 
