@@ -321,3 +321,27 @@ def test_w8a8_path_override_gives_the_same_numbers_and_bad_names_fail(tiny_dir, 
     monkeypatch.setenv("HF_EFFICIENCY_W8A8_PATH", "fbgemm")
     with pytest.raises(ValueError, match=r"HF_EFFICIENCY_W8A8_PATH='fbgemm' is not allowed; allowed values: int_mm, onednn, dequant"):
         lin(x)
+
+
+@pytest.mark.parametrize(
+    "sections, message",
+    [
+        ({"quantization": {"module_bits": {"down_proj": 5}}}, r"quantization.module_bits=\{'down_proj': 5\} is not allowed; allowed values: None or a dict"),
+        ({"quantization": {"bits_choices": []}}, r"quantization.bits_choices=\[\] is not allowed; allowed values: a non-empty list of 8, 4, 3, 2"),
+        ({"quantization": {"awq_grid": 1}}, r"quantization.awq_grid=1 is not allowed; allowed values: an integer in \[2, 100\]"),
+        ({"quantization": {"gptq_damp": 0}}, r"quantization.gptq_damp=0 is not allowed; allowed values: a float in \(0, 1\)"),
+        ({"quantization": {"hqq_optimize_scale": "yes"}}, r"quantization.hqq_optimize_scale='yes' is not allowed; allowed values: True, False"),
+        ({"quantization": {"bits": 8, "group_size": None, "symmetric": True}, "activations": {"mode": "per-tensor"}},
+         r"activations.mode='per-tensor' is not allowed; allowed values: dynamic, static"),
+        ({"quantization": {"bits": 8, "group_size": None, "symmetric": True}, "activations": {"percentile": 40}},
+         r"activations.percentile=40 is not allowed; allowed values: a number in \(50, 100\]"),
+        ({"quantization": {"bits": 8, "group_size": None, "symmetric": True}, "activations": {"smoothquant": 1.5}},
+         r"activations.smoothquant=1.5 is not allowed; allowed values: None or a float in \(0, 1\)"),
+        ({"quantization": {"bits": 8, "group_size": None, "symmetric": True, "method": "awq"}, "activations": {}},
+         r"activations \(W8A8\) supports quantization.method 'rtn' or 'gptq'"),
+        ({"quantization": {"method": "awq"}, "calibration": {"dataset": 7}}, r"calibration.dataset=7 is not allowed"),
+    ],
+)
+def test_new_config_keys_reject_bad_values_with_the_allowed_ones(sections, message):
+    with pytest.raises(ValueError, match=message):
+        EfficiencyConfig(**sections)

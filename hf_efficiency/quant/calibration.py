@@ -71,6 +71,18 @@ class LayerBatch:
     kwargs: dict[str, Any]
 
 
+@torch.no_grad()
+def _forward_batches(model: nn.Module, windows: torch.LongTensor, batch_size: int) -> None:
+    """Run the model over the windows in batches (hooks collect what they need); a hook may end a
+    batch early by raising `_Stop`."""
+    device = next(model.parameters()).device
+    for start in range(0, windows.shape[0], batch_size):
+        try:
+            model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
+        except _Stop:
+            pass
+
+
 def capture_first_layer_inputs(
     model: nn.Module, layers: nn.ModuleList, windows: torch.LongTensor, batch_size: int
 ) -> list[LayerBatch]:
@@ -87,14 +99,8 @@ def capture_first_layer_inputs(
         raise _Stop
 
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    device = next(model.parameters()).device
     try:
-        with torch.no_grad():
-            for start in range(0, windows.shape[0], batch_size):
-                try:
-                    model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
-                except _Stop:
-                    pass
+        _forward_batches(model, windows, batch_size)
     finally:
         handle.remove()
     return batches
@@ -235,11 +241,8 @@ def collect_model_input_rms(model: nn.Module, windows: torch.LongTensor, names: 
         return hook
 
     handles = [model.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
-    device = next(model.parameters()).device
     try:
-        with torch.no_grad():
-            for start in range(0, windows.shape[0], batch_size):
-                model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
+        _forward_batches(model, windows, batch_size)
     finally:
         for h in handles:
             h.remove()

@@ -60,9 +60,8 @@ def scaling_groups(layer: nn.Module) -> list[tuple[nn.Module, list[str]]]:
     try:
         attn, mlp = layer.self_attn, layer.mlp
         norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
-        q, k, v, o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
-        up = mlp.up_proj
-        _ = mlp.gate_proj, mlp.down_proj
+        _ = attn.q_proj, attn.k_proj, mlp.gate_proj, mlp.down_proj  # must exist
+        v, o, up = attn.v_proj, attn.o_proj, mlp.up_proj
     except AttributeError as e:
         raise NotImplementedError(
             f"AWQ/SmoothQuant scale folding supports Llama-style decoder layers (input_layernorm, "
@@ -76,7 +75,6 @@ def scaling_groups(layer: nn.Module) -> list[tuple[nn.Module, list[str]]]:
     if v.out_features == o.in_features:
         groups.append((v, ["self_attn.o_proj"]))
     groups += [(norm2, ["mlp.gate_proj", "mlp.up_proj"]), (up, ["mlp.down_proj"])]
-    del q, k
     return groups
 
 
