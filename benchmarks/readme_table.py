@@ -1,30 +1,32 @@
-"""Copy the generated quantization table into README.md between its markers.
+"""Copy a generated table into README.md between its markers.
 
-    python benchmarks/readme_table.py
+    python benchmarks/readme_table.py            # quantization (benchmarks/results/quantization.md)
+    python benchmarks/readme_table.py memory     # memory (benchmarks/results/memory.md)
 """
 
 from __future__ import annotations
 
 import os
 import re
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-START, END = "<!-- quantization-table:start -->", "<!-- quantization-table:end -->"
 
 
-def main() -> None:
-    with open(os.path.join(ROOT, "benchmarks", "results", "quantization.md")) as fh:
+def main(name: str = "quantization") -> None:
+    start, end = f"<!-- {name}-table:start -->", f"<!-- {name}-table:end -->"
+    with open(os.path.join(ROOT, "benchmarks", "results", f"{name}.md")) as fh:
         table = fh.read().strip()
     path = os.path.join(ROOT, "README.md")
     with open(path) as fh:
         readme = fh.read()
-    if START not in readme or END not in readme:
-        raise SystemExit(f"README.md lacks the {START} / {END} markers")
-    readme = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: f"{START}\n{table}\n{END}", readme, flags=re.S)
+    if start not in readme or end not in readme:
+        raise SystemExit(f"README.md lacks the {start} / {end} markers")
+    readme = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{table}\n{end}", readme, flags=re.S)
     with open(path, "w") as fh:
         fh.write(readme)
-    print(f"README.md: table of {table.count(chr(10)) - 3} rows copied")
+    print(f"README.md: {name} table copied")
 
 
 if __name__ == "__main__":
-    main()
+    main(*sys.argv[1:2])

@@ -15,6 +15,7 @@ from .config import (  # noqa: E402
     EfficiencyConfig,
     QuantizationSpec,
 )
+from .memory import MemoryBreakdown, MemoryMeasurement, TrainingSetup, estimate_memory, measure_memory  # noqa: E402
 from .quant import QuantLinear, quantize_weight  # noqa: E402
 from .registry import register  # noqa: E402
 
@@ -26,9 +27,14 @@ __all__ = [
     "FORMAT_VERSION",
     "QUANT_METHOD",
     "EfficiencyConfig",
+    "MemoryBreakdown",
+    "MemoryMeasurement",
     "QuantLinear",
     "QuantizationSpec",
+    "TrainingSetup",
     "__version__",
+    "estimate_memory",
+    "measure_memory",
     "quantize_weight",
     "register",
 ]

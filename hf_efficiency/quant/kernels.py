@@ -43,18 +43,24 @@ INT4_INNER_K_TILES = 8
 
 def select_path(module: "QuantLinear", x: torch.Tensor) -> str:
     """Name of the matmul path used for ``module(x)``."""
+    return path_for(module, x.device.type, x.dtype)
+
+
+def path_for(module: "QuantLinear", device_type: str, dtype: torch.dtype) -> str:
+    """Name of the matmul path for inputs of ``dtype`` on ``device_type`` (also used by the
+    memory estimator, which has no real input)."""
     if getattr(module, "act_mode", None):
         return "w8a8"  # int8 activations change the numbers: never silently swap the path
     forced = os.environ.get("HF_EFFICIENCY_KERNEL")
     if forced:
         return forced
-    if x.device.type != "cuda" or getattr(module, "outliers", 0):
+    if device_type != "cuda" or getattr(module, "outliers", 0):
         return "dequant"
-    if module.bits == 8 and module.symmetric and module.group_size is None and x.dtype in (torch.float16, torch.bfloat16):
+    if module.bits == 8 and module.symmetric and module.group_size is None and dtype in (torch.float16, torch.bfloat16):
         return "cuda_int8"
     if (
         module.bits == 4
-        and x.dtype == torch.bfloat16
+        and dtype == torch.bfloat16
         and module.group_size in INT4_GROUP_SIZES
         and module.in_features % module.group_size == 0
         and module.in_features % (16 * INT4_INNER_K_TILES) == 0

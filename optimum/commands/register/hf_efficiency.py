@@ -39,11 +39,22 @@ class EvalCommand(_HfEfficiencyLeaf):
         cli.add_eval_arguments(parser)
 
 
+class EstimateCommand(_HfEfficiencyLeaf):
+    NAME = "estimate"
+    COMMAND = CommandInfo(name="estimate", help=cli.ESTIMATE_HELP)
+
+    @staticmethod
+    def parse_args(parser):
+        parser.description = cli.ESTIMATE_DESCRIPTION
+        cli.add_estimate_arguments(parser)
+
+
 class HfEfficiencyCommand(BaseOptimumCLICommand):
-    COMMAND = CommandInfo(name="hf-efficiency", help="hf-efficiency: quantize and evaluate models")
+    COMMAND = CommandInfo(name="hf-efficiency", help="hf-efficiency: quantize, evaluate and estimate memory")
     SUBCOMMANDS = (
         CommandInfo(name="quantize", help=cli.QUANTIZE_HELP, subcommand_class=QuantizeCommand),
         CommandInfo(name="eval", help=cli.EVAL_HELP, subcommand_class=EvalCommand),
+        CommandInfo(name="estimate", help=cli.ESTIMATE_HELP, subcommand_class=EstimateCommand),
     )
 
 

@@ -1,0 +1,431 @@
+"""``estimate_memory``: peak memory of inference or training, term by term, from config.json.
+
+The talk's formula is runtime overhead + weights + gradients + optimizer states + activations.
+This estimator keeps those terms and adds the ones that decide real peaks: fp32 master or
+16-bit autocast weight copies, the KV cache, the loss/logits buffers (``seq x vocab`` in fp32,
+often larger than all layer activations of a small model), per-layer working memory, kernel
+layout caches of quantized layers, and the optimizer step's temporaries. Gradients and
+activations never peak together (backward frees a layer's activations as it creates that
+layer's gradients), so the ``overlap`` term subtracts what is not resident at the same time:
+
+* training peak = overhead + weights + copies + optimizer states
+  + max(activations + logits + lm_head gradient, gradients + optimizer step workspace)
+* inference peak = overhead + weights + KV cache + max(layer workspace, logits)
+
+Every term is reported in a `MemoryBreakdown`; ``total`` is their sum (``overlap`` <= 0).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .activations import (
+    ATTENTION_IMPLEMENTATIONS,
+    checkpointed_layer_bytes,
+    head_saved_bytes,
+    inference_layer_workspace,
+    layer_saved_bytes,
+    training_logits_bytes,
+)
+from .shapes import (
+    build_meta_model,
+    load_config,
+    model_shape,
+    output_embedding_names,
+    tensor_bytes,
+)
+from .training import TrainablePlan, TrainingSetup, plan_training
+
+#: Memory the runtime holds before the first tensor: the CUDA context, cuBLAS/cuDNN workspaces
+#: and loaded kernels on GPU (the talk's 1 GB; ``torch.cuda.max_memory_allocated`` does not see
+#: it, ``nvidia-smi`` does); on CPU the resident size of Python + torch + transformers after
+#: import and a first forward (measured: 398 MiB, torch 2.13 CPU, Linux x86-64).
+DEVICE_OVERHEAD_BYTES: dict[str, int] = {"cuda": 1_000_000_000, "cpu": 400 * 2**20}
+MODES = ("inference", "training")
+#: ``adamw`` is ``torch.optim.AdamW(fused=True)``, the Trainer's default ``adamw_torch_fused``;
+#: ``adamw_foreach`` is the multi-tensor variant plain ``torch.optim.AdamW`` picks on CUDA;
+#: ``adam`` is ``torch.optim.Adam`` with torch's defaults (foreach on CUDA, a loop on CPU).
+OPTIMIZERS = ("adamw", "adamw_foreach", "adam", "adamw_8bit", "sgd", "adafactor")
+MIXED_PRECISION = (None, "bf16", "fp16")
+KV_CACHE_BITS = (None, 8, 4, 2)
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+#: bitsandbytes keeps 32-bit states for tensors under this many elements and quantizes the
+#: others block-wise (one fp32 absmax per 256 values).
+BNB_MIN_8BIT_SIZE = 4096
+BNB_BLOCK = 256
+
+TERMS = (
+    ("overhead", "runtime overhead"),
+    ("weights", "weights"),
+    ("weight_copies", "weight copies (fp32 master / 16-bit autocast)"),
+    ("gradients", "gradients"),
+    ("optimizer_states", "optimizer states"),
+    ("activations", "activations"),
+    ("kv_cache", "KV cache"),
+    ("logits", "logits / loss buffers"),
+    ("workspace", "workspace"),
+    ("overlap", "not resident at the same time"),
+)
+
+
+@dataclass
+class MemoryBreakdown:
+    """Predicted peak memory, in bytes, term by term (``total`` is the sum of the terms)."""
+
+    mode: str
+    device: str
+    dtype: str
+    batch_size: int
+    sequence_length: int
+    parameters: int
+    trainable_parameters: int
+    overhead: int = 0
+    weights: int = 0
+    weight_copies: int = 0
+    gradients: int = 0
+    optimizer_states: int = 0
+    activations: int = 0
+    kv_cache: int = 0
+    logits: int = 0
+    workspace: int = 0
+    overlap: int = 0
+    label: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(getattr(self, name) for name, _ in TERMS)
+
+    @property
+    def total_without_overhead(self) -> int:
+        """What ``torch.cuda.max_memory_allocated`` (or the RSS growth on CPU) should show."""
+        return self.total - self.overhead
+
+    def terms(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name, _ in TERMS}
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["total"] = self.total
+        out["total_without_overhead"] = self.total_without_overhead
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def table(self, decimal: bool = False) -> str:
+        """A readable breakdown; ``decimal=True`` prints GB/MB (10^9) instead of GiB/MiB."""
+        from .report import breakdown_table
+
+        return breakdown_table(self, decimal=decimal)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def resolve_dtype(dtype: Any, config=None) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype={dtype} is not allowed; allowed values: float32, float16, bfloat16")
+        return dtype
+    if dtype == "auto":
+        found = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        return resolve_dtype(found if found is not None else "float32")
+    if isinstance(dtype, str) and dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise ValueError(f"dtype={dtype!r} is not allowed; allowed values: auto, {', '.join(_DTYPES)}")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name}={value!r} is not allowed; allowed values: integers >= {minimum}")
+    return value
+
+
+def _unique_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    seen: set[int] = set()
+    out = []
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers()):
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        out.append((name, t))
+    return out
+
+
+def _quantize_meta_model(model: nn.Module, efficiency_config) -> list[str]:
+    from ..quant.quantizer import EfficiencyHfQuantizer
+    from ..quant.replace import replace_with_quant_linear
+
+    quantizer = EfficiencyHfQuantizer(efficiency_config)
+    act = getattr(efficiency_config, "activations", None)
+    return replace_with_quant_linear(
+        model, efficiency_config.quantization, quantizer._skip_list(model), None if act is None else act.mode
+    )
+
+
+def _kernel_cache_bytes(module: nn.Module, device: str, compute: torch.dtype) -> int:
+    """Bytes of the kernel layout a quantized layer caches beside its packed weight."""
+    from ..quant.kernels import path_for
+
+    path = path_for(module, device, compute)
+    n = module.in_features * module.out_features
+    if path in ("cuda_int8", "w8a8"):
+        return n + module.out_features * 4
+    if path == "cuda_int4":
+        return n // 2 + module.weight_scale.numel() * 2 * 2
+    return 0
+
+
+def _weights(model: nn.Module, quantized: list[str], spec, device: str, compute: torch.dtype,
+             mode: str) -> tuple[int, dict[str, int], int]:
+    """(resident weight bytes, details, largest quantized matrix in elements)."""
+    qnames = set(quantized)
+    q_bytes = other = 0
+    emb_bytes = 0
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    for name, t in _unique_tensors(model):
+        b = tensor_bytes(t)
+        if name.rpartition(".")[0] in qnames:
+            q_bytes += b
+        elif emb is not None and t is emb.weight:
+            emb_bytes += b
+        else:
+            other += b
+    details: dict[str, int] = {}
+    largest = 0
+    cache = 0
+    if quantized:
+        modules = [model.get_submodule(n) for n in quantized]
+        largest = max(m.in_features * m.out_features for m in modules)
+        if spec.target_bits is not None:  # the allocation needs calibration; estimate at the mean width
+            codes = sum(tensor_bytes(m.weight) for m in modules)
+            q_bytes += round(codes * (spec.target_bits / spec.bits - 1))
+        if mode == "inference":
+            cache = sum(_kernel_cache_bytes(m, device, compute) for m in modules)
+        details["quantized_linears"] = q_bytes
+        if cache:
+            details["kernel_layout_caches"] = cache
+    details["embeddings"] = emb_bytes
+    details["other_float"] = other
+    return q_bytes + emb_bytes + other + cache, details, largest
+
+
+def _optimizer_bytes(optimizer: str, shapes: list[tuple[int, ...]], state_bytes: int) -> int:
+    total = 0
+    for shape in shapes:
+        n = math.prod(shape)
+        if optimizer in ("adamw", "adamw_foreach", "adam"):
+            total += 2 * n * state_bytes
+        elif optimizer == "adamw_8bit":
+            total += 2 * n * 4 if n < BNB_MIN_8BIT_SIZE else 2 * (n + 4 * math.ceil(n / BNB_BLOCK))
+        elif optimizer == "sgd":
+            total += n * state_bytes
+        elif optimizer == "adafactor":
+            total += (shape[0] + math.prod(shape[1:])) * state_bytes if len(shape) >= 2 else n * state_bytes
+    return total
+
+
+def _optimizer_step_bytes(optimizer: str, device: str, trainable: int, largest: int, state_bytes: int) -> int:
+    """Temporaries of one optimizer step: the fused kernel works in place; ``foreach`` builds
+    one full list of ``sqrt(v)``; the per-tensor loop needs about two of the largest tensor."""
+    if optimizer == "adamw":
+        return 0
+    if optimizer == "adamw_foreach" or (optimizer == "adam" and device == "cuda"):
+        return trainable * state_bytes
+    if optimizer == "adam":
+        return 2 * largest * state_bytes
+    if optimizer == "sgd":
+        return largest * state_bytes
+    return 3 * largest * 4  # adamw_8bit dequantizes one tensor's states; adafactor works in fp32
+
+
+def _trainable_shapes(model: nn.Module, plan: TrainablePlan) -> list[tuple[int, ...]]:
+    params = dict(model.named_parameters(remove_duplicate=True))
+    return [tuple(params[n].shape) for n in plan.trainable_numels] + list(plan.added_shapes)
+
+
+def estimate_memory(
+    model: Any,
+    mode: str = "inference",
+    *,
+    dtype: Any = "float32",
+    efficiency_config: Any = None,
+    training: Any = "full",
+    optimizer: str = "adamw",
+    batch_size: int = 1,
+    sequence_length: int = 512,
+    new_tokens: int = 0,
+    gradient_checkpointing: bool = False,
+    attn_implementation: str = "sdpa",
+    mixed_precision: str | None = None,
+    kv_cache_bits: int | None = None,
+    kv_group_size: int = 64,
+    device: str = "cuda",
+    overhead_bytes: int | None = None,
+    label: str = "",
+    trust_remote_code: bool = False,
+) -> MemoryBreakdown:
+    """Predict the peak memory of running ``model`` for inference or training.
+
+    ``model`` is a transformers model, a ``PretrainedConfig``, a config dict, a local folder or
+    a Hub id; only the config is read, never the weights. Inference is one forward over
+    ``batch_size x sequence_length`` tokens with the KV cache (all logits, as ``model(...)``
+    returns them), or, with ``new_tokens > 0``, ``generate`` of that many tokens (the prompt's
+    last-token logits only). Training is one step of ``optimizer`` on ``batch_size`` sequences
+    of ``sequence_length`` tokens with the method in ``training`` (a `TrainingSetup`, one of
+    ``"full"``, ``"lora"``, ``"qlora"``, ``"bitfit"``, ``"adapters"``, ``"freeze"``, a dict of
+    its fields, or a peft ``LoraConfig``). ``efficiency_config`` quantizes the weights exactly
+    as ``from_pretrained`` would (its packed layout is what is counted).
+    ``device`` picks the runtime overhead (`DEVICE_OVERHEAD_BYTES`, or ``overhead_bytes``) and
+    the kernel paths. Returns a `MemoryBreakdown` whose ``total`` is in bytes.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not allowed; allowed values: {', '.join(MODES)}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer!r} is not allowed; allowed values: {', '.join(OPTIMIZERS)}")
+    if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attn_implementation={attn_implementation!r} is not allowed; allowed values: "
+            f"{', '.join(ATTENTION_IMPLEMENTATIONS)}"
+        )
+    if mixed_precision not in MIXED_PRECISION:
+        raise ValueError(f"mixed_precision={mixed_precision!r} is not allowed; allowed values: None, bf16, fp16")
+    if kv_cache_bits not in KV_CACHE_BITS:
+        raise ValueError(f"kv_cache_bits={kv_cache_bits!r} is not allowed; allowed values: None, 8, 4, 2")
+    if device not in DEVICE_OVERHEAD_BYTES and overhead_bytes is None:
+        raise ValueError(
+            f"device={device!r} has no documented overhead; allowed values: {', '.join(DEVICE_OVERHEAD_BYTES)} "
+            "(or pass overhead_bytes)"
+        )
+    batch_size = _check_int("batch_size", batch_size, 1)
+    seq = _check_int("sequence_length", sequence_length, 1)
+    new_tokens = _check_int("new_tokens", new_tokens, 0)
+    kv_group_size = _check_int("kv_group_size", kv_group_size, 1)
+    if overhead_bytes is not None:
+        overhead_bytes = _check_int("overhead_bytes", overhead_bytes, 0)
+
+    config = load_config(model, trust_remote_code=trust_remote_code)
+    shape = model_shape(config)
+    weight_dtype = resolve_dtype(dtype, config)
+    compute = _DTYPES[mixed_precision] if mixed_precision else weight_dtype
+    a = torch.empty((), dtype=compute).element_size()
+    pbytes = torch.empty((), dtype=weight_dtype).element_size()
+
+    eff = None
+    if efficiency_config is not None:
+        from ..config import EfficiencyConfig
+
+        eff = EfficiencyConfig.coerce(efficiency_config)
+    spec = eff.quantization if eff is not None else None
+    setup = TrainingSetup.coerce(training) if mode == "training" else None
+    if setup is not None:
+        if setup.method == "qlora" and spec is None:
+            raise ValueError("training='qlora' needs a quantized base: pass efficiency_config with a quantization section")
+        if spec is not None and setup.method in ("full", "freeze"):
+            raise ValueError(
+                f"training={setup.method!r} updates quantized weights, which have no gradients; "
+                "use 'qlora' (LoRA on the quantized base) or drop the quantization"
+            )
+
+    meta = build_meta_model(config, weight_dtype, trust_remote_code=trust_remote_code)
+    params = sum(t.numel() for _, t in _unique_tensors(meta) if isinstance(t, nn.Parameter))
+    quantized = _quantize_meta_model(meta, eff) if spec is not None else []
+    lm_head_name, tied = output_embedding_names(meta)
+    notes: list[str] = []
+    if not shape.gated_mlp or shape.model_type in ("gpt2", "opt", "bloom", "falcon", "gpt_neox"):
+        notes.append(
+            f"activation rules are exact for Llama-style layers (RMSNorm, gated MLP); {shape.model_type} "
+            "differs (LayerNorm, plain MLP, dropout), so its activations are approximate"
+        )
+    weights, details, largest_q = _weights(meta, quantized, spec, device, compute, mode)
+    if spec is not None and spec.target_bits is not None:
+        notes.append(f"mixed precision: codes estimated at the target mean of {spec.target_bits} bits")
+    out = MemoryBreakdown(
+        mode=mode, device=device, dtype=str(weight_dtype).replace("torch.", ""), batch_size=batch_size,
+        sequence_length=seq, parameters=params, trainable_parameters=0, label=label,
+        overhead=DEVICE_OVERHEAD_BYTES.get(device, 0) if overhead_bytes is None else overhead_bytes,
+        weights=weights, details=details, notes=notes,
+    )
+    # the CPU reference path of quantized layers dequantizes one weight per call
+    dequant_ws = 3 * largest_q * 4 if quantized and device != "cuda" else 0
+
+    if mode == "inference":
+        context = seq + new_tokens
+        kv_bytes = a if kv_cache_bits is None else kv_cache_bits / 8 + 4 / kv_group_size
+        out.kv_cache = round(shape.num_layers * 2 * shape.kv_dim * context * batch_size * kv_bytes)
+        if kv_cache_bits is not None:
+            notes.append(f"KV cache at {kv_cache_bits} bits with an fp16 scale and zero per {kv_group_size} values")
+        if new_tokens:
+            out.logits = batch_size * shape.vocab_size * (a + 4)  # last position only, plus its fp32 copy
+        else:
+            out.logits = batch_size * seq * shape.vocab_size * a
+        out.workspace = batch_size * inference_layer_workspace(shape, seq, context, a, attn_implementation) + dequant_ws
+        out.overlap = max(out.workspace, out.logits) - (out.workspace + out.logits)
+        return out
+
+    assert setup is not None
+    # CUDA's fused dropout keeps a bool mask; the CPU kernel keeps a mask in the compute dtype
+    plan = plan_training(meta, shape, setup, lm_head_name, tied, dropout_mask_bytes=1 if device == "cuda" else a)
+    out.trainable_parameters = plan.trainable_parameters
+    out.details["training_method"] = setup.method
+    added_bytes = 4 if setup.uses_lora or setup.method == "adapters" else pbytes  # peft keeps adapters in fp32
+    existing = plan.trainable_parameters - plan.added_parameters
+    grad_bytes = existing * pbytes + plan.added_parameters * added_bytes
+    out.weights += plan.added_parameters * added_bytes
+    out.gradients = grad_bytes
+    master = mixed_precision is not None and pbytes == 2
+    state_bytes = 4 if master else pbytes
+    shapes = _trainable_shapes(meta, plan)
+    out.optimizer_states = _optimizer_bytes(optimizer, shapes, state_bytes)
+    if setup.uses_lora or setup.method == "adapters":  # adapter states follow the adapters' fp32
+        adapter_shapes = shapes[len(plan.trainable_numels):]
+        out.optimizer_states += _optimizer_bytes(optimizer, adapter_shapes, 4) - _optimizer_bytes(
+            optimizer, adapter_shapes, state_bytes
+        )
+    if master:
+        out.weight_copies = existing * 4
+        notes.append("mixed precision with 16-bit weights: fp32 master copy and fp32 optimizer states")
+    elif mixed_precision is not None:
+        linear_numel = sum(
+            m.in_features * m.out_features for _, m in meta.named_modules()
+            if isinstance(m, nn.Linear) and m.weight.is_floating_point()
+        )
+        out.weight_copies = linear_numel * 2
+        notes.append("autocast over fp32 weights: 16-bit copies of the linear weights live until backward")
+
+    per_seq = 0
+    if gradient_checkpointing:
+        full = [layer_saved_bytes(shape, lt, seq, a, attn_implementation) for lt in plan.layers]
+        per_seq = sum(checkpointed_layer_bytes(shape, seq, a) for lt in plan.layers if lt.grad_in or lt.trains)
+        recomputed = max(full, default=0)  # one layer recomputed at a time during backward
+        per_seq += recomputed
+        out.details["recomputed_layer_per_sequence"] = recomputed
+    else:
+        per_seq = sum(layer_saved_bytes(shape, lt, seq, a, attn_implementation) for lt in plan.layers)
+    per_seq += head_saved_bytes(
+        shape, seq, a, grad=plan.trainable_parameters > 0, norm_trainable=plan.final_norm_trainable,
+        lm_head_trainable=plan.lm_head_trainable,
+    )
+    out.activations = batch_size * per_seq
+    out.logits = batch_size * training_logits_bytes(shape, seq, a)
+    out.workspace = _optimizer_step_bytes(
+        optimizer, device, plan.trainable_parameters, plan.largest_trainable, state_bytes
+    ) + dequant_ws
+    lm_head_grad = shape.vocab_size * shape.hidden_size * pbytes if plan.lm_head_trainable else 0
+    peak_backward = out.activations + out.logits + lm_head_grad
+    peak_step = out.gradients + out.workspace
+    out.overlap = max(peak_backward, peak_step) - (out.activations + out.logits + out.gradients + out.workspace)
+    if optimizer == "adamw_8bit":
+        notes.append("8-bit AdamW as bitsandbytes stores it (block-wise int8 states, fp32 under 4096 elements)")
+    return out

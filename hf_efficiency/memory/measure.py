@@ -1,0 +1,377 @@
+"""``measure_memory``: run an estimator scenario for real and report its peak memory.
+
+The model is built from its config with random weights (values do not change memory), in the
+same layout the scenario uses: quantized layers as packed `QuantLinear`s, LoRA through peft,
+frozen parameters for the other methods. Then the scenario runs exactly as a user's code
+would (``model(ids)``, ``generate``, or forward/backward/``optimizer.step``/``zero_grad`` as
+``transformers.Trainer`` does, without holding the outputs across backward).
+
+How peak memory is read:
+
+* **CUDA**: ``torch.cuda.max_memory_allocated()`` minus what was allocated before the model
+  was built (the CUDA context is not included; the estimator's ``overhead`` is that part).
+* **CPU**: the resident set size. Before the model is built, a one-layer copy of the model
+  runs the same scenario (so lazy imports and kernel initialization are not counted), freed
+  heap is returned with ``malloc_trim`` and the baseline RSS is read. After setup the kernel's
+  peak-RSS counter (``VmHWM``) is reset through ``/proc/self/clear_refs``; the peak is
+  ``VmHWM`` minus the baseline, so it covers the weights plus everything the scenario adds.
+  Linux only. glibc raises its mmap threshold as blocks are freed (up to 32 MiB), after which
+  freed mid-size tensors stay in the heap and in RSS; with ``pin_allocator=True`` (default)
+  the threshold is pinned to 128 KiB (``mallopt(M_MMAP_THRESHOLD)``) before the baseline, so
+  freed tensors leave RSS and the CPU number counts live memory as CUDA's allocator stats do.
+  ``pin_allocator=False`` measures the default allocator's RSS, retention included.
+
+``isolate=True`` runs the measurement in a fresh Python process so earlier work in the caller
+cannot distort it.
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .estimator import MIXED_PRECISION, MODES, OPTIMIZERS, _DTYPES, resolve_dtype
+from .shapes import load_config
+from .training import TrainingSetup
+
+
+@dataclass
+class MemoryMeasurement:
+    """Measured peak memory of one scenario, in bytes above the pre-model baseline."""
+
+    device: str
+    method: str
+    peak_bytes: int
+    resident_after_setup: int
+    baseline_bytes: int
+    seconds: float
+    scenario: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- peak readers ---------------------------------------------------------------------------
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} missing from /proc/self/status")
+
+
+_M_MMAP_THRESHOLD = -3
+
+
+def _pin_allocator() -> bool:
+    """Pin glibc's mmap threshold at 128 KiB (disables its dynamic growth); False if not glibc."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 128 * 1024))
+    except (OSError, AttributeError):
+        return False
+
+
+def _trim() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
+
+
+class _Peak:
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        if not self.cuda and not os.path.exists("/proc/self/clear_refs"):
+            raise RuntimeError("CPU peak memory is read from /proc (Linux); on this system measure on CUDA")
+
+    def current(self) -> int:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.memory_allocated()
+        return _status_kib("VmRSS")
+
+    def reset(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+
+    def peak(self) -> int:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated()
+        return _status_kib("VmHWM")
+
+
+# --- model construction ---------------------------------------------------------------------
+def _fill_random(model: nn.Module) -> None:
+    """Touch every quantized buffer (``torch.empty`` pages are not resident until written)."""
+    from ..quant.linear import QuantLinear
+
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            with torch.no_grad():
+                m.weight.random_()
+                m.weight_scale.fill_(1e-3)
+                if m.weight_min is not None:
+                    m.weight_min.fill_(-8e-3)
+                if m.bias is not None:
+                    m.bias.zero_()
+                if m.weight_outlier_index is not None:
+                    m.weight_outlier_index.zero_()
+                    m.weight_outlier_value.zero_()
+
+
+def build_model(config, *, dtype: torch.dtype, efficiency_config=None, setup: TrainingSetup | None = None,
+                attn_implementation: str = "sdpa", device: str = "cpu") -> nn.Module:
+    """A randomly initialized model in the scenario's layout (quantized, LoRA, frozen)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    if efficiency_config is not None and efficiency_config.quantization is not None:
+        from .estimator import _quantize_meta_model
+
+        _quantize_meta_model(model, efficiency_config)
+        _fill_random(model)
+    model.to(device)
+    if setup is None:
+        model.requires_grad_(False)
+        return model
+    if setup.uses_lora:
+        if efficiency_config is not None and efficiency_config.quantization is not None:
+            raise NotImplementedError("measuring QLoRA needs LoRA on QuantLinear, which arrives with the PEFT issue")
+        from peft import LoraConfig, get_peft_model
+
+        targets = setup.lora_targets if isinstance(setup.lora_targets, str) else list(setup.lora_targets)
+        model = get_peft_model(model, LoraConfig(r=setup.lora_rank, target_modules=targets,
+                                                 lora_dropout=setup.lora_dropout))
+    elif setup.method == "bitfit":
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.endswith(".bias"))
+    elif setup.method == "freeze":
+        model.get_input_embeddings().requires_grad_(False)
+        layers = next(m for m in model.modules() if isinstance(m, nn.ModuleList))
+        for layer in list(layers)[: setup.freeze_layers]:
+            layer.requires_grad_(False)
+    elif setup.method == "adapters":
+        raise NotImplementedError("measuring bottleneck adapters arrives with the PEFT issue")
+    return model
+
+
+def _make_optimizer(name: str, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if name == "adamw":  # transformers.Trainer's default, adamw_torch_fused
+        return torch.optim.AdamW(params, lr=1e-5, fused=True)
+    if name == "adamw_foreach":
+        return torch.optim.AdamW(params, lr=1e-5, foreach=True)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=1e-5)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=1e-5, momentum=0.9)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=1e-5, relative_step=False, scale_parameter=False)
+    try:
+        import bitsandbytes as bnb
+    except ImportError as err:
+        raise ImportError("measuring adamw_8bit needs bitsandbytes: pip install bitsandbytes") from err
+    return bnb.optim.AdamW8bit(params, lr=1e-5)
+
+
+# --- scenarios ------------------------------------------------------------------------------
+def _run(model: nn.Module, mode: str, *, batch_size: int, seq: int, new_tokens: int, optimizer: str,
+         steps: int, device: torch.device, mixed_precision: str | None, gradient_checkpointing: bool,
+         peak: _Peak | None) -> None:
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (batch_size, seq), device=device)
+    if mode == "inference":
+        model.eval()
+        if peak is not None:
+            _trim()
+            peak.reset()
+        with torch.no_grad():
+            if new_tokens:
+                model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                               pad_token_id=0, attention_mask=torch.ones_like(ids))
+            else:
+                model(input_ids=ids, use_cache=True)
+        return
+    model.train()
+    if gradient_checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = _make_optimizer(optimizer, params)
+    if peak is not None:
+        _trim()
+        peak.reset()
+    amp = _DTYPES[mixed_precision] if mixed_precision else None
+    for _ in range(steps):
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        del loss
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def _tiny(config):
+    small = copy.deepcopy(config)
+    small.num_hidden_layers = 1
+    small.vocab_size = min(small.vocab_size, 512)
+    return small
+
+
+def measure_memory(
+    model: Any,
+    mode: str = "inference",
+    *,
+    dtype: Any = "float32",
+    efficiency_config: Any = None,
+    training: Any = "full",
+    optimizer: str = "adamw",
+    batch_size: int = 1,
+    sequence_length: int = 512,
+    new_tokens: int = 0,
+    gradient_checkpointing: bool = False,
+    attn_implementation: str = "sdpa",
+    mixed_precision: str | None = None,
+    device: str | None = None,
+    steps: int = 3,
+    isolate: bool = False,
+    pin_allocator: bool = True,
+) -> MemoryMeasurement:
+    """Build the scenario `estimate_memory` describes with random weights, run it and return
+    its measured peak (see the module docstring for how memory is read on CPU and CUDA).
+
+    Takes the same arguments as `estimate_memory` (``kv_cache_bits`` is not measurable until
+    the quantized KV cache exists); ``steps`` training steps run so the optimizer states exist
+    during later forwards, as in a real run.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not allowed; allowed values: {', '.join(MODES)}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer!r} is not allowed; allowed values: {', '.join(OPTIMIZERS)}")
+    if mixed_precision not in MIXED_PRECISION:
+        raise ValueError(f"mixed_precision={mixed_precision!r} is not allowed; allowed values: None, bf16, fp16")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    config = load_config(model)
+    from ..config import EfficiencyConfig
+
+    eff = None if efficiency_config is None else EfficiencyConfig.coerce(efficiency_config)
+    setup = TrainingSetup.coerce(training) if mode == "training" else None
+    scenario = dict(mode=mode, dtype=str(dtype).replace("torch.", ""), batch_size=batch_size,
+                    sequence_length=sequence_length, new_tokens=new_tokens, optimizer=optimizer,
+                    gradient_checkpointing=gradient_checkpointing, attn_implementation=attn_implementation,
+                    mixed_precision=mixed_precision, device=device, steps=steps,
+                    pin_allocator=pin_allocator, efficiency_config=None if eff is None else eff.to_dict(),
+                    training=None if setup is None else asdict(setup))
+    if setup is not None and (setup.method == "adapters" or (setup.uses_lora and eff is not None and eff.quantization)):
+        raise NotImplementedError(
+            f"measuring training={setup.method!r} needs LoRA on QuantLinear / bottleneck adapters, which arrive "
+            "with the PEFT issue; estimate_memory covers it already"
+        )
+    if isolate:
+        return _measure_in_subprocess(config, scenario)
+    weight_dtype = resolve_dtype(dtype, config)
+    dev = torch.device(device)
+    peak = _Peak(dev)
+    pinned = dev.type == "cpu" and pin_allocator and _pin_allocator()
+    run = dict(batch_size=batch_size, seq=sequence_length, new_tokens=new_tokens, optimizer=optimizer,
+               device=dev, mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing)
+    # warm-up on a one-layer copy: imports, kernels and allocator arenas are not the model's memory
+    warm = build_model(_tiny(config), dtype=weight_dtype, efficiency_config=eff, setup=setup,
+                       attn_implementation=attn_implementation, device=device)
+    _run(warm, mode, steps=2 if mode == "training" else 1, peak=None,
+         **{**run, "seq": min(sequence_length, 16), "new_tokens": min(new_tokens, 2)})
+    del warm
+    _trim()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    baseline = peak.current()
+    start = time.perf_counter()
+    built = build_model(config, dtype=weight_dtype, efficiency_config=eff, setup=setup,
+                        attn_implementation=attn_implementation, device=device)
+    _trim()
+    resident = peak.current() - baseline
+    _run(built, mode, steps=steps, peak=peak, **run)
+    top = peak.peak() - baseline
+    seconds = time.perf_counter() - start
+    del built
+    _trim()
+    return MemoryMeasurement(
+        device=device,
+        method="cuda_max_memory_allocated" if dev.type == "cuda" else ("rss_vmhwm_pinned" if pinned else "rss_vmhwm"),
+        peak_bytes=top, resident_after_setup=resident, baseline_bytes=baseline, seconds=seconds,
+        scenario=scenario,
+    )
+
+
+def _measure_in_subprocess(config, scenario: dict[str, Any]) -> MemoryMeasurement:
+    payload = json.dumps({"config": config.to_dict(), "scenario": scenario})
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    code = "from hf_efficiency.memory.measure import _main; _main()"
+    proc = subprocess.run([sys.executable, "-c", code], input=payload, text=True, capture_output=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"isolated measurement failed:\n{proc.stderr[-4000:]}")
+    data = json.loads(proc.stdout.strip().splitlines()[-1])
+    return MemoryMeasurement(**data)
+
+
+def _main() -> None:
+    from transformers import AutoConfig
+
+    data = json.loads(sys.stdin.read())
+    cfg = dict(data["config"])
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    s = data["scenario"]
+    result = measure_memory(
+        config, s["mode"], dtype=s["dtype"], efficiency_config=s["efficiency_config"],
+        training=s["training"] or "full", optimizer=s["optimizer"], batch_size=s["batch_size"],
+        sequence_length=s["sequence_length"], new_tokens=s["new_tokens"],
+        gradient_checkpointing=s["gradient_checkpointing"], attn_implementation=s["attn_implementation"],
+        mixed_precision=s["mixed_precision"], device=s["device"], steps=s["steps"], pin_allocator=s["pin_allocator"],
+    )
+    print(json.dumps(result.to_dict()))
+
+
+def saved_activation_bytes(model: nn.Module, **inputs: Any) -> int:
+    """Exact bytes autograd saves for backward during ``model(**inputs)``: every saved tensor's
+    storage counted once, parameters (and views of them) excluded. The estimator's activation
+    rules are tested against this."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: set[int] = set()
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key not in params and key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(**inputs)
+    del out
+    return total
+

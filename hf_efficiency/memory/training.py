@@ -1,0 +1,250 @@
+"""Which parameters train: full fine-tuning, LoRA/QLoRA, BitFit, bottleneck adapters, or
+freezing the lower layers. Worked out on the empty (meta) model, so counts are exact."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .activations import ROLES, LayerTraining
+from .shapes import ModelShape, decoder_layer_prefixes
+
+TRAINING_METHODS = ("full", "lora", "qlora", "bitfit", "adapters", "freeze")
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass
+class TrainingSetup:
+    """What trains during fine-tuning.
+
+    * ``full``: every parameter;
+    * ``lora`` / ``qlora``: rank-``lora_rank`` adapters on the linears named by ``lora_targets``
+      (module-name suffixes as in peft's ``target_modules``, or ``"all-linear"``); ``qlora``
+      additionally requires a quantized base (``efficiency_config`` with ``quantization``);
+    * ``bitfit``: only the bias terms;
+    * ``adapters``: a bottleneck adapter of width ``adapter_size`` after every MLP;
+    * ``freeze``: the input embedding and the lower ``freeze_layers`` decoder layers are frozen,
+      everything above trains (with tied embeddings the shared matrix is frozen too).
+    """
+
+    method: str = "full"
+    lora_rank: int = 8
+    lora_targets: tuple[str, ...] | str = DEFAULT_LORA_TARGETS
+    lora_dropout: float = 0.0
+    adapter_size: int = 64
+    freeze_layers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in TRAINING_METHODS:
+            raise ValueError(f"training method {self.method!r} is not allowed; allowed values: {', '.join(TRAINING_METHODS)}")
+        if isinstance(self.lora_targets, list):
+            self.lora_targets = tuple(self.lora_targets)
+        for key in ("lora_rank", "adapter_size"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{key}={value!r} is not allowed; allowed values: integers >= 1")
+        if not isinstance(self.freeze_layers, int) or self.freeze_layers < 0:
+            raise ValueError(f"freeze_layers={self.freeze_layers!r} is not allowed; allowed values: integers >= 0")
+        if not 0.0 <= float(self.lora_dropout) < 1.0:
+            raise ValueError(f"lora_dropout={self.lora_dropout!r} is not allowed; allowed values: [0, 1)")
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.method in ("lora", "qlora")
+
+    @classmethod
+    def coerce(cls, value: Any) -> "TrainingSetup":
+        """Accept a `TrainingSetup`, a method name, a dict, or a peft ``LoraConfig``."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            return cls(method=value)
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - set(cls.__dataclass_fields__))
+            if unknown:
+                raise ValueError(f"unknown training key(s) {unknown}; allowed keys: {sorted(cls.__dataclass_fields__)}")
+            return cls(**value)
+        if type(value).__name__ == "LoraConfig":
+            targets = value.target_modules
+            targets = targets if isinstance(targets, str) else tuple(sorted(targets or DEFAULT_LORA_TARGETS))
+            return cls(method="lora", lora_rank=int(value.r), lora_targets=targets, lora_dropout=float(value.lora_dropout))
+        raise TypeError(
+            f"training must be a TrainingSetup, one of {TRAINING_METHODS}, a dict or a peft LoraConfig; "
+            f"got {type(value).__name__}"
+        )
+
+
+def _matches_target(name: str, targets: tuple[str, ...] | str) -> bool:
+    if targets == "all-linear":
+        return True
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+_ROLE_NAMES = {
+    "attn_in": ("q_proj", "k_proj", "v_proj", "qkv_proj", "c_attn", "query_key_value", "wqkv", "query", "key", "value"),
+    "attn_out": ("o_proj", "out_proj", "dense", "wo"),
+    "mlp_in": ("gate_proj", "up_proj", "gate_up_proj", "w1", "w3", "fc1", "c_fc", "fc_in", "dense_h_to_4h"),
+    "mlp_out": ("down_proj", "w2", "fc2", "fc_out", "dense_4h_to_h"),
+}
+
+
+def linear_role(name: str, module: nn.Module, shape: ModelShape) -> str | None:
+    """``attn_in`` (q/k/v), ``attn_out`` (o), ``mlp_in`` (gate/up) or ``mlp_out`` (down): by the
+    module's name, else by where it sits and its shape."""
+    if not hasattr(module, "in_features"):
+        return None
+    parts = name.lower().split(".")
+    for role, names in _ROLE_NAMES.items():
+        if parts[-1] in names:
+            return role
+    in_attention = any("attn" in p or "attention" in p for p in parts[:-1])
+    writes_hidden = module.out_features == shape.hidden_size
+    if in_attention:
+        return "attn_out" if writes_hidden and module.in_features == shape.q_dim else "attn_in"
+    return "mlp_out" if writes_hidden else "mlp_in"
+
+
+@dataclass
+class TrainablePlan:
+    """Trainable parameter count (existing + added), per-layer flags for the activation rules."""
+
+    trainable_parameters: int
+    added_parameters: int
+    trainable_numels: dict[str, int]
+    added_shapes: list[tuple[int, ...]]
+    layers: list[LayerTraining] = field(default_factory=list)
+    embedding_trainable: bool = False
+    lm_head_trainable: bool = False
+    final_norm_trainable: bool = False
+    largest_trainable: int = 0
+
+
+def _linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if hasattr(m, "in_features") and hasattr(m, "out_features")]
+
+
+def plan_training(
+    model: nn.Module, shape: ModelShape, setup: TrainingSetup, lm_head_name: str | None, tied: bool,
+    dropout_mask_bytes: int = 1,
+) -> TrainablePlan:
+    """Mark what trains in ``model`` (a meta model, possibly with quantized linears)."""
+    prefixes = decoder_layer_prefixes(model, shape.num_layers)
+    layer_of = {p: k for k, p in enumerate(prefixes)}
+
+    def layer_index(name: str) -> int | None:
+        for p, k in layer_of.items():
+            if name == p or name.startswith(p + "."):
+                return k
+        return None
+
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    emb_weight = emb.weight if emb is not None else None
+    lm_head_weight = f"{lm_head_name}.weight" if lm_head_name else None
+    layers = [LayerTraining() for _ in prefixes]
+    trainable: dict[str, int] = {}
+    added: list[tuple[int, ...]] = []
+    seen: set[int] = set()
+    flags = {"embedding": False, "lm_head": False, "final_norm": False}
+
+    def mark(name: str, p) -> None:
+        if id(p) in seen or getattr(p, "dtype", None) is None or not p.is_floating_point():
+            return
+        seen.add(id(p))
+        trainable[name] = p.numel()
+        k = layer_index(name)
+        module_name = name.rpartition(".")[0]
+        if p is emb_weight:
+            flags["embedding"] = True
+            flags["lm_head"] = flags["lm_head"] or tied
+        if name == lm_head_weight:
+            flags["lm_head"] = True
+        if k is None:
+            if "norm" in module_name.split(".")[-1] and p is not emb_weight:
+                flags["final_norm"] = True
+            return
+        module = model.get_submodule(module_name)
+        role = linear_role(module_name, module, shape)
+        if role is not None and name.endswith(".weight"):
+            layers[k].weight_trainable[role] = True
+        elif role is None and name.endswith("weight"):
+            layers[k].norm_trainable = True
+
+    params = list(model.named_parameters(remove_duplicate=True))
+    if setup.method == "full":
+        for name, p in params:
+            mark(name, p)
+    elif setup.method == "bitfit":
+        for name, p in params:
+            if name.endswith(".bias"):
+                mark(name, p)
+        if not trainable:
+            raise ValueError(
+                f"BitFit trains bias terms, and this {shape.model_type} model has none; choose another method"
+            )
+    elif setup.method == "freeze":
+        if setup.freeze_layers >= shape.num_layers:
+            raise ValueError(
+                f"freeze_layers={setup.freeze_layers} freezes every one of the {shape.num_layers} layers; "
+                f"allowed values: 0..{shape.num_layers - 1}"
+            )
+        for name, p in params:
+            k = layer_index(name)
+            if p is emb_weight or (k is not None and k < setup.freeze_layers):
+                continue
+            mark(name, p)
+    elif setup.uses_lora:
+        matched = 0
+        for name, module in _linears(model):
+            if lm_head_name and name == lm_head_name or not _matches_target(name, setup.lora_targets):
+                continue
+            k = layer_index(name)
+            if k is None:
+                continue
+            smallest = min(module.in_features, module.out_features)
+            if setup.lora_rank > smallest:
+                raise ValueError(
+                    f"lora_rank={setup.lora_rank} is larger than {name}'s smaller dimension ({smallest}); "
+                    f"allowed values: 1..{smallest}"
+                )
+            added += [(setup.lora_rank, module.in_features), (module.out_features, setup.lora_rank)]
+            role = linear_role(name, module, shape)
+            layers[k].lora_modules[role] += 1
+            matched += 1
+        if not matched:
+            raise ValueError(f"lora_targets={setup.lora_targets!r} matched no linear layer of this model")
+        for lt in layers:
+            lt.lora_rank, lt.lora_dropout = setup.lora_rank, float(setup.lora_dropout)
+            lt.dropout_mask_bytes = dropout_mask_bytes
+    elif setup.method == "adapters":
+        m, h = setup.adapter_size, shape.hidden_size
+        added.extend([(m, h), (m,), (h, m), (h,)] * shape.num_layers)
+        for lt in layers:
+            lt.adapter_size = setup.adapter_size
+    # a layer's input needs a gradient when anything below it trains
+    below = flags["embedding"]
+    for lt in layers:
+        lt.grad_in = below
+        below = below or lt.trains
+    numels = list(trainable.values()) + [math.prod(s) for s in added]
+    return TrainablePlan(
+        trainable_parameters=sum(numels),
+        added_parameters=sum(numels) - sum(trainable.values()),
+        trainable_numels=trainable,
+        added_shapes=added,
+        layers=layers,
+        embedding_trainable=flags["embedding"],
+        lm_head_trainable=flags["lm_head"],
+        final_norm_trainable=flags["final_norm"],
+        largest_trainable=max(numels, default=0),
+    )
+
+
+__all__ = ["ROLES", "TRAINING_METHODS", "TrainablePlan", "TrainingSetup", "linear_role", "plan_training"]
