@@ -263,3 +263,11 @@ def test_cli_estimate_json_compare_and_plot(tmp_path, capsys):
     assert cli_main(["estimate", str(tmp_path / "m"), "--bits", "4", "--group-size", "32", "--device", "cpu"]) == 0
     text = capsys.readouterr().out
     assert "weights" in text and "KV cache" in text and "total" in text
+
+
+def test_measure_memory_rejects_bad_input_and_unmeasurable_methods():
+    cfg = make_tiny_llama().config
+    with pytest.raises(ValueError, match="optimizer='lion' is not allowed"):
+        measure_memory(cfg, "training", optimizer="lion", device="cpu")
+    with pytest.raises(NotImplementedError, match="arrive with the PEFT issue"):
+        measure_memory(cfg, "training", training="qlora", efficiency_config=INT4, device="cpu")

@@ -146,6 +146,16 @@ def resolve_dtype(dtype: Any, config=None) -> torch.dtype:
     raise ValueError(f"dtype={dtype!r} is not allowed; allowed values: auto, {', '.join(_DTYPES)}")
 
 
+def check_scenario(mode: str, optimizer: str, mixed_precision: str | None) -> None:
+    """The checks `estimate_memory` and `measure_memory` share."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not allowed; allowed values: {', '.join(MODES)}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer!r} is not allowed; allowed values: {', '.join(OPTIMIZERS)}")
+    if mixed_precision not in MIXED_PRECISION:
+        raise ValueError(f"mixed_precision={mixed_precision!r} is not allowed; allowed values: None, bf16, fp16")
+
+
 def _check_int(name: str, value: Any, minimum: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name}={value!r} is not allowed; allowed values: integers >= {minimum}")
@@ -290,17 +300,12 @@ def estimate_memory(
     ``device`` picks the runtime overhead (`DEVICE_OVERHEAD_BYTES`, or ``overhead_bytes``) and
     the kernel paths. Returns a `MemoryBreakdown` whose ``total`` is in bytes.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r} is not allowed; allowed values: {', '.join(MODES)}")
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer={optimizer!r} is not allowed; allowed values: {', '.join(OPTIMIZERS)}")
+    check_scenario(mode, optimizer, mixed_precision)
     if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(
             f"attn_implementation={attn_implementation!r} is not allowed; allowed values: "
             f"{', '.join(ATTENTION_IMPLEMENTATIONS)}"
         )
-    if mixed_precision not in MIXED_PRECISION:
-        raise ValueError(f"mixed_precision={mixed_precision!r} is not allowed; allowed values: None, bf16, fp16")
     if kv_cache_bits not in KV_CACHE_BITS:
         raise ValueError(f"kv_cache_bits={kv_cache_bits!r} is not allowed; allowed values: None, 8, 4, 2")
     if device not in DEVICE_OVERHEAD_BYTES and overhead_bytes is None:

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .estimator import MIXED_PRECISION, MODES, OPTIMIZERS, _DTYPES, resolve_dtype
+from .estimator import _DTYPES, check_scenario, resolve_dtype
 from .shapes import load_config
 from .training import TrainingSetup
 
@@ -264,12 +264,7 @@ def measure_memory(
     the quantized KV cache exists); ``steps`` training steps run so the optimizer states exist
     during later forwards, as in a real run.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r} is not allowed; allowed values: {', '.join(MODES)}")
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer={optimizer!r} is not allowed; allowed values: {', '.join(OPTIMIZERS)}")
-    if mixed_precision not in MIXED_PRECISION:
-        raise ValueError(f"mixed_precision={mixed_precision!r} is not allowed; allowed values: None, bf16, fp16")
+    check_scenario(mode, optimizer, mixed_precision)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     config = load_config(model)
     from ..config import EfficiencyConfig
