@@ -21,7 +21,21 @@ from .registry import register  # noqa: E402
 
 register()
 
+# Distillation names resolve on first use (they import transformers.Trainer).
+_DISTILL_EXPORTS = ("DistillationTrainer", "DistillationTrainingArguments", "MutualDistillationTrainer",
+                    "MutualDistillationTrainingArguments", "SnapshotCallback", "StudentEnsemble", "make_student")
+
+
+def __getattr__(name: str):
+    if name in _DISTILL_EXPORTS:
+        from . import distill
+
+        return getattr(distill, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    *_DISTILL_EXPORTS,
     "ActivationSpec",
     "CalibrationSpec",
     "FORMAT_VERSION",

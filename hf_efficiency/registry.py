@@ -8,7 +8,10 @@
    ``PreTrainedModel.from_pretrained`` (Auto classes forward unknown kwargs to it); it is an
    alias of ``quantization_config=`` and accepts an `EfficiencyConfig` or its dict;
 3. routes ``push_to_hub`` of models carrying an `EfficiencyConfig` through
-   :func:`hf_efficiency.hub.push.push_to_hub` (adds our model card).
+   :func:`hf_efficiency.hub.push.push_to_hub` (adds our model card);
+4. registers `StudentEnsembleConfig` / `StudentEnsemble` with ``AutoConfig`` and
+   ``AutoModelForCausalLM`` (model_type ``hf_efficiency_student_ensemble``), so a saved ensemble loads
+   with ``AutoModelForCausalLM.from_pretrained``.
 """
 
 from __future__ import annotations
@@ -86,9 +89,19 @@ def _patch_push_to_hub() -> None:
     PreTrainedModel.push_to_hub = push_to_hub
 
 
+def _register_student_ensemble() -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .distill.ensemble import StudentEnsemble, StudentEnsembleConfig
+
+    AutoConfig.register(StudentEnsembleConfig.model_type, StudentEnsembleConfig, exist_ok=True)
+    AutoModelForCausalLM.register(StudentEnsembleConfig, StudentEnsemble, exist_ok=True)
+
+
 def register() -> None:
     """Register hf-efficiency with transformers (safe to call any number of times)."""
     _register_quantizer()
+    _register_student_ensemble()
     _patch_from_pretrained()
     _patch_push_to_hub()
 

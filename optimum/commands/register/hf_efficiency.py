@@ -1,7 +1,8 @@
 """`optimum-cli hf-efficiency ...`: optimum's CLI plugin hook (PEP 420 namespace, no __init__.py).
 
-optimum imports this file at CLI start-up and reads `REGISTER_COMMANDS`; it stays light (no torch
-import) and reuses the argument definitions of `hf-efficiency`'s own CLI.
+optimum imports this file at CLI start-up and reads `REGISTER_COMMANDS`. It reuses the argument
+definitions of `hf-efficiency`'s own CLI; importing `hf_efficiency` imports torch and transformers
+(the plugin registers its quantizer on import), so this hook is not light.
 """
 
 from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
@@ -49,12 +50,22 @@ class EstimateCommand(_HfEfficiencyLeaf):
         cli.add_estimate_arguments(parser)
 
 
+class DistillCommand(_HfEfficiencyLeaf):
+    NAME = "distill"
+    COMMAND = CommandInfo(name="distill", help=cli.DISTILL_HELP)
+
+    @staticmethod
+    def parse_args(parser):
+        cli.add_distill_arguments(parser)
+
+
 class HfEfficiencyCommand(BaseOptimumCLICommand):
-    COMMAND = CommandInfo(name="hf-efficiency", help="hf-efficiency: quantize, evaluate and estimate memory")
+    COMMAND = CommandInfo(name="hf-efficiency", help="hf-efficiency: quantize, evaluate, estimate memory, distill")
     SUBCOMMANDS = (
         CommandInfo(name="quantize", help=cli.QUANTIZE_HELP, subcommand_class=QuantizeCommand),
         CommandInfo(name="eval", help=cli.EVAL_HELP, subcommand_class=EvalCommand),
         CommandInfo(name="estimate", help=cli.ESTIMATE_HELP, subcommand_class=EstimateCommand),
+        CommandInfo(name="distill", help=cli.DISTILL_HELP, subcommand_class=DistillCommand),
     )
 
 

@@ -1,0 +1,211 @@
+"""Offline teacher: top-k teacher log-probabilities precomputed once into safetensors shards.
+
+Layout of a cache folder::
+
+    teacher_cache.json            index: teacher, top_k, examples, shards, format version
+    teacher-00000.safetensors     logprobs [N, T, K] fp16, indices [N, T, K] int32,
+                                  lengths [N] int64, input_hash [N] int64
+
+Rows are stored in dataset order and padded to the longest row of their shard. ``input_hash`` (a crc32
+of each row's ``input_ids``) lets training verify that it reads the row it was computed for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+CACHE_INDEX = "teacher_cache.json"
+CACHE_FORMAT = 1
+TEACHER_KEYS = ("teacher_topk_logprobs", "teacher_topk_indices")
+
+
+def input_hash(input_ids: Sequence[int] | torch.Tensor) -> int:
+    """crc32 of a row's token ids (as little-endian int64), the key that ties a cached row to its input."""
+    ids = torch.as_tensor(input_ids, dtype=torch.int64).flatten().contiguous()
+    return zlib.crc32(ids.numpy().tobytes())
+
+
+def _row_ids(row: Any) -> torch.Tensor:
+    ids = row["input_ids"] if isinstance(row, dict) else row
+    return torch.as_tensor(ids, dtype=torch.long).flatten()
+
+
+@torch.no_grad()
+def cache_teacher_logprobs(teacher: nn.Module, dataset: Sequence[Any], output_dir: str | os.PathLike, *,
+                           top_k: int = 32, batch_size: int = 8, shard_size: int = 1024,
+                           teacher_name: str | None = None, show_progress: bool = True) -> Path:
+    """Run ``teacher`` once over ``dataset`` (rows with ``input_ids``, optional ``attention_mask``) and
+    write each position's ``top_k`` log-probabilities (temperature 1, full-vocab softmax) and token ids.
+
+    Returns the cache folder. Rows are right-padded per batch; only the real tokens are kept.
+    """
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    vocab = int(getattr(getattr(teacher, "config", None), "vocab_size", 0) or 0)
+    if vocab and top_k > vocab:
+        raise ValueError(f"top_k={top_k} exceeds the teacher vocabulary ({vocab})")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = next(teacher.parameters()).device
+    was_training = teacher.training
+    teacher.eval()
+    n = len(dataset)
+    shards: list[dict[str, Any]] = []
+    bar = tqdm(total=n, desc="caching teacher log-probs", unit="row", disable=not show_progress)
+    try:
+        for shard_start in range(0, n, shard_size):
+            rows = [dataset[i] for i in range(shard_start, min(n, shard_start + shard_size))]
+            lps, idxs, lengths, hashes = [], [], [], []
+            for b in range(0, len(rows), batch_size):
+                batch = rows[b:b + batch_size]
+                ids = [_row_ids(r) for r in batch]
+                masks = [torch.as_tensor(r["attention_mask"]).flatten().bool()
+                         if isinstance(r, dict) and "attention_mask" in r else torch.ones(len(i), dtype=torch.bool)
+                         for r, i in zip(batch, ids)]
+                width = max(len(i) for i in ids)
+                x = torch.zeros(len(ids), width, dtype=torch.long)
+                m = torch.zeros(len(ids), width, dtype=torch.long)
+                for r, (i, mk) in enumerate(zip(ids, masks)):
+                    x[r, :len(i)] = i
+                    m[r, :len(i)] = mk.long()
+                logits = teacher(input_ids=x.to(device), attention_mask=m.to(device)).logits.float()
+                top = torch.log_softmax(logits, dim=-1).topk(top_k, dim=-1)
+                for r, i in enumerate(ids):
+                    lps.append(top.values[r, :len(i)].half().cpu())
+                    idxs.append(top.indices[r, :len(i)].to(torch.int32).cpu())
+                    lengths.append(len(i))
+                    hashes.append(input_hash(i))
+                bar.update(len(batch))
+            width = max(lengths)
+            lp = torch.zeros(len(lps), width, top_k, dtype=torch.float16)
+            ix = torch.zeros(len(lps), width, top_k, dtype=torch.int32)
+            for r, (a, b_) in enumerate(zip(lps, idxs)):
+                lp[r, :len(a)] = a
+                ix[r, :len(b_)] = b_
+            name = f"teacher-{len(shards):05d}.safetensors"
+            save_file({"logprobs": lp, "indices": ix, "lengths": torch.tensor(lengths, dtype=torch.int64),
+                       "input_hash": torch.tensor(hashes, dtype=torch.int64)}, str(out / name),
+                      metadata={"format": "pt", "top_k": str(top_k)})
+            shards.append({"file": name, "start": shard_start, "rows": len(lps)})
+    finally:
+        bar.close()
+        teacher.train(was_training)
+    index = {"format": CACHE_FORMAT, "teacher": teacher_name or getattr(getattr(teacher, "config", None),
+                                                                        "_name_or_path", None),
+             "top_k": top_k, "examples": n, "vocab_size": vocab or None, "shards": shards}
+    (out / CACHE_INDEX).write_text(json.dumps(index, indent=2))
+    logger.info("Cached top-%d teacher log-probs for %d rows in %s", top_k, n, out)
+    return out
+
+
+class TeacherCache:
+    """Read-only access to a cache folder; rows are memory-mapped from the shards on demand."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        index_file = self.folder / CACHE_INDEX
+        if not index_file.is_file():
+            raise FileNotFoundError(f"{self.folder} is not a teacher cache (no {CACHE_INDEX}); create one with "
+                                    "hf_efficiency.distill.cache_teacher_logprobs or `hf-efficiency distill "
+                                    "--cache-teacher DIR`")
+        self.index = json.loads(index_file.read_text())
+        if self.index.get("format") != CACHE_FORMAT:
+            raise ValueError(f"Unsupported teacher cache format {self.index.get('format')!r} in {self.folder}")
+        self.top_k = int(self.index["top_k"])
+        self._handles: dict[str, Any] = {}
+        self._meta: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return int(self.index["examples"])
+
+    def _shard(self, i: int) -> dict[str, Any]:
+        for s in self.index["shards"]:
+            if s["start"] <= i < s["start"] + s["rows"]:
+                return s
+        raise IndexError(f"row {i} is outside the teacher cache ({len(self)} rows)")
+
+    def _open(self, name: str):
+        if name not in self._handles:
+            h = safe_open(str(self.folder / name), framework="pt")
+            self._handles[name] = h
+            self._meta[name] = (h.get_tensor("lengths"), h.get_tensor("input_hash"))
+        return self._handles[name]
+
+    def row(self, i: int, input_ids: Sequence[int] | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logprobs [T, K] float32, indices [T, K] int64)`` of row ``i``; checks ``input_ids`` if given."""
+        s = self._shard(i)
+        h = self._open(s["file"])
+        lengths, hashes = self._meta[s["file"]]
+        r = i - s["start"]
+        length = int(lengths[r])
+        if input_ids is not None and input_hash(input_ids) != int(hashes[r]):
+            raise ValueError(f"Row {i} of the dataset does not match the teacher cache in {self.folder}: the "
+                             "cache was computed for other inputs (different data, order or tokenization)")
+        lp = h.get_slice("logprobs")[r:r + 1, :length][0].float()
+        ix = h.get_slice("indices")[r:r + 1, :length][0].long()
+        return lp, ix
+
+
+class TeacherCacheDataset(torch.utils.data.Dataset):
+    """Wraps a dataset so each row also carries its cached teacher top-k log-probs and indices."""
+
+    def __init__(self, dataset: Sequence[Any], cache: TeacherCache | str | os.PathLike):
+        self.dataset = dataset
+        self.cache = cache if isinstance(cache, TeacherCache) else TeacherCache(cache)
+        if len(self.cache) != len(dataset):
+            raise ValueError(f"The teacher cache has {len(self.cache)} rows but the dataset has {len(dataset)}; "
+                             "recompute the cache for this dataset")
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = dict(self.dataset[i])
+        lp, ix = self.cache.row(i, _row_ids(row))
+        row["teacher_topk_logprobs"] = lp
+        row["teacher_topk_indices"] = ix
+        return row
+
+
+class TeacherCacheCollator:
+    """Collates the teacher tensors (padded to the batch width, on the tokenizer's padding side) and hands
+    the rest of each row to ``base_collator``."""
+
+    def __init__(self, base_collator: Callable[[list[dict[str, Any]]], dict[str, Any]], padding_side: str = "right"):
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        self.base_collator = base_collator
+        self.padding_side = padding_side
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        if not rows or TEACHER_KEYS[0] not in rows[0]:  # e.g. evaluation rows: no teacher needed
+            return self.base_collator(rows)
+        teacher = [(r.pop("teacher_topk_logprobs"), r.pop("teacher_topk_indices")) for r in (dict(x) for x in rows)]
+        rows = [{k: v for k, v in r.items() if k not in TEACHER_KEYS} for r in rows]
+        batch = self.base_collator(rows)
+        width = batch["input_ids"].shape[1]
+        k = teacher[0][0].shape[-1]
+        lp = torch.zeros(len(rows), width, k)
+        ix = torch.zeros(len(rows), width, k, dtype=torch.long)
+        for r, (a, b) in enumerate(teacher):
+            n = min(len(a), width)
+            sl = slice(width - n, width) if self.padding_side == "left" else slice(0, n)
+            lp[r, sl] = a[:n]
+            ix[r, sl] = b[:n]
+        batch["teacher_topk_logprobs"] = lp
+        batch["teacher_topk_indices"] = ix
+        return batch

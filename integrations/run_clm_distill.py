@@ -1,0 +1,1 @@
+../hf_efficiency/distill/run_clm_distill.py
