@@ -291,6 +291,14 @@ def test_full_vocab_cache_reproduces_online_forward_kl(tmp_path):
     offline.train()
 
 
+def test_cache_rejects_bad_top_k(tmp_path):
+    teacher, _ = _pair()
+    with pytest.raises(ValueError, match="top_k must be >= 1, got 0"):
+        cache_teacher_logprobs(teacher, Rows(n=2), tmp_path / "c", top_k=0, show_progress=False)
+    with pytest.raises(ValueError, match=f"top_k=300 exceeds the teacher vocabulary \\({BYTE_VOCAB}\\)"):
+        cache_teacher_logprobs(teacher, Rows(n=2), tmp_path / "c", top_k=300, show_progress=False)
+
+
 def test_cache_rejects_other_data(tmp_path):
     teacher, _ = _pair()
     cache_teacher_logprobs(teacher, Rows(n=4), tmp_path / "c", top_k=4, show_progress=False)

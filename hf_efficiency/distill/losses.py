@@ -71,11 +71,14 @@ def reduce_tokens(per_token: Tensor, mask: Tensor, num_items_in_batch: int | Ten
         raise ValueError(f"per_token shape {tuple(per_token.shape)} != mask shape {tuple(mask.shape)}")
     per_token = per_token.float()
     total = torch.where(mask, per_token, torch.zeros_like(per_token)).sum()
+    return total / _token_count(mask, num_items_in_batch, total)
+
+
+def _token_count(mask: Tensor, num_items_in_batch: int | Tensor | None, like: Tensor) -> Tensor:
+    """The divisor of a token-level loss: ``num_items_in_batch`` if given, else the valid positions here."""
     if num_items_in_batch is None:
-        denom = mask.sum().clamp(min=1).to(total.dtype)
-    else:
-        denom = torch.as_tensor(num_items_in_batch, dtype=total.dtype, device=total.device)
-    return total / denom
+        return mask.sum().clamp(min=1).to(like.dtype)
+    return torch.as_tensor(num_items_in_batch, dtype=like.dtype, device=like.device)
 
 
 def common_vocab(student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
@@ -182,11 +185,7 @@ def _soft_target_loss(student_logits: Tensor, teacher_logits: Tensor, mask: Tens
     rows = _SoftTargetCrossEntropy.apply(student_logits[mask], teacher_logits[mask].detach(), temperature,
                                          with_entropy)
     total = (rows * temperature**2).sum()
-    if num_items_in_batch is None:
-        denom = mask.sum().clamp(min=1).to(total.dtype)
-    else:
-        denom = torch.as_tensor(num_items_in_batch, dtype=total.dtype, device=total.device)
-    return total / denom
+    return total / _token_count(mask, num_items_in_batch, total)
 
 
 def response_loss(
