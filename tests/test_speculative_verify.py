@@ -111,3 +111,73 @@ def test_sampling_verify_short_rows_take_a_target_sample():
                                     draft_lengths=lengths, generator=g)
     assert accepted.tolist() == [0] * n
     assert _chi2(nxt, p[0]) < CHI2_5DF_CRITICAL
+
+
+# ---------------------------------------------------------------- the draft-then-verify loop (batch 1)
+
+
+def _greedy_reference(model, ids, n, eos=None):
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                         eos_token_id=eos, pad_token_id=0)
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_speculative_greedy_equals_target_greedy(k):
+    from conftest import make_tiny_llama
+
+    from hf_efficiency.speculative.loop import speculative_generate
+
+    target = make_tiny_llama(seed=1, num_hidden_layers=4)
+    draft = make_tiny_llama(seed=2, num_hidden_layers=1)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        ids = torch.randint(0, 256, (1, int(torch.randint(3, 12, (1,), generator=g))), generator=g)
+        out, stats = speculative_generate(target, draft, ids, max_new_tokens=17, num_draft_tokens=k)
+        assert torch.equal(out, _greedy_reference(target, ids, 17))
+        assert stats.new_tokens == 17 and stats.target_passes <= 17
+
+
+def test_self_draft_accepts_everything_and_saves_target_passes():
+    from conftest import make_tiny_llama
+
+    from hf_efficiency.speculative.loop import speculative_generate
+
+    target = make_tiny_llama(seed=1, num_hidden_layers=2)
+    ids = torch.tensor([[72, 101, 108, 108, 111]])
+    out, stats = speculative_generate(target, target, ids, max_new_tokens=20, num_draft_tokens=4)
+    assert torch.equal(out, _greedy_reference(target, ids, 20))
+    assert stats.acceptance_rate == 1.0
+    assert stats.target_passes == 4 and stats.target_passes_per_token == pytest.approx(0.2)
+
+
+def test_speculative_stops_at_eos_and_rejects_bad_input():
+    from conftest import make_tiny_llama
+
+    from hf_efficiency.speculative.loop import speculative_generate
+
+    target = make_tiny_llama(seed=1, num_hidden_layers=2)
+    ids = torch.tensor([[72, 101, 108]])
+    ref = _greedy_reference(target, ids, 12)
+    eos = int(ref[0, ids.shape[1] + 3])  # the 4th generated token acts as eos
+    out, _ = speculative_generate(target, target, ids, max_new_tokens=12, num_draft_tokens=3, eos_token_id=eos)
+    assert torch.equal(out, _greedy_reference(target, ids, 12, eos=eos)[:, : out.shape[1]])
+    assert int(out[0, -1]) == eos and out.shape[1] <= ids.shape[1] + 4
+    with pytest.raises(ValueError, match="num_draft_tokens must be >= 1, got 0"):
+        speculative_generate(target, target, ids, max_new_tokens=4, num_draft_tokens=0)
+    with pytest.raises(ValueError, match=r"takes one row \[1, T\] so far"):
+        speculative_generate(target, target, ids.repeat(2, 1), max_new_tokens=4)
+
+
+def test_speculative_sampling_loop_runs_seeded_and_reproducible():
+    from conftest import make_tiny_llama
+
+    from hf_efficiency.speculative.loop import speculative_generate
+
+    target = make_tiny_llama(seed=1, num_hidden_layers=3)
+    draft = make_tiny_llama(seed=2, num_hidden_layers=1)
+    ids = torch.tensor([[72, 101, 108]])
+    runs = [speculative_generate(target, draft, ids, max_new_tokens=15, num_draft_tokens=3, do_sample=True,
+                                 generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert torch.equal(runs[0][0], runs[1][0]) and runs[0][0].shape[1] == ids.shape[1] + 15
+    assert runs[0][1].drafted >= runs[0][1].accepted
