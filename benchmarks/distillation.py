@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import sys
 import time
@@ -45,6 +44,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, default_data_colla
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from hf_efficiency.data import KJV_SPLITS, bundled_model_path, kjv_passages  # noqa: E402
+from hf_efficiency.evaluate import perplexity as evaluate_perplexity  # noqa: E402
 from hf_efficiency.distill import (  # noqa: E402
     DistillationTrainer,
     DistillationTrainingArguments,
@@ -94,17 +94,9 @@ def blocks(tokenizer, passages: list[str], n_rows: int, seed: int | None = None)
     return rows[:n_rows]
 
 
-@torch.no_grad()
 def perplexity(model, rows: torch.Tensor) -> float:
-    model.eval()
-    total, n = 0.0, 0
-    for i in range(0, len(rows), 8):
-        x = rows[i:i + 8]
-        out = model(input_ids=x, labels=x)
-        k = x[:, 1:].numel()
-        total += out.loss.item() * k
-        n += k
-    return math.exp(total / n)
+    """Held-out perplexity with the project's harness (each 128-token row scored alone)."""
+    return evaluate_perplexity(model, rows, batch_size=8, progress=False)["perplexity"]
 
 
 def distill_args(out: Path, steps: int, **kw) -> DistillationTrainingArguments:

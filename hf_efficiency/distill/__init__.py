@@ -34,7 +34,7 @@ _EXPORTS = {
     "check_same_vocabulary": ".trainer",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS)  # noqa: PLE0605 (built from the export table)
 
 
 def __getattr__(name: str) -> Any:

@@ -43,6 +43,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from hf_efficiency.data import KJV_SPLITS, kjv_passages, resolve_model_path
 from hf_efficiency.distill import DistillationTrainer, DistillationTrainingArguments, make_student
 from hf_efficiency.distill.teacher_cache import CACHE_INDEX, cache_teacher_logprobs
+from hf_efficiency.distill.trainer import load_teacher
 
 logger = logging.getLogger(__name__)
 
@@ -177,12 +178,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     cache_dir = training_args.teacher_cache_dir
     need_cache = bool(cache_dir) and not os.path.isfile(os.path.join(cache_dir, CACHE_INDEX))
-    teacher = None
+    teacher, teacher_tokenizer = None, None
     if teacher_path and (not cache_dir or need_cache or model_args.model_name_or_path is None):
-        kwargs = dict(training_args.teacher_model_init_kwargs or {})
-        if training_args.teacher_dtype != "auto":
-            kwargs.setdefault("dtype", _dtype(training_args.teacher_dtype))
-        teacher = AutoModelForCausalLM.from_pretrained(teacher_path, **kwargs)
+        teacher, teacher_tokenizer = load_teacher(teacher_path, training_args)
     if model_args.model_name_or_path is not None:
         student = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path,
                                                        dtype=_dtype(model_args.dtype))
@@ -215,6 +213,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         eval_dataset=eval_dataset if training_args.do_eval else None,
         processing_class=tokenizer, data_collator=default_data_collator,
         teacher_model=None if cache_dir else (teacher if teacher is not None else teacher_path),
+        teacher_processing_class=None if cache_dir else teacher_tokenizer,
     )
     metrics: dict[str, Any] = {}
     if training_args.do_train:

@@ -194,7 +194,7 @@ class TeacherCacheCollator:
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         if not rows or TEACHER_KEYS[0] not in rows[0]:  # e.g. evaluation rows: no teacher needed
             return self.base_collator(rows)
-        teacher = [(r.pop("teacher_topk_logprobs"), r.pop("teacher_topk_indices")) for r in (dict(x) for x in rows)]
+        teacher = [(r["teacher_topk_logprobs"], r["teacher_topk_indices"]) for r in rows]
         rows = [{k: v for k, v in r.items() if k not in TEACHER_KEYS} for r in rows]
         batch = self.base_collator(rows)
         width = batch["input_ids"].shape[1]
