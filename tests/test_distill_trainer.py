@@ -299,6 +299,13 @@ def test_cache_rejects_bad_top_k(tmp_path):
         cache_teacher_logprobs(teacher, Rows(n=2), tmp_path / "c", top_k=300, show_progress=False)
 
 
+def test_cache_collator_rejects_bad_padding_side():
+    from hf_efficiency.distill import TeacherCacheCollator
+
+    with pytest.raises(ValueError, match="padding_side must be 'left' or 'right', got 'middle'"):
+        TeacherCacheCollator(default_data_collator, padding_side="middle")
+
+
 def test_cache_rejects_other_data(tmp_path):
     teacher, _ = _pair()
     cache_teacher_logprobs(teacher, Rows(n=4), tmp_path / "c", top_k=4, show_progress=False)
