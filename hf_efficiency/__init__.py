@@ -14,6 +14,8 @@ from .config import (  # noqa: E402
     CalibrationSpec,
     EfficiencyConfig,
     QuantizationSpec,
+    SpeculativeConfig,
+    SpeculativeSpec,
 )
 from .memory import MemoryBreakdown, MemoryMeasurement, TrainingSetup, estimate_memory, measure_memory  # noqa: E402
 from .quant import QuantLinear, quantize_weight  # noqa: E402
@@ -45,6 +47,8 @@ __all__ = [
     "MemoryMeasurement",
     "QuantLinear",
     "QuantizationSpec",
+    "SpeculativeConfig",
+    "SpeculativeSpec",
     "TrainingSetup",
     "__version__",
     "estimate_memory",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -298,11 +299,81 @@ class ActivationSpec(Section):
         return self.mode == "static" or self.smoothquant is not None
 
 
+#: Draft names that build a draft from the target's own weights (see `SpeculativeSpec.draft`).
+DRAFT_SCHEME_PATTERN = re.compile(r"^(?:(rtn|hqq)-)?int(8|4|3|2)(?:-g(\d+))?$")
+DRAFT_DTYPES = ("bfloat16", "float16")
+EARLY_EXIT_PATTERN = re.compile(r"^early-exit:(\d+)$")
+
+
+@dataclass
+class SpeculativeSpec(Section):
+    """Speculative decoding used by ``model.generate`` (a draft proposes, the target verifies).
+
+    Args:
+        draft: where the draft comes from.
+
+            * ``"int8"``, ``"int4"``, ``"int3"``, ``"int2"``, optionally ``"hqq-int4"`` and a group
+              size ``"int4-g32"``: a weight-quantized copy of the target built from its own weights
+              (round-to-nearest or HQQ; the defaults of `QuantizationSpec` otherwise, and one scale per
+              channel for int8). Embeddings and norms are shared with the target.
+            * ``"bfloat16"`` / ``"float16"``: a half-precision copy of the target.
+            * ``"early-exit:K"``: the target's first ``K`` decoder layers, its final norm and its
+              head (no extra weights).
+            * ``"ngram"``: prompt lookup; the continuation of the latest earlier occurrence of the
+              last ``ngram_size`` (down to 1) tokens. No model at all.
+            * anything else: a path or Hub id of a smaller model sharing the target's tokenizer.
+        num_draft_tokens: tokens drafted per target forward pass (the starting value when
+            ``schedule="adaptive"``).
+        schedule: ``"adaptive"`` picks the draft length each step from the running acceptance
+            rate and the measured draft/target cost, within ``[1, max_draft_tokens]``;
+            ``"constant"`` always drafts ``num_draft_tokens`` (seeded sampling is then reproducible
+            run to run, since the draft length does not depend on timings).
+        max_draft_tokens: upper bound of the adaptive draft length.
+        ngram_size: longest n-gram matched by the ``"ngram"`` draft.
+    """
+
+    section_name: ClassVar[str] = "speculative"
+    SCHEDULES: ClassVar[tuple[str, ...]] = ("adaptive", "constant")
+
+    draft: str = "int4"
+    num_draft_tokens: int = 4
+    schedule: str = "adaptive"
+    max_draft_tokens: int = 8
+    ngram_size: int = 3
+
+    def validate(self) -> None:
+        s = self.section_name
+        if not isinstance(self.draft, str) or not self.draft.strip():
+            _fail(s, "draft", self.draft, "'int8', 'int4', 'int3', 'int2' (optionally 'hqq-' and '-gN'), "
+                  "'bfloat16', 'float16', 'early-exit:K', 'ngram', or a model path / Hub id")
+        if self.draft.startswith("early-exit"):
+            m = EARLY_EXIT_PATTERN.match(self.draft)
+            if m is None or int(m.group(1)) < 1:
+                _fail(s, "draft", self.draft, "'early-exit:K' with K >= 1 decoder layers")
+        m = DRAFT_SCHEME_PATTERN.match(self.draft)
+        if m is not None and m.group(3) is not None and not 16 <= int(m.group(3)) <= 4096:
+            _fail(s, "draft", self.draft, "a group size in [16, 4096] after '-g'")
+        if self.schedule not in self.SCHEDULES:
+            _fail(s, "schedule", self.schedule, ", ".join(self.SCHEDULES))
+        for key, low in (("num_draft_tokens", 1), ("max_draft_tokens", 1), ("ngram_size", 1)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 128:
+                _fail(s, key, value, f"an integer in [{low}, 128]")
+        if self.max_draft_tokens < self.num_draft_tokens:
+            _fail(s, "max_draft_tokens", self.max_draft_tokens,
+                  f"an integer >= num_draft_tokens ({self.num_draft_tokens})")
+
+
+#: Issue 6 names it SpeculativeConfig; both names are the same section class.
+SpeculativeConfig = SpeculativeSpec
+
+
 #: section name -> Section class. Later features register theirs with `register_section`.
 SECTIONS: dict[str, type[Section]] = {
     "quantization": QuantizationSpec,
     "calibration": CalibrationSpec,
     "activations": ActivationSpec,
+    "speculative": SpeculativeSpec,
 }
 
 

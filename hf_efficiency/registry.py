@@ -11,7 +11,10 @@
    :func:`hf_efficiency.hub.push.push_to_hub` (adds our model card);
 4. registers `StudentEnsembleConfig` / `StudentEnsemble` with ``AutoConfig`` and
    ``AutoModelForCausalLM`` (model_type ``hf_efficiency_student_ensemble``), so a saved ensemble loads
-   with ``AutoModelForCausalLM.from_pretrained``.
+   with ``AutoModelForCausalLM.from_pretrained``;
+5. wraps ``GenerationMixin.generate`` so that ``draft_model=`` / ``speculative=`` (or a saved
+   ``EfficiencyConfig(speculative=...)``) run speculative decoding as transformers'
+   ``custom_generate``; every other call reaches transformers' generate unchanged.
 """
 
 from __future__ import annotations
@@ -98,12 +101,33 @@ def _register_student_ensemble() -> None:
     AutoModelForCausalLM.register(StudentEnsembleConfig, StudentEnsemble, exist_ok=True)
 
 
+def _patch_generate() -> None:
+    from transformers.generation.utils import GenerationMixin
+
+    current = GenerationMixin.__dict__["generate"]
+    original = getattr(current, _PATCH_MARK, current)
+
+    @functools.wraps(original)
+    def generate(self, *args: Any, **kwargs: Any):
+        from .speculative.generate import GENERATE_KWARGS, prepare_generate_kwargs, wants_speculative
+
+        if wants_speculative(self, kwargs):
+            return original(self, *args, **prepare_generate_kwargs(self, args, kwargs))
+        for key in GENERATE_KWARGS:
+            kwargs.pop(key, None)  # speculative=False, draft_tokenizer without a draft
+        return original(self, *args, **kwargs)
+
+    setattr(generate, _PATCH_MARK, original)
+    GenerationMixin.generate = generate
+
+
 def register() -> None:
     """Register hf-efficiency with transformers (safe to call any number of times)."""
     _register_quantizer()
     _register_student_ensemble()
     _patch_from_pretrained()
     _patch_push_to_hub()
+    _patch_generate()
 
 
 def is_registered() -> bool:

@@ -113,7 +113,7 @@ def test_sampling_verify_short_rows_take_a_target_sample():
     assert _chi2(nxt, p[0]) < CHI2_5DF_CRITICAL
 
 
-# ---------------------------------------------------------------- the draft-then-verify loop (batch 1)
+# ---------------------------------------------------------------- the draft-then-verify loop
 
 
 def _greedy_reference(model, ids, n, eos=None):
@@ -163,10 +163,12 @@ def test_speculative_stops_at_eos_and_rejects_bad_input():
     out, _ = speculative_generate(target, target, ids, max_new_tokens=12, num_draft_tokens=3, eos_token_id=eos)
     assert torch.equal(out, _greedy_reference(target, ids, 12, eos=eos)[:, : out.shape[1]])
     assert int(out[0, -1]) == eos and out.shape[1] <= ids.shape[1] + 4
-    with pytest.raises(ValueError, match="num_draft_tokens must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="num_draft_tokens must be an integer >= 1, got 0"):
         speculative_generate(target, target, ids, max_new_tokens=4, num_draft_tokens=0)
-    with pytest.raises(ValueError, match=r"takes one row \[1, T\] so far"):
-        speculative_generate(target, target, ids.repeat(2, 1), max_new_tokens=4)
+    with pytest.raises(ValueError, match="right-padded .* padding_side='left'"):
+        speculative_generate(target, target, ids.repeat(2, 1), torch.tensor([[1, 1, 1], [1, 1, 0]]), max_new_tokens=4)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
+        speculative_generate(target, target, ids, max_new_tokens=0)
 
 
 def test_speculative_sampling_loop_runs_seeded_and_reproducible():

@@ -17,6 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, T
 from transformers.utils import logging
 
 from ..data import resolve_model_path
+from ..vocab import check_same_vocabulary as same_vocabulary
+from ..vocab import tokenizer_of as _tokenizer_of
 from .arguments import DistillationTrainingArguments
 from .losses import (
     attention_map_loss,
@@ -38,27 +40,12 @@ logger = logging.get_logger(__name__)
 _TEACHER_INPUTS = ("input_ids", "attention_mask", "position_ids", "inputs_embeds")
 
 
-def _tokenizer_of(processing_class: Any) -> Any:
-    return getattr(processing_class, "tokenizer", processing_class)
-
-
 def check_same_vocabulary(student_tokenizer: Any, teacher_tokenizer: Any) -> None:
     """Raise ``ValueError`` when two tokenizers map tokens to different ids (logit distillation compares
     distributions position by position over one shared vocabulary)."""
-    s, t = _tokenizer_of(student_tokenizer), _tokenizer_of(teacher_tokenizer)
-    if s is None or t is None:
-        return
-    sv, tv = s.get_vocab(), t.get_vocab()
-    if sv == tv:
-        return
-    differ = [tok for tok in sv.keys() & tv.keys() if sv[tok] != tv[tok]]
-    only_s, only_t = len(sv.keys() - tv.keys()), len(tv.keys() - sv.keys())
-    raise ValueError(
-        f"The student and teacher tokenizers differ: {len(differ)} shared tokens have different ids, "
-        f"{only_s} tokens exist only in the student's and {only_t} only in the teacher's vocabulary "
-        f"(e.g. {sorted(differ)[:3] or sorted(sv.keys() ^ tv.keys())[:3]}). Logit distillation needs one "
-        "vocabulary: use a teacher and student from the same family, or pass teacher_processing_class=None "
-        "if the ids are known to agree.")
+    same_vocabulary(student_tokenizer, teacher_tokenizer, names=("student", "teacher"),
+                    hint="Logit distillation needs one vocabulary: use a teacher and student from the same "
+                         "family, or pass teacher_processing_class=None if the ids are known to agree.")
 
 
 def load_teacher(teacher: Any, args: DistillationTrainingArguments) -> tuple[nn.Module | None, Any]:

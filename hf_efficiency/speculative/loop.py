@@ -1,109 +1,294 @@
-"""The draft-then-verify loop over two causal LMs with KV caches (batch 1 so far; issue 6 in progress).
+"""The batched draft-then-verify loop.
 
-Invariant between steps: ``seq`` holds every token so far; both caches hold the keys/values of
-``seq[:-1]`` at most, so each step feeds only the tokens a model has not seen. After verification both
-caches are cropped back to ``len(seq) - 1`` positions, which drops the rejected draft tokens.
+Each step: the draft proposes up to ``k`` tokens per row; the target scores every row's unseen slots
+plus the proposals in one forward pass; each row keeps its longest accepted prefix plus one target
+token (`verify.py`). Rows advance by different amounts; the slot layout of `slots.py` keeps one KV
+cache per model for the whole batch, so every row computes what it would compute alone.
+
+Invariant between steps: both caches hold at most ``slots.length - 1`` slots (the last emitted token
+is fed at the next step). After verification both are cropped to the longest accepted prefix of the
+step; shorter rows mask their rejected slots.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers.cache_utils import DynamicCache
 
+from ..config import SpeculativeSpec
+from .drafts import Drafter, build_drafter
+from .slots import Slots, crop_cache, forward_slots
 from .verify import greedy_verify, sampling_verify
+from .warp import row_warp
 
 
 @dataclass
 class SpeculativeStats:
-    """Counters of one generation: drafted/accepted tokens and target forward passes."""
+    """What one speculative generation did.
+
+    ``target_passes_per_token`` counts, per row, the target forward passes made while the row was
+    generating over the tokens it emitted (batch 1: passes / new tokens); plain decoding is 1.0.
+    """
 
     drafted: int = 0
     accepted: int = 0
     target_passes: int = 0
+    row_passes: int = 0
     new_tokens: int = 0
-    accepted_per_step: list[int] = field(default_factory=list)
+    rows: int = 0
+    draft_seconds: float = 0.0
+    target_seconds: float = 0.0
+    seconds: float = 0.0
+    draft_lengths: list[int] = field(default_factory=list)
+    accepted_per_step: list[float] = field(default_factory=list)
 
     @property
     def acceptance_rate(self) -> float:
+        """Accepted over drafted tokens."""
         return self.accepted / self.drafted if self.drafted else 0.0
 
     @property
+    def mean_accepted_per_step(self) -> float:
+        """Drafted tokens a row keeps per target pass (the emitted tokens per pass are this plus one)."""
+        return self.accepted / self.row_passes if self.row_passes else 0.0
+
+    @property
     def target_passes_per_token(self) -> float:
-        return self.target_passes / self.new_tokens if self.new_tokens else 0.0
+        return self.row_passes / self.new_tokens if self.new_tokens else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "new_tokens": self.new_tokens, "rows": self.rows, "target_passes": self.target_passes,
+            "drafted": self.drafted, "accepted": self.accepted,
+            "acceptance_rate": round(self.acceptance_rate, 4),
+            "mean_accepted_per_step": round(self.mean_accepted_per_step, 4),
+            "target_passes_per_token": round(self.target_passes_per_token, 4),
+            "seconds": round(self.seconds, 4), "draft_seconds": round(self.draft_seconds, 4),
+            "target_seconds": round(self.target_seconds, 4), "tokens_per_second": round(self.tokens_per_second, 3),
+            "mean_draft_length": round(sum(self.draft_lengths) / len(self.draft_lengths), 3)
+            if self.draft_lengths else 0.0,
+        }
 
 
-def _feed(model: nn.Module, tokens: Tensor, cache: DynamicCache) -> Tensor:
-    """Run ``tokens`` [1, n] after what ``cache`` holds; the logits [1, n, V]."""
-    past = cache.get_seq_length()
-    positions = torch.arange(past, past + tokens.shape[1], device=tokens.device)[None]
-    return model(input_ids=tokens, cache=cache, use_cache=True, position_ids=positions).logits
+class DraftLength:
+    """The number of tokens to draft next.
+
+    ``"adaptive"``: keeps a decayed estimate of the per-token acceptance probability ``a`` (accepted
+    tokens over accepted tokens plus rejections, the estimate of a geometric run length) and of the
+    cost ratio ``r`` = one drafted token's time over one target pass's time, then picks the ``k`` in
+    ``[1, max_draft_tokens]`` maximizing expected emitted tokens per unit of time,
+    ``(1 - a^(k+1)) / (1 - a) / (1 + r k)``.
+    """
+
+    def __init__(self, spec: SpeculativeSpec, decay: float = 0.8) -> None:
+        self.k = spec.num_draft_tokens
+        self.k_max = spec.max_draft_tokens
+        self.adaptive = spec.schedule == "adaptive"
+        self.decay = decay
+        self.accepted = 0.0
+        self.rejections = 0.0
+        self.ratio: float | None = None
+
+    def update(self, accepted: Tensor, offered: Tensor, draft_seconds: float, target_seconds: float,
+               drafted: int) -> None:
+        if not self.adaptive or drafted == 0:
+            return
+        self.accepted = self.decay * self.accepted + float(accepted.sum())
+        self.rejections = self.decay * self.rejections + float((accepted < offered).sum())
+        r = (draft_seconds / drafted) / max(target_seconds, 1e-9)
+        self.ratio = r if self.ratio is None else self.decay * self.ratio + (1 - self.decay) * r
+        a = min(self.accepted / max(self.accepted + self.rejections, 1e-9), 0.995)
+
+        def rate(k: int) -> float:
+            return (1 - a ** (k + 1)) / (1 - a) / (1 + self.ratio * k)
+
+        self.k = max(range(1, self.k_max + 1), key=rate)
 
 
-def _crop_to(cache: DynamicCache, length: int) -> None:
-    """Drop cached positions beyond ``length`` (transformers 5 crops by a negative count)."""
-    extra = cache.get_seq_length() - length
-    if extra > 0:
-        cache.crop(-extra)
+def _eos_list(eos_token_id: int | Iterable[int] | Tensor | None) -> list[int]:
+    if eos_token_id is None:
+        return []
+    if isinstance(eos_token_id, Tensor):
+        return [int(t) for t in eos_token_id.flatten().tolist()]
+    if isinstance(eos_token_id, int):
+        return [eos_token_id]
+    return [int(t) for t in eos_token_id]
+
+
+def _user_criteria(stopping_criteria) -> list:
+    """Stopping criteria other than max length and eos (which the loop applies itself, exactly)."""
+    from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
+
+    return [c for c in (stopping_criteria or []) if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))]
+
+
+def _stop_index(emitted: Tensor, prefix: Tensor, eos: list[int], criteria: list) -> int | None:
+    """Index of the first emitted token after which the row stops (eos, or a user criterion)."""
+    for i in range(emitted.numel()):
+        if int(emitted[i]) in eos:
+            return i
+        if criteria:
+            ids = torch.cat([prefix, emitted[: i + 1]])[None]
+            if any(bool(c(ids, None).any()) for c in criteria):
+                return i
+    return None
+
+
+def _check_inputs(input_ids: Tensor, attention_mask: Tensor | None, max_new_tokens: int) -> Tensor:
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [batch, length] with length >= 1, got {tuple(input_ids.shape)}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if attention_mask is None:
+        return torch.ones_like(input_ids, dtype=torch.bool)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+    mask = attention_mask.bool()
+    if not bool(mask.any(dim=1).all()):
+        raise ValueError("a row of attention_mask is all zeros: every prompt needs at least one token")
+    if not bool(mask[:, -1].all()):
+        raise ValueError("the prompts are right-padded (attention_mask ends in 0 on some row); speculative decoding "
+                         "appends after the last slot: tokenize with padding_side='left'")
+    return mask
 
 
 @torch.no_grad()
-def speculative_generate(target: nn.Module, draft: nn.Module, input_ids: Tensor, *, max_new_tokens: int,
-                         num_draft_tokens: int = 4, do_sample: bool = False,
-                         eos_token_id: int | None = None,
-                         generator: torch.Generator | None = None) -> tuple[Tensor, SpeculativeStats]:
-    """Generate up to ``max_new_tokens`` after ``input_ids`` [1, T] with ``draft`` proposing
-    ``num_draft_tokens`` tokens per target pass. Greedy output equals the target's own greedy output;
-    sampled output follows the target's distribution (temperature 1, no warping yet)."""
-    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-        raise ValueError(f"speculative_generate takes one row [1, T] so far, got {tuple(input_ids.shape)}")
-    if num_draft_tokens < 1:
-        raise ValueError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    seq = input_ids
-    prompt_len = input_ids.shape[1]
-    t_cache, d_cache = DynamicCache(), DynamicCache()
-    stats = SpeculativeStats()
-    while seq.shape[1] - prompt_len < max_new_tokens:
-        k = min(num_draft_tokens, max_new_tokens - (seq.shape[1] - prompt_len) - 1)
-        drafted, q_rows = [], []
+def speculative_generate(target: nn.Module, draft: str | nn.Module | Drafter, input_ids: Tensor,
+                         attention_mask: Tensor | None = None, *, max_new_tokens: int,
+                         spec: SpeculativeSpec | None = None, num_draft_tokens: int | None = None,
+                         do_sample: bool = False, eos_token_id: int | Iterable[int] | Tensor | None = None,
+                         pad_token_id: int | None = None, logits_processor=None, stopping_criteria=None,
+                         generator: torch.Generator | None = None, streamer=None, tokenizer=None,
+                         draft_tokenizer=None) -> tuple[Tensor, SpeculativeStats]:
+    """Generate up to ``max_new_tokens`` per row after ``input_ids [B, T]`` (left-padded, with
+    ``attention_mask``) with ``draft`` proposing and ``target`` verifying.
+
+    Greedy output equals the target's own greedy output row by row; sampled output follows the
+    target's (warped) distribution. Returns ``[B, T + N]`` sequences (rows that stop early are padded
+    with ``pad_token_id``) and the `SpeculativeStats`.
+    """
+    spec = spec or SpeculativeSpec()
+    if num_draft_tokens is not None:
+        if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
+            raise ValueError(f"num_draft_tokens must be an integer >= 1, got {num_draft_tokens!r}")
+        spec = SpeculativeSpec(**{**spec.to_dict(), "num_draft_tokens": num_draft_tokens,
+                                  "max_draft_tokens": max(spec.max_draft_tokens, num_draft_tokens)})
+    mask = _check_inputs(input_ids, attention_mask, max_new_tokens)
+    drafter = build_drafter(target, draft, spec, tokenizer=tokenizer, draft_tokenizer=draft_tokenizer)
+    eos = _eos_list(eos_token_id)
+    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    warp = row_warp(logits_processor)
+    criteria = _user_criteria(stopping_criteria)
+
+    from transformers.cache_utils import DynamicCache
+
+    start = time.perf_counter()
+    b, device = input_ids.shape[0], input_ids.device
+    slots = Slots(input_ids, mask)
+    t_cache = DynamicCache(config=getattr(target, "config", None))
+    drafter.reset()
+    control = DraftLength(spec)
+    active = torch.ones(b, dtype=torch.bool, device=device)
+    generated = torch.zeros(b, dtype=torch.long, device=device)
+    emitted_rows: list[list[int]] = [[] for _ in range(b)]
+    stats = SpeculativeStats(rows=b)
+    if streamer is not None:
+        if b != 1:
+            raise ValueError("streamer= supports batch size 1 (as in transformers)")
+        streamer.put(input_ids.cpu())
+
+    while bool(active.any()):
+        t0 = time.perf_counter()
+        limit = torch.where(active, (max_new_tokens - generated - 1).clamp(min=0), 0).clamp(max=control.k)
+        k = int(limit.max())
+        offered = torch.zeros(b, dtype=torch.long, device=device)
+        draft_tokens, q_probs = input_ids.new_zeros(b, 0), None
         if k > 0:
-            logits = _feed(draft, seq[:, d_cache.get_seq_length():], d_cache)[:, -1]
-            for i in range(k):
-                if do_sample:
-                    q = torch.softmax(logits.float(), -1)
-                    tok = torch.multinomial(q, 1, generator=generator)
-                    q_rows.append(q)
-                else:
-                    tok = logits.argmax(-1, keepdim=True)
-                drafted.append(tok)
-                if i + 1 < k:
-                    logits = _feed(draft, tok, d_cache)[:, -1]
-        draft_tokens = torch.cat(drafted, dim=1) if drafted else seq.new_zeros(1, 0)
-        # target: the unseen tail of seq plus the draft; the last k + 1 positions are the ones to verify
-        t_logits = _feed(target, torch.cat([seq[:, t_cache.get_seq_length():], draft_tokens], dim=1), t_cache)
-        t_logits = t_logits[:, -(k + 1):]
-        stats.target_passes += 1
+            proposal = drafter.propose(slots, k, warp=warp, do_sample=do_sample, generator=generator)
+            offered = torch.minimum(proposal.lengths, limit)
+            k = int(offered.max())
+            draft_tokens = proposal.tokens[:, :k]
+            q_probs = None if proposal.probs is None else proposal.probs[:, :k]
+        t1 = time.perf_counter()
+
+        past = t_cache.get_seq_length()
+        ext_mask = torch.cat([slots.mask, slots.mask.new_ones(b, k)], dim=1)
+        new_slots = torch.cat([slots.ids[:, past:], draft_tokens], dim=1)
+        logits = forward_slots(target, t_cache, new_slots, ext_mask, keep=k + 1)
+        if warp is not None:
+            rows = slots.rows() if warp.per_row else []
+            logits = torch.stack([warp(logits[:, i], lambda i=i: [torch.cat([p, draft_tokens[r, :i]])
+                                                                  for r, p in enumerate(rows)])
+                                  for i in range(k + 1)], dim=1)
         if do_sample:
-            q_probs = torch.stack(q_rows, dim=1) if q_rows else t_logits.new_zeros(1, 0, t_logits.shape[-1])
-            accepted, nxt = sampling_verify(draft_tokens, q_probs, torch.softmax(t_logits.float(), -1),
-                                            generator=generator)
+            if q_probs is None:
+                q_probs = logits.new_zeros(b, k, logits.shape[-1])
+            accepted, nxt = sampling_verify(draft_tokens, q_probs, torch.softmax(logits, dim=-1), offered, generator)
         else:
-            accepted, nxt = greedy_verify(draft_tokens, t_logits)
-        n = int(accepted[0])
-        stats.drafted += k
-        stats.accepted += n
-        stats.accepted_per_step.append(n)
-        new = torch.cat([draft_tokens[:, :n], nxt[:, None]], dim=1)
-        if eos_token_id is not None and bool((new == eos_token_id).any()):
-            new = new[:, : int((new[0] == eos_token_id).nonzero()[0]) + 1]
-            seq = torch.cat([seq, new], dim=1)
-            break
-        seq = torch.cat([seq, new], dim=1)
-        _crop_to(t_cache, seq.shape[1] - 1)
-        _crop_to(d_cache, seq.shape[1] - 1)
-    stats.new_tokens = seq.shape[1] - prompt_len
-    return seq, stats
+            accepted, nxt = greedy_verify(draft_tokens, logits, offered)
+        t2 = time.perf_counter()
+
+        accepted = torch.where(active, accepted, 0)
+        n_max = int(accepted.max())
+        length = slots.length
+        new_ids = torch.cat([draft_tokens[:, :n_max], nxt[:, None]], dim=1)
+        col = torch.arange(n_max + 1, device=device)[None]
+        new_mask = ((col < accepted[:, None]) | (col == n_max)) & active[:, None]
+        was_active = active.clone()
+        for r in torch.nonzero(active).flatten().tolist():
+            n = int(accepted[r])
+            emitted = torch.cat([draft_tokens[r, :n], nxt[r:r + 1]])
+            cut = _stop_index(emitted, slots.row(r), eos, criteria) if (eos or criteria) else None
+            if cut is not None:
+                emitted = emitted[: cut + 1]
+                active[r] = False
+                if cut < n:  # stopped inside the accepted draft: mask what follows
+                    new_mask[r, cut + 1:] = False
+            emitted_rows[r].extend(emitted.tolist())
+            generated[r] += emitted.numel()
+            if int(generated[r]) >= max_new_tokens:
+                active[r] = False
+            if streamer is not None:
+                streamer.put(emitted.cpu())
+        slots.append(new_ids, new_mask)
+        crop_cache(t_cache, length + n_max)
+        drafter.rollback(length + n_max)
+
+        stats.target_passes += 1
+        stats.row_passes += int(was_active.sum())
+        stats.drafted += int(offered.sum())
+        stats.accepted += int(accepted.sum())
+        stats.draft_lengths.append(k)
+        stats.accepted_per_step.append(float(accepted[was_active].float().mean()))
+        stats.draft_seconds += t1 - t0
+        stats.target_seconds += t2 - t1
+        control.update(accepted[was_active], offered[was_active], t1 - t0, t2 - t1, k)
+
+    if streamer is not None:
+        streamer.end()
+    width = max(len(e) for e in emitted_rows)
+    out = input_ids.new_full((b, width), pad)
+    for r, e in enumerate(emitted_rows):
+        out[r, : len(e)] = torch.tensor(e, dtype=input_ids.dtype, device=device)
+    stats.new_tokens = sum(len(e) for e in emitted_rows)
+    stats.seconds = time.perf_counter() - start
+    return torch.cat([input_ids, out], dim=1), stats
+
+
+def expected_tokens_per_pass(acceptance: float, k: int) -> float:
+    """Expected emitted tokens per target pass for i.i.d. per-token acceptance ``acceptance``."""
+    if acceptance >= 1:
+        return float(k + 1)
+    return (1 - acceptance ** (k + 1)) / (1 - acceptance)
+
+
+__all__ = ["DraftLength", "SpeculativeStats", "expected_tokens_per_pass", "speculative_generate"]

@@ -1,0 +1,62 @@
+"""The token layout shared by the target and a model draft during batched speculative decoding.
+
+Rows accept different numbers of drafted tokens per step. Instead of shifting every row's cache,
+all rows share one slot axis: ``ids [B, L]`` with ``mask [B, L]`` marking each row's real tokens.
+A row that accepted fewer tokens than the longest row of a step keeps its rejected slots as masked
+holes; positions come from the mask (``cumsum - 1``), so every row computes exactly what it would
+alone. Both models' KV caches are indexed by slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+def positions_of(mask: Tensor) -> Tensor:
+    """Position id of every slot: the number of real tokens before it in its row."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@dataclass
+class Slots:
+    """Every row's tokens so far: ``ids [B, L]`` and ``mask [B, L]`` (True = a real token)."""
+
+    ids: Tensor
+    mask: Tensor
+
+    @property
+    def length(self) -> int:
+        return self.ids.shape[1]
+
+    def row(self, b: int) -> Tensor:
+        """Row ``b``'s real tokens, in order (1-D)."""
+        return self.ids[b][self.mask[b]]
+
+    def rows(self) -> list[Tensor]:
+        return [self.row(b) for b in range(self.ids.shape[0])]
+
+    def append(self, ids: Tensor, mask: Tensor) -> None:
+        self.ids = torch.cat([self.ids, ids], dim=1)
+        self.mask = torch.cat([self.mask, mask], dim=1)
+
+
+def forward_slots(model: nn.Module, cache, ids: Tensor, mask: Tensor, keep: int) -> Tensor:
+    """Run the slots after what ``cache`` holds: ``ids`` are the new slots' tokens, ``mask`` the mask of
+    all slots including them. Returns the float logits of the last ``keep`` slots ``[B, keep, V]``."""
+    past = cache.get_seq_length()
+    if past + ids.shape[1] != mask.shape[1]:
+        raise RuntimeError(f"slot bookkeeping broke: cache {past} + new {ids.shape[1]} != mask {mask.shape[1]}")
+    positions = positions_of(mask)[:, past:]
+    out = model(input_ids=ids, attention_mask=mask.long(), position_ids=positions, cache=cache,
+                use_cache=True, logits_to_keep=keep)
+    return out.logits[:, -keep:].float()
+
+
+def crop_cache(cache, length: int) -> None:
+    """Drop cached slots beyond ``length`` (transformers 5 crops by a negative count)."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
