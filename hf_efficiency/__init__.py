@@ -1,8 +1,9 @@
 """hf-efficiency: LLM efficiency methods as a Hugging Face transformers plugin.
 
 ``import hf_efficiency`` registers the plugin with transformers (idempotent): the
-``quant_method="hf_efficiency"`` quantizer and the ``efficiency_config=`` keyword of every
-``from_pretrained``.
+``quant_method="hf_efficiency"`` quantizer, the ``efficiency_config=`` keyword of every
+``from_pretrained``, and the ``draft_model=`` / ``speculative=`` keywords of ``generate`` (speculative
+decoding, `hf_efficiency.speculative`).
 """
 
 __version__ = "0.1.0"

@@ -314,8 +314,9 @@ class SpeculativeSpec(Section):
 
             * ``"int8"``, ``"int4"``, ``"int3"``, ``"int2"``, optionally ``"hqq-int4"`` and a group
               size ``"int4-g32"``: a weight-quantized copy of the target built from its own weights
-              (round-to-nearest or HQQ; the defaults of `QuantizationSpec` otherwise, and one scale per
-              channel for int8). Embeddings and norms are shared with the target.
+              (round-to-nearest or HQQ; one symmetric scale per channel for int8, groups of 32 for
+              the lower widths unless ``-gN`` says otherwise; the head stays in float). Embeddings and
+              norms are shared with the target.
             * ``"bfloat16"`` / ``"float16"``: a half-precision copy of the target.
             * ``"early-exit:K"``: the target's first ``K`` decoder layers, its final norm and its
               head (no extra weights).

@@ -166,3 +166,27 @@ def test_quantize_w8a8_arguments_and_errors(model_dir, tmp_path, capsys):
     assert code == 2 and "--module-bits 'down_proj': expected PATTERN=BITS" in capsys.readouterr().err
     code = main(["quantize", str(model_dir), "--bits", "4", "--activations", "dynamic", "--out", str(tmp_path / "bad")])
     assert code == 2 and "activations (W8A8) needs quantization=" in capsys.readouterr().err
+
+
+def test_generate_reports_speculative_stats_and_compares_with_plain(model_dir, capsys):
+    argv = ["generate", str(model_dir), "--draft", "early-exit:1", "--prompt", "In the beginning",
+            "--prompt", "And God said", "--max-new-tokens", "12", "--num-draft-tokens", "3", "--schedule", "constant",
+            "--compare", "--json"]
+    assert main(argv) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["identical_to_plain"] is True and len(r["outputs"]) == 2
+    s = r["stats"]
+    assert s["rows"] == 2 and s["new_tokens"] == 24 and s["mean_draft_length"] <= 3
+    assert 0 < s["target_passes_per_token"] <= 1 and r["speedup"] > 0
+    assert main(["generate", str(model_dir), "--draft", "ngram", "--prompt", "abcabcabc", "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "draft ngram: acceptance" in out and "target passes per token" in out
+
+
+def test_generate_bad_arguments(model_dir, capsys):
+    assert main(["generate", str(model_dir), "--draft", "early-exit:x"]) == 2
+    assert "speculative.draft='early-exit:x' is not allowed" in capsys.readouterr().err
+    assert main(["generate", str(model_dir), "--max-new-tokens", "0"]) == 2
+    assert "--max-new-tokens must be >= 1" in capsys.readouterr().err
+    assert main(["generate", str(model_dir), "--draft", "early-exit:9"]) == 2
+    assert "early-exit:9 needs 1 <= K < 2" in capsys.readouterr().err

@@ -177,3 +177,33 @@ def test_distillation_on_real_model_recovers_a_pruned_student_faster_than_labels
     assert torch.equal(teacher.model.layers[5].mlp.down_proj.weight, t_before)
     assert ppl["labels"] < ppl["init"] / 100, ppl
     assert ppl["kd"] < ppl["labels"], ppl
+
+
+def test_speculative_greedy_identity_on_smollm2_every_draft_kind(bundled):
+    """Greedy identity on the real model, batch 1 and a left-padded batch of 3, for each draft kind
+    (benchmarks/speculative.py runs the 20-prompt version with timings)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_efficiency.data import KJV_SPLITS, kjv_passages
+
+    path, _, _ = bundled
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    lo, _ = KJV_SPLITS["evaluation"]
+    prompts = [tok(p, return_tensors="pt").input_ids[0, :n] for p, n in zip(kjv_passages()[lo:lo + 3], (20, 28, 36))]
+    greedy = {"max_new_tokens": 16, "min_new_tokens": 16, "do_sample": False}
+    refs = [model.generate(p[None], **greedy)[0, p.numel():] for p in prompts]
+    width = max(p.numel() for p in prompts)
+    ids = torch.full((3, width), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - p.numel():], mask[i, width - p.numel():] = p, 1
+    for draft in ("int4", "bfloat16", "early-exit:20", "ngram"):
+        for p, ref in zip(prompts, refs):
+            out = model.generate(p[None], draft_model=draft, **greedy)
+            assert torch.equal(out[0, p.numel():], ref), draft
+        out = model.generate(ids, attention_mask=mask, draft_model=draft, **greedy)
+        for r in range(3):
+            assert torch.equal(out[r, width:], refs[r]), (draft, r)
+        if draft == "bfloat16":  # benchmarks/speculative.py: 97 % acceptance, 0.13 passes per token
+            assert model.last_speculative_stats.target_passes_per_token <= 0.6

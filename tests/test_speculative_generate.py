@@ -188,6 +188,10 @@ def test_saved_speculative_config_drives_plain_generate(tmp_path, target):
     loaded.__dict__.pop("last_speculative_stats")
     plain = loaded.generate(ids, max_new_tokens=N_NEW, do_sample=False, speculative=False)
     assert torch.equal(plain, out.sequences) and "last_speculative_stats" not in loaded.__dict__
+    beams = loaded.generate(ids, max_new_tokens=4, num_beams=2, do_sample=False)  # the saved spec steps aside
+    assert beams.shape == (1, ids.shape[1] + 4) and "last_speculative_stats" not in loaded.__dict__
+    with pytest.raises(ValueError, match="does not do beam search"):  # asked for explicitly: refused
+        loaded.generate(ids, max_new_tokens=4, num_beams=2, speculative=True)
 
 
 def test_streamer_receives_prompt_then_every_token(target):
@@ -246,27 +250,31 @@ def test_different_tokenizers_are_refused(byte_tokenizer, target, separate_draft
 def test_adaptive_draft_length_follows_acceptance_and_cost():
     spec = SpeculativeConfig(num_draft_tokens=4, max_draft_tokens=8)
     free = DraftLength(spec)
-    free.update(torch.tensor([4]), torch.tensor([4]), draft_seconds=0.0, target_seconds=1.0, drafted=4)
+    free.update([4], [4], draft_seconds=0.0, target_seconds=1.0, drafted=4)
     assert free.k == 8  # all accepted and drafting is free: draft the most
     costly = DraftLength(spec)
     for _ in range(5):  # half the drafted tokens rejected, a drafted token costs as much as a target pass
-        costly.update(torch.tensor([1]), torch.tensor([2]), draft_seconds=2.0, target_seconds=1.0, drafted=2)
+        costly.update([1], [2], draft_seconds=2.0, target_seconds=1.0, drafted=2)
     assert costly.k == 1
     middle = DraftLength(spec)
     for _ in range(5):  # a = 0.8, r = 0.1: (1 - a^(k+1)) / (1 - a) / (1 + 0.1 k) peaks at k = 6 (2.47)
-        middle.update(torch.tensor([4]), torch.tensor([5]), draft_seconds=0.5, target_seconds=1.0, drafted=5)
+        middle.update([4], [5], draft_seconds=0.5, target_seconds=1.0, drafted=5)
     assert middle.k == 6
     const = DraftLength(SpeculativeConfig(num_draft_tokens=3, schedule="constant"))
-    const.update(torch.tensor([0]), torch.tensor([3]), 9.0, 1.0, 3)
+    const.update([0], [3], 9.0, 1.0, 3)
     assert const.k == 3
 
 
-def test_ngram_lookup_takes_the_latest_match():
+def test_ngram_lookup_prefers_the_latest_full_match():
     d = NgramDrafter(vocab_size=10, max_ngram=2)
-    row = torch.tensor([1, 2, 3, 4, 1, 2, 5, 6, 1, 2])
-    assert d.continuation(row, 3).tolist() == [5, 6, 1]  # the later "1 2" wins
-    assert d.continuation(torch.tensor([7, 8, 9]), 3).tolist() == []
-    assert d.continuation(torch.tensor([4, 9, 4]), 2).tolist() == [9, 4]  # falls back to a 1-gram
+    row = [1, 2, 3, 4, 1, 2, 5, 6, 1, 2]
+    assert d.continuation(row, 3) == [5, 6, 1]  # the later "1 2" wins
+    assert d.continuation([7, 8, 9], 3) == []
+    assert d.continuation([4, 9, 4], 2) == [9, 4]  # falls back to a 1-gram
+    assert d.continuation([5, 5, 5], 4) == [5]  # the match must have a token after it
+    assert d.continuation([7, 1, 2, 3, 1, 2], 2) == [3, 1]
+    loop = [9] * 10
+    assert d.continuation(loop, 4) == [9, 9, 9, 9]  # inside a loop: not the overlapping last match
 
 
 def test_built_drafts_share_the_targets_tensors(target):
@@ -284,4 +292,6 @@ def test_built_drafts_share_the_targets_tensors(target):
     assert isinstance(target.model.layers[0].mlp.up_proj, torch.nn.Linear)
     assert torch.equal(target.model.layers[0].mlp.up_proj.weight, before)
     assert q.model.embed_tokens.weight is target.model.embed_tokens.weight
-    assert draft_quantization("int8").group_size is None and draft_quantization("hqq-int3-g64").method == "hqq"
+    assert draft_quantization("int8").group_size is None and draft_quantization("int8").symmetric
+    assert draft_quantization("int4").group_size == 32 and draft_quantization("int4-g128").group_size == 128
+    assert draft_quantization("hqq-int3-g64").method == "hqq" and draft_quantization("hqq-int3-g64").bits == 3

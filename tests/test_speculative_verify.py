@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hf_efficiency.config import SpeculativeSpec
 from hf_efficiency.speculative.verify import greedy_verify, sampling_verify
 
 # chi-square critical value for 5 degrees of freedom at alpha = 1e-3
@@ -145,7 +146,8 @@ def test_self_draft_accepts_everything_and_saves_target_passes():
 
     target = make_tiny_llama(seed=1, num_hidden_layers=2)
     ids = torch.tensor([[72, 101, 108, 108, 111]])
-    out, stats = speculative_generate(target, target, ids, max_new_tokens=20, num_draft_tokens=4)
+    out, stats = speculative_generate(target, target, ids, max_new_tokens=20, num_draft_tokens=4,
+                                      spec=SpeculativeSpec(schedule="constant"))
     assert torch.equal(out, _greedy_reference(target, ids, 20))
     assert stats.acceptance_rate == 1.0
     assert stats.target_passes == 4 and stats.target_passes_per_token == pytest.approx(0.2)
@@ -180,6 +182,7 @@ def test_speculative_sampling_loop_runs_seeded_and_reproducible():
     draft = make_tiny_llama(seed=2, num_hidden_layers=1)
     ids = torch.tensor([[72, 101, 108]])
     runs = [speculative_generate(target, draft, ids, max_new_tokens=15, num_draft_tokens=3, do_sample=True,
+                                 spec=SpeculativeSpec(schedule="constant"),  # draft length free of timings
                                  generator=torch.Generator().manual_seed(7)) for _ in range(2)]
     assert torch.equal(runs[0][0], runs[1][0]) and runs[0][0].shape[1] == ids.shape[1] + 15
     assert runs[0][1].drafted >= runs[0][1].accepted

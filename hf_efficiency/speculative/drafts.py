@@ -109,31 +109,39 @@ class ModelDrafter(Drafter):
 
 
 class NgramDrafter(Drafter):
-    """Prompt lookup: find the latest earlier occurrence of the row's last ``n`` tokens (``n`` from
-    ``max_ngram`` down to 1) and propose the tokens that followed it. Rows without a match offer none."""
+    """Prompt lookup: find an earlier occurrence of the row's last ``n`` tokens (``n`` from ``max_ngram``
+    down to 1) and propose the tokens that followed it. Rows without a match offer none."""
 
     def __init__(self, vocab_size: int, max_ngram: int = 3) -> None:
         self.vocab_size = vocab_size
         self.max_ngram = max_ngram
 
-    def continuation(self, row: Tensor, k: int) -> Tensor:
-        """Up to ``k`` tokens following the latest earlier match of ``row``'s last n-gram."""
-        for n in range(min(self.max_ngram, row.numel() - 1), 0, -1):
-            windows = row[:-1].unfold(0, n, 1)  # every n-gram that has a token after it
-            hits = (windows == row[-n:]).all(dim=-1).nonzero()
-            if hits.numel():
-                start = int(hits[-1]) + n
-                return row[start:start + k]
-        return row[:0]
+    def continuation(self, row: list[int], k: int) -> list[int]:
+        """Up to ``k`` tokens following an earlier occurrence of ``row``'s last n-gram: the latest
+        occurrence followed by ``k`` tokens, else the one followed by the most (inside a repeating loop
+        the latest occurrence overlaps the end and is followed by fewer tokens than an earlier one)."""
+        size = len(row)
+        for n in range(min(self.max_ngram, size - 1), 0, -1):
+            tail = row[-n:]
+            first, best = tail[0], []
+            for start in range(size - n - 1, -1, -1):  # latest first; a match must have a token after it
+                if row[start] == first and row[start:start + n] == tail:
+                    cont = row[start + n:start + n + k]
+                    if len(cont) == k:
+                        return cont
+                    if len(cont) > len(best):
+                        best = cont
+            if best:
+                return best
+        return []
 
     def propose(self, slots: Slots, k: int, *, warp: Warp | None, do_sample: bool,
                 generator: torch.Generator | None) -> Proposal:
-        conts = [self.continuation(r, k) for r in slots.rows()]
+        conts = [self.continuation(r, k) for r in slots.host]
         b, device = len(conts), slots.ids.device
-        tokens = torch.zeros(b, k, dtype=torch.long, device=device)
-        lengths = torch.tensor([c.numel() for c in conts], dtype=torch.long, device=device)
-        for i, c in enumerate(conts):
-            tokens[i, : c.numel()] = c
+        padded = [c + [0] * (k - len(c)) for c in conts]
+        tokens = torch.tensor(padded, dtype=torch.long, device=device).view(b, k)
+        lengths = torch.tensor([len(c) for c in conts], dtype=torch.long, device=device)
         probs = None
         if do_sample:  # a deterministic proposal is a one-hot draft distribution
             probs = torch.zeros(b, k, self.vocab_size, device=device)
@@ -196,8 +204,13 @@ def _copy_sharing(target: nn.Module, convert: Callable[[Tensor], Tensor] | None 
     return copy.deepcopy(target, memo)
 
 
+#: group size of the int4/int3/int2 self-drafts when the name gives none
+DRAFT_GROUP_SIZE = 32
+
+
 def draft_quantization(name: str) -> QuantizationSpec:
-    """The `QuantizationSpec` of a draft name such as ``"int4"``, ``"hqq-int4-g64"`` or ``"int8"``."""
+    """The `QuantizationSpec` of a draft name such as ``"int4"``, ``"hqq-int4-g64"`` or ``"int8"``:
+    int8 is per-channel symmetric, lower widths use groups of `DRAFT_GROUP_SIZE` unless ``-gN`` says."""
     m = DRAFT_SCHEME_PATTERN.match(name)
     if m is None:
         raise ValueError(f"{name!r} is not a quantized draft name (int8, int4, int3, int2, optionally hqq- / -gN)")
@@ -207,6 +220,8 @@ def draft_quantization(name: str) -> QuantizationSpec:
         kwargs["group_size"] = int(group)
     elif bits == 8 and method == "rtn":
         kwargs.update(group_size=None, symmetric=True)
+    else:  # a draft is worth its acceptance rate: small groups (SmolLM2-135M: int4-g128 accepts ~53 %)
+        kwargs["group_size"] = DRAFT_GROUP_SIZE
     return QuantizationSpec(**kwargs)
 
 

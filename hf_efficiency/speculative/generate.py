@@ -55,13 +55,24 @@ def resolve_spec(model, speculative: Any) -> SpeculativeSpec:
 
 
 def wants_speculative(model, kwargs: dict[str, Any]) -> bool:
-    """Whether a ``generate`` call with ``kwargs`` decodes speculatively."""
+    """Whether a ``generate`` call with ``kwargs`` decodes speculatively: when it passes ``draft_model=`` or
+    ``speculative=``, or when the model carries a saved spec and the call does not ask for beam search,
+    several sequences per prompt or transformers' own ``assistant_model=``."""
     speculative = kwargs.get("speculative")
     if speculative is False:
         if kwargs.get("draft_model") is not None:
             raise ValueError("speculative=False and draft_model= contradict each other")
         return False
-    return kwargs.get("draft_model") is not None or speculative is not None or saved_spec(model) is not None
+    if kwargs.get("draft_model") is not None or speculative is not None:
+        return True
+    if saved_spec(model) is None:
+        return False
+    # a saved spec is a default: calls asking for what speculative decoding does not do keep transformers' path
+    gen = kwargs.get("generation_config")
+    for key in ("num_beams", "num_return_sequences"):
+        if (kwargs.get(key) or getattr(gen, key, None) or 1) > 1:
+            return False
+    return kwargs.get("assistant_model") is None
 
 
 def prepare_generate_kwargs(model, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:

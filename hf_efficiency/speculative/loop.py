@@ -98,12 +98,14 @@ class DraftLength:
         self.rejections = 0.0
         self.ratio: float | None = None
 
-    def update(self, accepted: Tensor, offered: Tensor, draft_seconds: float, target_seconds: float,
+    def update(self, accepted: list[int], offered: list[int], draft_seconds: float, target_seconds: float,
                drafted: int) -> None:
+        """Record one step: per live row, accepted and offered draft tokens; the step's draft and target
+        times; ``drafted`` = the step's draft length."""
         if not self.adaptive or drafted == 0:
             return
-        self.accepted = self.decay * self.accepted + float(accepted.sum())
-        self.rejections = self.decay * self.rejections + float((accepted < offered).sum())
+        self.accepted = self.decay * self.accepted + sum(accepted)
+        self.rejections = self.decay * self.rejections + sum(a < o for a, o in zip(accepted, offered))
         r = (draft_seconds / drafted) / max(target_seconds, 1e-9)
         self.ratio = r if self.ratio is None else self.decay * self.ratio + (1 - self.decay) * r
         a = min(self.accepted / max(self.accepted + self.rejections, 1e-9), 0.995)
@@ -131,13 +133,14 @@ def _user_criteria(stopping_criteria) -> list:
     return [c for c in (stopping_criteria or []) if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))]
 
 
-def _stop_index(emitted: Tensor, prefix: Tensor, eos: list[int], criteria: list) -> int | None:
+def _stop_index(emitted: list[int], prefix: list[int], eos: list[int], criteria: list,
+                device: torch.device) -> int | None:
     """Index of the first emitted token after which the row stops (eos, or a user criterion)."""
-    for i in range(emitted.numel()):
-        if int(emitted[i]) in eos:
+    for i, tok in enumerate(emitted):
+        if tok in eos:
             return i
         if criteria:
-            ids = torch.cat([prefix, emitted[: i + 1]])[None]
+            ids = torch.tensor([prefix + emitted[: i + 1]], device=device)
             if any(bool(c(ids, None).any()) for c in criteria):
                 return i
     return None
@@ -197,8 +200,8 @@ def speculative_generate(target: nn.Module, draft: str | nn.Module | Drafter, in
     t_cache = DynamicCache(config=getattr(target, "config", None))
     drafter.reset()
     control = DraftLength(spec)
-    active = torch.ones(b, dtype=torch.bool, device=device)
-    generated = torch.zeros(b, dtype=torch.long, device=device)
+    # bookkeeping on the host: one transfer of the step's results instead of a sync per token
+    active = [True] * b
     emitted_rows: list[list[int]] = [[] for _ in range(b)]
     stats = SpeculativeStats(rows=b)
     if streamer is not None:
@@ -206,16 +209,16 @@ def speculative_generate(target: nn.Module, draft: str | nn.Module | Drafter, in
             raise ValueError("streamer= supports batch size 1 (as in transformers)")
         streamer.put(input_ids.cpu())
 
-    while bool(active.any()):
+    while any(active):
         t0 = time.perf_counter()
-        limit = torch.where(active, (max_new_tokens - generated - 1).clamp(min=0), 0).clamp(max=control.k)
-        k = int(limit.max())
-        offered = torch.zeros(b, dtype=torch.long, device=device)
+        limit = [min(control.k, max_new_tokens - len(e) - 1) if a else 0 for a, e in zip(active, emitted_rows)]
+        k = max(limit)
+        offered = [0] * b
         draft_tokens, q_probs = input_ids.new_zeros(b, 0), None
         if k > 0:
             proposal = drafter.propose(slots, k, warp=warp, do_sample=do_sample, generator=generator)
-            offered = torch.minimum(proposal.lengths, limit)
-            k = int(offered.max())
+            offered = [min(n, lim) for n, lim in zip(proposal.lengths.tolist(), limit)]
+            k = max(offered)
             draft_tokens = proposal.tokens[:, :k]
             q_probs = None if proposal.probs is None else proposal.probs[:, :k]
         t1 = time.perf_counter()
@@ -229,59 +232,66 @@ def speculative_generate(target: nn.Module, draft: str | nn.Module | Drafter, in
             logits = torch.stack([warp(logits[:, i], lambda i=i: [torch.cat([p, draft_tokens[r, :i]])
                                                                   for r, p in enumerate(rows)])
                                   for i in range(k + 1)], dim=1)
+        offered_t = torch.tensor(offered, dtype=torch.long, device=device)
         if do_sample:
             if q_probs is None:
                 q_probs = logits.new_zeros(b, k, logits.shape[-1])
-            accepted, nxt = sampling_verify(draft_tokens, q_probs, torch.softmax(logits, dim=-1), offered, generator)
+            accepted, nxt = sampling_verify(draft_tokens, q_probs, torch.softmax(logits, dim=-1), offered_t,
+                                            generator)
         else:
-            accepted, nxt = greedy_verify(draft_tokens, logits, offered)
+            accepted, nxt = greedy_verify(draft_tokens, logits, offered_t)
+        acc, nxt_l, drafted_l = accepted.tolist(), nxt.tolist(), draft_tokens.tolist()
         t2 = time.perf_counter()
 
-        accepted = torch.where(active, accepted, 0)
-        n_max = int(accepted.max())
+        acc = [n if a else 0 for n, a in zip(acc, active)]
+        n_max = max(acc)
         length = slots.length
-        new_ids = torch.cat([draft_tokens[:, :n_max], nxt[:, None]], dim=1)
-        col = torch.arange(n_max + 1, device=device)[None]
-        new_mask = ((col < accepted[:, None]) | (col == n_max)) & active[:, None]
-        was_active = active.clone()
-        for r in torch.nonzero(active).flatten().tolist():
-            n = int(accepted[r])
-            emitted = torch.cat([draft_tokens[r, :n], nxt[r:r + 1]])
-            cut = _stop_index(emitted, slots.row(r), eos, criteria) if (eos or criteria) else None
+        new_mask = [[False] * (n_max + 1) for _ in range(b)]
+        kept: list[list[int]] = [[] for _ in range(b)]
+        was_active = list(active)
+        for r in range(b):
+            if not active[r]:
+                continue
+            n = acc[r]
+            emitted = drafted_l[r][:n] + [nxt_l[r]]
+            cut = _stop_index(emitted, slots.host[r], eos, criteria, device) if (eos or criteria) else None
             if cut is not None:
                 emitted = emitted[: cut + 1]
                 active[r] = False
-                if cut < n:  # stopped inside the accepted draft: mask what follows
-                    new_mask[r, cut + 1:] = False
-            emitted_rows[r].extend(emitted.tolist())
-            generated[r] += emitted.numel()
-            if int(generated[r]) >= max_new_tokens:
+            # accepted drafts sit in slots [0, n) of this step, the target's token in slot n_max
+            for j in range(min(len(emitted), n)):
+                new_mask[r][j] = True
+            if len(emitted) == n + 1:
+                new_mask[r][n_max] = True
+            kept[r] = emitted
+            emitted_rows[r].extend(emitted)
+            if len(emitted_rows[r]) >= max_new_tokens:
                 active[r] = False
             if streamer is not None:
-                streamer.put(emitted.cpu())
-        slots.append(new_ids, new_mask)
+                streamer.put(torch.tensor(emitted))
+        new_ids = torch.cat([draft_tokens[:, :n_max], nxt[:, None]], dim=1)
+        slots.append(new_ids, torch.tensor(new_mask, dtype=torch.bool, device=device), kept)
         crop_cache(t_cache, length + n_max)
         drafter.rollback(length + n_max)
 
+        live = [r for r in range(b) if was_active[r]]
         stats.target_passes += 1
-        stats.row_passes += int(was_active.sum())
-        stats.drafted += int(offered.sum())
-        stats.accepted += int(accepted.sum())
+        stats.row_passes += len(live)
+        stats.drafted += sum(offered[r] for r in live)
+        stats.accepted += sum(acc[r] for r in live)
         stats.draft_lengths.append(k)
-        stats.accepted_per_step.append(float(accepted[was_active].float().mean()))
+        stats.accepted_per_step.append(sum(acc[r] for r in live) / len(live))
         stats.draft_seconds += t1 - t0
         stats.target_seconds += t2 - t1
-        control.update(accepted[was_active], offered[was_active], t1 - t0, t2 - t1, k)
+        control.update([acc[r] for r in live], [offered[r] for r in live], t1 - t0, t2 - t1, k)
 
     if streamer is not None:
         streamer.end()
     width = max(len(e) for e in emitted_rows)
-    out = input_ids.new_full((b, width), pad)
-    for r, e in enumerate(emitted_rows):
-        out[r, : len(e)] = torch.tensor(e, dtype=input_ids.dtype, device=device)
+    out = [e + [pad] * (width - len(e)) for e in emitted_rows]
     stats.new_tokens = sum(len(e) for e in emitted_rows)
     stats.seconds = time.perf_counter() - start
-    return torch.cat([input_ids, out], dim=1), stats
+    return torch.cat([input_ids, torch.tensor(out, dtype=input_ids.dtype, device=device).view(b, width)], dim=1), stats
 
 
 def expected_tokens_per_pass(acceptance: float, k: int) -> float:

@@ -9,7 +9,7 @@ alone. Both models' KV caches are indexed by slot.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -22,25 +22,32 @@ def positions_of(mask: Tensor) -> Tensor:
 
 @dataclass
 class Slots:
-    """Every row's tokens so far: ``ids [B, L]`` and ``mask [B, L]`` (True = a real token)."""
+    """Every row's tokens so far: ``ids [B, L]`` and ``mask [B, L]`` (True = a real token) on the
+    models' device, and ``host``: each row's real tokens as Python ints (what the bookkeeping reads,
+    so that it does not wait on the device token by token)."""
 
     ids: Tensor
     mask: Tensor
+    host: list[list[int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.host:
+            self.host = [r[m].tolist() for r, m in zip(self.ids.cpu(), self.mask.cpu())]
 
     @property
     def length(self) -> int:
         return self.ids.shape[1]
 
-    def row(self, b: int) -> Tensor:
-        """Row ``b``'s real tokens, in order (1-D)."""
-        return self.ids[b][self.mask[b]]
-
     def rows(self) -> list[Tensor]:
-        return [self.row(b) for b in range(self.ids.shape[0])]
+        """Each row's real tokens as a 1-D tensor on the device."""
+        return [torch.tensor(h, dtype=self.ids.dtype, device=self.ids.device) for h in self.host]
 
-    def append(self, ids: Tensor, mask: Tensor) -> None:
+    def append(self, ids: Tensor, mask: Tensor, host_tokens: list[list[int]]) -> None:
+        """Add slots (``ids``/``mask`` ``[B, n]``) and each row's new real tokens."""
         self.ids = torch.cat([self.ids, ids], dim=1)
         self.mask = torch.cat([self.mask, mask], dim=1)
+        for h, new in zip(self.host, host_tokens):
+            h.extend(new)
 
 
 def forward_slots(model: nn.Module, cache, ids: Tensor, mask: Tensor, keep: int) -> Tensor:

@@ -59,13 +59,24 @@ class DistillCommand(_HfEfficiencyLeaf):
         cli.add_distill_arguments(parser)
 
 
+class GenerateCommand(_HfEfficiencyLeaf):
+    NAME = "generate"
+    COMMAND = CommandInfo(name="generate", help=cli.GENERATE_HELP)
+
+    @staticmethod
+    def parse_args(parser):
+        cli.add_generate_arguments(parser)
+
+
 class HfEfficiencyCommand(BaseOptimumCLICommand):
-    COMMAND = CommandInfo(name="hf-efficiency", help="hf-efficiency: quantize, evaluate, estimate memory, distill")
+    COMMAND = CommandInfo(name="hf-efficiency",
+                          help="hf-efficiency: quantize, evaluate, estimate memory, distill, speculative generate")
     SUBCOMMANDS = (
         CommandInfo(name="quantize", help=cli.QUANTIZE_HELP, subcommand_class=QuantizeCommand),
         CommandInfo(name="eval", help=cli.EVAL_HELP, subcommand_class=EvalCommand),
         CommandInfo(name="estimate", help=cli.ESTIMATE_HELP, subcommand_class=EstimateCommand),
         CommandInfo(name="distill", help=cli.DISTILL_HELP, subcommand_class=DistillCommand),
+        CommandInfo(name="generate", help=cli.GENERATE_HELP, subcommand_class=GenerateCommand),
     )
 
 
