@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 import hf_efficiency  # noqa: E402
 from hf_efficiency.quant import QuantLinear  # noqa: E402
+from hf_efficiency.speculative.slots import left_pad  # noqa: E402
 
 SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rms_norm_eps=1e-5,
@@ -152,16 +153,6 @@ def section_decode(device: str, smoke: bool) -> list[dict]:
     return rows
 
 
-def _left_pad(rows: list[torch.Tensor], pad: int, device: str):
-    width = max(r.numel() for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long, device=device)
-    mask = torch.zeros(len(rows), width, dtype=torch.long, device=device)
-    for i, r in enumerate(rows):
-        ids[i, width - r.numel():] = r
-        mask[i, width - r.numel():] = 1
-    return ids, mask
-
-
 def section_speculative(device: str, smoke: bool) -> list[dict]:
     from hf_efficiency.speculative.drafts import draft_model_for
 
@@ -175,7 +166,7 @@ def section_speculative(device: str, smoke: bool) -> list[dict]:
         p = torch.randint(2, shape["vocab_size"], (int(torch.randint(8, 40, (1,), generator=g)),), generator=g)
         prompts.append((p.repeat(2) if i % 2 == 0 else p).to(device))
     one = prompts[0][None]
-    batch, mask = _left_pad(prompts, 0, device)
+    batch, mask = left_pad(prompts, 0, device)
 
     def clock(fn):
         fn()
@@ -237,7 +228,7 @@ def section_identity(device: str, smoke: bool) -> list[dict]:
     for i in range(4):
         p = torch.randint(2, shape["vocab_size"], (int(torch.randint(8, 40, (1,), generator=g)),), generator=g)
         prompts.append((p.repeat(2) if i % 2 == 0 else p).to(device))
-    batch, mask = _left_pad(prompts, 0, device)
+    batch, mask = left_pad(prompts, 0, device)
     width = batch.shape[1]
     for dtype in (torch.float32, torch.bfloat16):
         target = _random_llama(shape, device, dtype)

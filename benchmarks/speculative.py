@@ -30,6 +30,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 from hf_efficiency import SpeculativeConfig  # noqa: E402
 from hf_efficiency.data import KJV_SPLITS, bundled_model_path, kjv_passages  # noqa: E402
 from hf_efficiency.speculative.drafts import draft_model_for  # noqa: E402
+from hf_efficiency.speculative.slots import left_pad  # noqa: E402
 
 RESULTS = Path(ROOT) / "benchmarks" / "results"
 
@@ -44,16 +45,6 @@ def prompts_from_kjv(tok, n: int, length: int) -> list[torch.Tensor]:
         if len(out) == n:
             return out
     raise RuntimeError(f"only {len(out)} KJV passages have {length} tokens")
-
-
-def left_pad(rows: list[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(r.numel() for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - r.numel():] = r
-        mask[i, width - r.numel():] = 1
-    return ids, mask
 
 
 def timed(fn):

@@ -185,6 +185,7 @@ def test_speculative_greedy_identity_on_smollm2_every_draft_kind(bundled):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_efficiency.data import KJV_SPLITS, kjv_passages
+    from hf_efficiency.speculative import left_pad
 
     path, _, _ = bundled
     tok = AutoTokenizer.from_pretrained(path)
@@ -193,11 +194,8 @@ def test_speculative_greedy_identity_on_smollm2_every_draft_kind(bundled):
     prompts = [tok(p, return_tensors="pt").input_ids[0, :n] for p, n in zip(kjv_passages()[lo:lo + 3], (20, 28, 36))]
     greedy = {"max_new_tokens": 16, "min_new_tokens": 16, "do_sample": False}
     refs = [model.generate(p[None], **greedy)[0, p.numel():] for p in prompts]
-    width = max(p.numel() for p in prompts)
-    ids = torch.full((3, width), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros(3, width, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - p.numel():], mask[i, width - p.numel():] = p, 1
+    ids, mask = left_pad(prompts, tok.pad_token_id)
+    width = ids.shape[1]
     for draft in ("int4", "bfloat16", "early-exit:20", "ngram"):
         for p, ref in zip(prompts, refs):
             out = model.generate(p[None], draft_model=draft, **greedy)

@@ -11,6 +11,7 @@ from hf_efficiency import EfficiencyConfig, SpeculativeConfig
 from hf_efficiency.quant import QuantLinear
 from hf_efficiency.speculative import DraftLength, NgramDrafter, early_exit_model, quantized_copy
 from hf_efficiency.speculative.drafts import draft_quantization
+from hf_efficiency.speculative.slots import left_pad
 
 DRAFTS = ["separate", "int8", "int4", "hqq-int4-g32", "int2", "bfloat16", "early-exit:2", "ngram"]
 N_NEW = 24
@@ -43,16 +44,6 @@ def _prompts(n: int, seed: int = 0) -> list[torch.Tensor]:
     return out
 
 
-def _left_pad(rows: list[torch.Tensor], pad: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(r.numel() for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - r.numel():] = r
-        mask[i, width - r.numel():] = 1
-    return ids, mask
-
-
 def _plain(model, ids, mask=None, **kw):
     return model.generate(ids, attention_mask=torch.ones_like(ids) if mask is None else mask, max_new_tokens=N_NEW,
                           do_sample=False, **kw)
@@ -74,7 +65,7 @@ def test_greedy_identity_20_prompts_batch_1_and_4(target, separate_draft, kind):
         accepted += target.last_speculative_stats.accepted
     assert 0 < accepted < drafted  # both outcomes exercised
     for start in range(0, 20, 4):
-        ids, mask = _left_pad(prompts[start:start + 4])
+        ids, mask = left_pad(prompts[start:start + 4], 256)
         out = target.generate(ids, attention_mask=mask, max_new_tokens=N_NEW, do_sample=False, draft_model=draft)
         assert torch.equal(out, _plain(target, ids, mask))  # transformers' own batched greedy
         for r in range(4):  # and each row equals its own single-row result
@@ -82,7 +73,7 @@ def test_greedy_identity_20_prompts_batch_1_and_4(target, separate_draft, kind):
 
 
 def test_rows_stopping_at_different_times_are_padded_like_transformers(target, separate_draft):
-    ids, mask = _left_pad(_prompts(4, seed=3))
+    ids, mask = left_pad(_prompts(4, seed=3), 256)
     ref = _plain(target, ids, mask)
     eos = int(ref[1, ids.shape[1] + 5])  # a token some rows produce early
     ref = _plain(target, ids, mask, eos_token_id=eos, pad_token_id=7)
@@ -102,7 +93,7 @@ class _StopAfter(StoppingCriteria):
 
 
 def test_processors_and_stopping_criteria_match_plain_greedy(target, separate_draft):
-    ids, mask = _left_pad(_prompts(4, seed=5))
+    ids, mask = left_pad(_prompts(4, seed=5), 256)
     rp = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.5)])
     ref = _plain(target, ids, mask, logits_processor=rp)
     out = target.generate(ids, attention_mask=mask, max_new_tokens=N_NEW, do_sample=False, logits_processor=rp,
@@ -213,7 +204,7 @@ def test_streamer_receives_prompt_then_every_token(target):
 
 
 def test_bad_input_raises_clear_errors(target, separate_draft):
-    ids, _ = _left_pad(_prompts(3))
+    ids, _ = left_pad(_prompts(3), 256)
     other_vocab = make_tiny_llama(seed=5, vocab_size=300)
     with pytest.raises(ValueError, match="draft's vocabulary has 300 ids and the target's 257"):
         target.generate(ids[:1], max_new_tokens=4, draft_model=other_vocab)

@@ -18,6 +18,7 @@ from .drafts import (
 )
 from .generate import SpeculativeDecoderOnlyOutput
 from .loop import DraftLength, SpeculativeStats, expected_tokens_per_pass, speculative_generate
+from .slots import left_pad
 from .verify import greedy_verify, sampling_verify
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "expected_tokens_per_pass",
     "greedy_verify",
     "half_copy",
+    "left_pad",
     "quantized_copy",
     "sampling_verify",
     "speculative_generate",

@@ -15,6 +15,19 @@ import torch
 from torch import Tensor, nn
 
 
+def left_pad(rows: list[Tensor], pad_token_id: int, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """``(input_ids, attention_mask)`` ``[B, max_len]`` from 1-D token tensors, left-padded (the layout
+    speculative decoding and transformers' batched generation expect)."""
+    width = max(r.numel() for r in rows)
+    device = device if device is not None else rows[0].device
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long, device=device)
+    mask = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+    for i, r in enumerate(rows):
+        ids[i, width - r.numel():] = r
+        mask[i, width - r.numel():] = 1
+    return ids, mask
+
+
 def positions_of(mask: Tensor) -> Tensor:
     """Position id of every slot: the number of real tokens before it in its row."""
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
