@@ -14,7 +14,9 @@
    with ``AutoModelForCausalLM.from_pretrained``;
 5. wraps ``GenerationMixin.generate`` so that ``draft_model=`` / ``speculative=`` (or a saved
    ``EfficiencyConfig(speculative=...)``) run speculative decoding as transformers'
-   ``custom_generate``; every other call reaches transformers' generate unchanged.
+   ``custom_generate``; every other call reaches transformers' generate unchanged;
+6. registers the attention function ``hf_efficiency_blockwise`` with ``AttentionInterface`` and
+   transformers' boolean ``sdpa_mask`` builder under the same name with ``AttentionMaskInterface``.
 """
 
 from __future__ import annotations
@@ -121,6 +123,16 @@ def _patch_generate() -> None:
     GenerationMixin.generate = generate
 
 
+def _register_attention() -> None:
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    from .attention.functions import BLOCKWISE, blockwise_attention_forward
+
+    AttentionInterface.register(BLOCKWISE, blockwise_attention_forward)
+    AttentionMaskInterface.register(BLOCKWISE, sdpa_mask)
+
+
 def register() -> None:
     """Register hf-efficiency with transformers (safe to call any number of times)."""
     _register_quantizer()
@@ -128,6 +140,7 @@ def register() -> None:
     _patch_from_pretrained()
     _patch_push_to_hub()
     _patch_generate()
+    _register_attention()
 
 
 def is_registered() -> bool:
