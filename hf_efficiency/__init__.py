@@ -18,6 +18,7 @@ from .config import (  # noqa: E402
     SpeculativeConfig,
     SpeculativeSpec,
 )
+from .attention import QuantizedKVCache  # noqa: E402
 from .memory import MemoryBreakdown, MemoryMeasurement, TrainingSetup, estimate_memory, measure_memory  # noqa: E402
 from .quant import QuantLinear, quantize_weight  # noqa: E402
 from .registry import register  # noqa: E402
@@ -48,6 +49,7 @@ __all__ = [
     "MemoryMeasurement",
     "QuantLinear",
     "QuantizationSpec",
+    "QuantizedKVCache",
     "SpeculativeConfig",
     "SpeculativeSpec",
     "TrainingSetup",

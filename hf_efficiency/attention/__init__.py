@@ -1,8 +1,24 @@
-"""Attention implementations (issue 7, in progress): ``hf_efficiency_blockwise`` (exact, block-wise online
-softmax, registered with transformers' ``AttentionInterface``; select with
-``attn_implementation="hf_efficiency_blockwise"``)."""
+"""Attention implementations and KV caches (issue 7, in progress).
+
+* ``attn_implementation="hf_efficiency_blockwise"``: exact attention, block-wise online softmax
+  (`blockwise.py`, `functions.py`; registered with transformers' ``AttentionInterface``).
+* `QuantizedKVCache`: keys and values stored as int8/int4/int2 codes per token and channel group
+  (`kv_quant.py`, `kv_cache.py`), croppable, for ``generate(cache=...)``.
+"""
 
 from .blockwise import blockwise_attention
 from .functions import BLOCKWISE, attention_path, blockwise_attention_forward
+from .kv_cache import QuantizedKVCache, QuantizedKVLayer
+from .kv_quant import dequantize_kv, kv_bytes_per_token, quantize_kv
 
-__all__ = ["BLOCKWISE", "attention_path", "blockwise_attention", "blockwise_attention_forward"]
+__all__ = [
+    "BLOCKWISE",
+    "QuantizedKVCache",
+    "QuantizedKVLayer",
+    "attention_path",
+    "blockwise_attention",
+    "blockwise_attention_forward",
+    "dequantize_kv",
+    "kv_bytes_per_token",
+    "quantize_kv",
+]
