@@ -369,12 +369,49 @@ class SpeculativeSpec(Section):
 SpeculativeConfig = SpeculativeSpec
 
 
+@dataclass
+class AttentionSpec(Section):
+    """Attention implementation and KV cache chosen for the model (saved with it).
+
+    Args:
+        implementation: the ``attn_implementation`` the model is built with when ``from_pretrained`` is
+            not given one (``"hf_efficiency_blockwise"``, ``"sdpa"``, ``"eager"``, ...); ``None`` keeps
+            transformers' default.
+        kv_cache_bits: store keys and values as 8-, 4- or 2-bit codes (`QuantizedKVCache`) in every
+            ``generate()`` that is not given a cache; ``None`` keeps transformers' cache.
+        kv_group_size: channels per scale and minimum in the quantized cache.
+        kv_residual_length: most recent tokens also kept in float by the quantized cache.
+    """
+
+    section_name: ClassVar[str] = "attention"
+
+    implementation: str | None = None
+    kv_cache_bits: int | None = None
+    kv_group_size: int = 64
+    kv_residual_length: int = 0
+
+    def validate(self) -> None:
+        s = self.section_name
+        if self.implementation is not None and (not isinstance(self.implementation, str) or "flash" in self.implementation
+                                                and self.implementation.startswith("hf_efficiency")):
+            _fail(s, "implementation", self.implementation, "None or an attn_implementation name such as "
+                  "'hf_efficiency_blockwise', 'sdpa' or 'eager' (transformers takes any name containing 'flash' "
+                  "for a flash-attn kernel, so hf-efficiency's exact block-wise attention is 'hf_efficiency_blockwise')")
+        if self.kv_cache_bits is not None and self.kv_cache_bits not in (8, 4, 2):
+            _fail(s, "kv_cache_bits", self.kv_cache_bits, "None, 8, 4 or 2")
+        for key, low in (("kv_group_size", 1), ("kv_residual_length", 0)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                _fail(s, key, value, f"an integer >= {low}")
+
+
 #: section name -> Section class. Later features register theirs with `register_section`.
 SECTIONS: dict[str, type[Section]] = {
     "quantization": QuantizationSpec,
     "calibration": CalibrationSpec,
     "activations": ActivationSpec,
     "speculative": SpeculativeSpec,
+    "attention": AttentionSpec,
 }
 
 

@@ -14,7 +14,9 @@
    with ``AutoModelForCausalLM.from_pretrained``;
 5. wraps ``GenerationMixin.generate`` so that ``draft_model=`` / ``speculative=`` (or a saved
    ``EfficiencyConfig(speculative=...)``) run speculative decoding as transformers'
-   ``custom_generate``; every other call reaches transformers' generate unchanged;
+   ``custom_generate``; every other call reaches transformers' generate unchanged, except that a
+   model saved with ``EfficiencyConfig(attention={"kv_cache_bits": ...})`` gets a `QuantizedKVCache`
+   when the call passes no cache;
 6. registers the attention function ``hf_efficiency_blockwise`` with ``AttentionInterface`` and
    transformers' boolean ``sdpa_mask`` builder under the same name with ``AttentionMaskInterface``.
 """
@@ -111,8 +113,13 @@ def _patch_generate() -> None:
 
     @functools.wraps(original)
     def generate(self, *args: Any, **kwargs: Any):
+        from .attention.kv_cache import saved_kv_cache
         from .speculative.generate import GENERATE_KWARGS, prepare_generate_kwargs, wants_speculative
 
+        if kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
+            cache = saved_kv_cache(self)  # EfficiencyConfig(attention={"kv_cache_bits": ...})
+            if cache is not None:
+                kwargs["cache"] = cache
         if wants_speculative(self, kwargs):
             return original(self, *args, **prepare_generate_kwargs(self, args, kwargs))
         for key in GENERATE_KWARGS:

@@ -96,3 +96,39 @@ def test_bad_arguments():
     model = make_tiny_llama(seed=1)
     with pytest.raises(ValueError, match="group_size=12 must divide the head dimension 16"):
         model(torch.tensor([[1, 2, 3]]), cache=QuantizedKVCache(group_size=12))
+
+
+def test_saved_attention_section_picks_implementation_and_kv_cache(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hf_efficiency import EfficiencyConfig
+
+    base = make_tiny_llama(seed=1, num_hidden_layers=2, initializer_range=0.1)
+    base.save_pretrained(tmp_path / "fp")
+    cfg = EfficiencyConfig(attention={"implementation": "hf_efficiency_blockwise", "kv_cache_bits": 8,
+                                      "kv_group_size": 16})
+    AutoModelForCausalLM.from_pretrained(tmp_path / "fp", efficiency_config=cfg).save_pretrained(tmp_path / "a")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+    assert model.config._attn_implementation == "hf_efficiency_blockwise"
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "a", attn_implementation="eager") \
+        .config._attn_implementation == "eager"  # an explicit request wins
+    ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(3))
+    seen = []
+    original = QuantizedKVLayer.update
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.bits)
+        return original(self, *args, **kwargs)
+
+    QuantizedKVLayer.update = spy
+    try:
+        out = model.generate(ids, max_new_tokens=8, do_sample=False)
+        spec = model.generate(ids, max_new_tokens=8, do_sample=False, draft_model="ngram")
+    finally:
+        QuantizedKVLayer.update = original
+    assert seen and set(seen) == {8}  # the saved int8 cache served both generations
+    assert torch.equal(out, base.generate(ids, max_new_tokens=8, do_sample=False)) and torch.equal(spec, out)
+    with pytest.raises(ValueError, match="attention.kv_cache_bits=3 is not allowed"):
+        EfficiencyConfig(attention={"kv_cache_bits": 3})
+    with pytest.raises(ValueError, match="attention.implementation='hf_efficiency_flash' is not allowed"):
+        EfficiencyConfig(attention={"implementation": "hf_efficiency_flash"})

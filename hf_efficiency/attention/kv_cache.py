@@ -135,3 +135,15 @@ class QuantizedKVCache(Cache):
     def bytes_per_token(self) -> float:
         length = self.get_seq_length()
         return self.nbytes() / length / (self.layers[0].keys.shape[0] if self.layers else 1) if length else 0.0
+
+
+def saved_kv_cache(model) -> QuantizedKVCache | None:
+    """A new `QuantizedKVCache` as the model's saved ``EfficiencyConfig(attention={"kv_cache_bits": ...})``
+    asks, or ``None``."""
+    from ..config import EfficiencyConfig
+
+    cfg = getattr(getattr(model, "config", None), "quantization_config", None)
+    spec = getattr(cfg, "attention", None) if isinstance(cfg, EfficiencyConfig) else None
+    if spec is None or spec.kv_cache_bits is None:
+        return None
+    return QuantizedKVCache(spec.kv_cache_bits, spec.kv_group_size, spec.kv_residual_length)

@@ -61,6 +61,13 @@ class EfficiencyHfQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.quantized_modules: list[str] = []
 
+    def update_attn_implementation(self, config):
+        """Build the model with the saved ``attention.implementation`` unless one was asked for."""
+        spec = getattr(self.quantization_config, "attention", None)
+        if spec is not None and spec.implementation and config._attn_implementation is None:
+            config._attn_implementation = spec.implementation
+        return config
+
     # --- what gets converted -----------------------------------------------------------------
     def _skip_list(self, model) -> list[str]:
         spec = self.quantization_config.quantization

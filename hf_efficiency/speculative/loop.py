@@ -194,10 +194,12 @@ def speculative_generate(target: nn.Module, draft: str | nn.Module | Drafter, in
 
     from transformers.cache_utils import DynamicCache
 
+    from ..attention.kv_cache import saved_kv_cache
+
     start = time.perf_counter()
     b, device = input_ids.shape[0], input_ids.device
     slots = Slots(input_ids, mask)
-    t_cache = DynamicCache(config=getattr(target, "config", None))
+    t_cache = saved_kv_cache(target) or DynamicCache(config=getattr(target, "config", None))
     drafter.reset()
     control = DraftLength(spec)
     # bookkeeping on the host: one transfer of the step's results instead of a sync per token
