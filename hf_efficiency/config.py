@@ -381,6 +381,9 @@ class AttentionSpec(Section):
             ``generate()`` that is not given a cache; ``None`` keeps transformers' cache.
         kv_group_size: channels per scale and minimum in the quantized cache.
         kv_residual_length: most recent tokens also kept in float by the quantized cache.
+        lowrank_landmarks: pooled rows standing for the distant past in ``hf_efficiency_lowrank``.
+        lowrank_window: recent positions ``hf_efficiency_lowrank`` attends to exactly.
+        lowrank_sinks: first positions ``hf_efficiency_lowrank`` always attends to exactly.
     """
 
     section_name: ClassVar[str] = "attention"
@@ -389,6 +392,9 @@ class AttentionSpec(Section):
     kv_cache_bits: int | None = None
     kv_group_size: int = 64
     kv_residual_length: int = 0
+    lowrank_landmarks: int = 64
+    lowrank_window: int = 256
+    lowrank_sinks: int = 4
 
     def validate(self) -> None:
         s = self.section_name
@@ -399,7 +405,8 @@ class AttentionSpec(Section):
                   "for a flash-attn kernel, so hf-efficiency's exact block-wise attention is 'hf_efficiency_blockwise')")
         if self.kv_cache_bits is not None and self.kv_cache_bits not in (8, 4, 2):
             _fail(s, "kv_cache_bits", self.kv_cache_bits, "None, 8, 4 or 2")
-        for key, low in (("kv_group_size", 1), ("kv_residual_length", 0)):
+        for key, low in (("kv_group_size", 1), ("kv_residual_length", 0), ("lowrank_landmarks", 1),
+                         ("lowrank_window", 0), ("lowrank_sinks", 0)):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 _fail(s, key, value, f"an integer >= {low}")

@@ -17,8 +17,9 @@
    ``custom_generate``; every other call reaches transformers' generate unchanged, except that a
    model saved with ``EfficiencyConfig(attention={"kv_cache_bits": ...})`` gets a `QuantizedKVCache`
    when the call passes no cache;
-6. registers the attention function ``hf_efficiency_blockwise`` with ``AttentionInterface`` and
-   transformers' boolean ``sdpa_mask`` builder under the same name with ``AttentionMaskInterface``.
+6. registers the attention functions ``hf_efficiency_blockwise`` and ``hf_efficiency_lowrank`` with
+   ``AttentionInterface``, and transformers' boolean ``sdpa_mask`` builder under the same names with
+   ``AttentionMaskInterface``.
 """
 
 from __future__ import annotations
@@ -134,10 +135,12 @@ def _register_attention() -> None:
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
 
-    from .attention.functions import BLOCKWISE, blockwise_attention_forward
+    from .attention.functions import BLOCKWISE, LOWRANK, blockwise_attention_forward, lowrank_attention_forward
 
     AttentionInterface.register(BLOCKWISE, blockwise_attention_forward)
     AttentionMaskInterface.register(BLOCKWISE, sdpa_mask)
+    AttentionInterface.register(LOWRANK, lowrank_attention_forward)
+    AttentionMaskInterface.register(LOWRANK, sdpa_mask)
 
 
 def register() -> None:

@@ -19,6 +19,9 @@ from torch import nn
 from .blockwise import blockwise_attention
 
 BLOCKWISE = "hf_efficiency_blockwise"
+LOWRANK = "hf_efficiency_lowrank"
+#: landmarks, window and sinks of ``hf_efficiency_lowrank`` when the model's config sets none
+LOWRANK_DEFAULTS = {"landmarks": 64, "window": 256, "sinks": 4}
 ATTENTION_PATHS = ("auto", "sdpa", "blockwise")
 
 
@@ -63,4 +66,31 @@ def blockwise_attention_forward(module: nn.Module, query: torch.Tensor, key: tor
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     out = blockwise_attention(query, key, value, mask=mask, causal=causal, scale=scaling, softcap=softcap,
                               sliding_window=sliding_window)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def lowrank_settings(module: nn.Module) -> dict[str, int]:
+    """``landmarks``, ``window`` and ``sinks`` from the model's ``EfficiencyConfig(attention=...)``."""
+    cfg = getattr(getattr(module, "config", None), "quantization_config", None)
+    spec = getattr(cfg, "attention", None)
+    if spec is None:
+        return dict(LOWRANK_DEFAULTS)
+    return {"landmarks": spec.lowrank_landmarks, "window": spec.lowrank_window, "sinks": spec.lowrank_sinks}
+
+
+def lowrank_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                              attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                              softcap: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers attention-interface function of ``hf_efficiency_lowrank`` (see `lowrank.py`)."""
+    from .lowrank import lowrank_attention
+
+    if softcap is not None or kwargs.get("output_attentions"):
+        raise ValueError(f"{LOWRANK} supports neither logit soft-capping nor output_attentions")
+    if not getattr(module, "is_causal", True):
+        raise ValueError(f"{LOWRANK} approximates causal (decoder) attention only")
+    valid = None
+    if attention_mask is not None:
+        mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        valid = mask[:, 0, -1, : key.shape[2]]  # the last query sees every non-padding key
+    out = lowrank_attention(query, key, value, key_valid=valid, scale=scaling, **lowrank_settings(module))
     return out.transpose(1, 2).contiguous(), None
