@@ -548,3 +548,12 @@ class EfficiencyConfig(QuantizationConfigMixin):
             or (act is not None and act.needs_calibration)
             or (q.outliers > 0 and getattr(self, "calibration", None) is not None)
         )
+
+
+def saved_section(model: Any, name: str) -> Section | None:
+    """Section ``name`` of the `EfficiencyConfig` a model (or module holding a ``config``) carries in
+    ``config.quantization_config`` (as the object or as its dict), or ``None``."""
+    cfg = getattr(getattr(model, "config", None), "quantization_config", None)
+    if isinstance(cfg, dict) and cfg.get("quant_method") == QUANT_METHOD:
+        cfg = EfficiencyConfig(**cfg)
+    return getattr(cfg, name, None) if isinstance(cfg, EfficiencyConfig) else None

@@ -71,8 +71,9 @@ def blockwise_attention_forward(module: nn.Module, query: torch.Tensor, key: tor
 
 def lowrank_settings(module: nn.Module) -> dict[str, int]:
     """``landmarks``, ``window`` and ``sinks`` from the model's ``EfficiencyConfig(attention=...)``."""
-    cfg = getattr(getattr(module, "config", None), "quantization_config", None)
-    spec = getattr(cfg, "attention", None)
+    from ..config import saved_section
+
+    spec = saved_section(module, "attention")
     if spec is None:
         return dict(LOWRANK_DEFAULTS)
     return {"landmarks": spec.lowrank_landmarks, "window": spec.lowrank_window, "sinks": spec.lowrank_sinks}

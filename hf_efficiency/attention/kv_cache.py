@@ -140,10 +140,9 @@ class QuantizedKVCache(Cache):
 def saved_kv_cache(model) -> QuantizedKVCache | None:
     """A new `QuantizedKVCache` as the model's saved ``EfficiencyConfig(attention={"kv_cache_bits": ...})``
     asks, or ``None``."""
-    from ..config import EfficiencyConfig
+    from ..config import saved_section
 
-    cfg = getattr(getattr(model, "config", None), "quantization_config", None)
-    spec = getattr(cfg, "attention", None) if isinstance(cfg, EfficiencyConfig) else None
+    spec = saved_section(model, "attention")
     if spec is None or spec.kv_cache_bits is None:
         return None
     return QuantizedKVCache(spec.kv_cache_bits, spec.kv_group_size, spec.kv_residual_length)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from ..config import EfficiencyConfig, SpeculativeSpec
+from ..config import SpeculativeSpec, saved_section
 from .loop import SpeculativeStats, speculative_generate
 
 #: keyword arguments of ``generate`` that belong to speculative decoding
@@ -37,10 +37,7 @@ class SpeculativeDecoderOnlyOutput(GenerateDecoderOnlyOutput):
 
 def saved_spec(model) -> SpeculativeSpec | None:
     """The ``speculative`` section of the `EfficiencyConfig` the model was loaded with, if any."""
-    cfg = getattr(getattr(model, "config", None), "quantization_config", None)
-    if isinstance(cfg, dict) and cfg.get("quant_method") == "hf_efficiency":
-        cfg = EfficiencyConfig(**cfg)
-    return getattr(cfg, "speculative", None) if isinstance(cfg, EfficiencyConfig) else None
+    return saved_section(model, "speculative")
 
 
 def resolve_spec(model, speculative: Any) -> SpeculativeSpec:
