@@ -16,7 +16,8 @@
    ``EfficiencyConfig(speculative=...)``) run speculative decoding as transformers'
    ``custom_generate``; every other call reaches transformers' generate unchanged, except that a
    model saved with ``EfficiencyConfig(attention={"kv_cache_bits": ...})`` gets a `QuantizedKVCache`
-   when the call passes no cache;
+   when the call passes no cache, and ``cache_implementation="hf_efficiency_quantized"`` (with
+   ``cache_config``) builds one;
 6. registers the attention functions ``hf_efficiency_blockwise`` and ``hf_efficiency_lowrank`` with
    ``AttentionInterface``, and transformers' boolean ``sdpa_mask`` builder under the same names with
    ``AttentionMaskInterface``.
@@ -114,9 +115,14 @@ def _patch_generate() -> None:
 
     @functools.wraps(original)
     def generate(self, *args: Any, **kwargs: Any):
-        from .attention.kv_cache import saved_kv_cache
+        from .attention.kv_cache import cache_from_generate_kwargs, saved_kv_cache
         from .speculative.generate import GENERATE_KWARGS, prepare_generate_kwargs, wants_speculative
 
+        requested = cache_from_generate_kwargs(kwargs)  # cache_implementation="hf_efficiency_quantized"
+        if requested is not None:
+            if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+                raise ValueError("pass either cache= or cache_implementation='hf_efficiency_quantized', not both")
+            kwargs["cache"] = requested
         if kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
             cache = saved_kv_cache(self)  # EfficiencyConfig(attention={"kv_cache_bits": ...})
             if cache is not None:

@@ -132,3 +132,28 @@ def test_saved_attention_section_picks_implementation_and_kv_cache(tmp_path):
         EfficiencyConfig(attention={"kv_cache_bits": 3})
     with pytest.raises(ValueError, match="attention.implementation='hf_efficiency_flash' is not allowed"):
         EfficiencyConfig(attention={"implementation": "hf_efficiency_flash"})
+
+
+def test_cache_implementation_name_in_generate():
+    model = make_tiny_llama(seed=1, num_hidden_layers=2, initializer_range=0.1)
+    ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(4))
+    seen = []
+    original = QuantizedKVLayer.update
+
+    def spy(self, *args, **kwargs):
+        seen.append((self.bits, self.group_size))
+        return original(self, *args, **kwargs)
+
+    QuantizedKVLayer.update = spy
+    try:
+        out = model.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation="hf_efficiency_quantized",
+                             cache_config={"bits": 8, "group_size": 16})
+    finally:
+        QuantizedKVLayer.update = original
+    assert set(seen) == {(8, 16)}
+    assert torch.equal(out, model.generate(ids, max_new_tokens=6, do_sample=False))
+    with pytest.raises(ValueError, match=r"unknown cache_config key\(s\) \['nbits'\]"):
+        model.generate(ids, max_new_tokens=2, cache_implementation="hf_efficiency_quantized", cache_config={"nbits": 4})
+    with pytest.raises(ValueError, match="either cache= or cache_implementation="):
+        model.generate(ids, max_new_tokens=2, cache_implementation="hf_efficiency_quantized",
+                       cache=QuantizedKVCache())

@@ -146,3 +146,21 @@ def saved_kv_cache(model) -> QuantizedKVCache | None:
     if spec is None or spec.kv_cache_bits is None:
         return None
     return QuantizedKVCache(spec.kv_cache_bits, spec.kv_group_size, spec.kv_residual_length)
+
+
+#: ``generate(cache_implementation=...)`` name of `QuantizedKVCache` (with ``cache_config={"bits": 8, ...}``)
+CACHE_IMPLEMENTATION = "hf_efficiency_quantized"
+
+
+def cache_from_generate_kwargs(kwargs: dict) -> QuantizedKVCache | None:
+    """Pop ``cache_implementation="hf_efficiency_quantized"`` (and its ``cache_config``: ``bits``,
+    ``group_size``, ``residual_length``) from ``generate`` kwargs and build the cache; ``None`` otherwise."""
+    if kwargs.get("cache_implementation") != CACHE_IMPLEMENTATION:
+        return None
+    kwargs.pop("cache_implementation")
+    config = dict(kwargs.pop("cache_config", None) or {})
+    unknown = sorted(set(config) - {"bits", "group_size", "residual_length"})
+    if unknown:
+        raise ValueError(f"unknown cache_config key(s) {unknown} for cache_implementation={CACHE_IMPLEMENTATION!r}; "
+                         "allowed keys: bits, group_size, residual_length")
+    return QuantizedKVCache(**config)
