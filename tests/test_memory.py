@@ -271,3 +271,15 @@ def test_measure_memory_rejects_bad_input_and_unmeasurable_methods():
         measure_memory(cfg, "training", optimizer="lion", device="cpu")
     with pytest.raises(NotImplementedError, match="arrive with the PEFT issue"):
         measure_memory(cfg, "training", training="qlora", efficiency_config=INT4, device="cpu")
+
+
+def test_peak_memory_of_sees_a_temporary_allocation():
+    from hf_efficiency.memory.measure import peak_memory_of
+
+    def work():
+        big = torch.ones(64 * 2**20 // 4)  # 64 MiB, freed before returning
+        return float(big[0])
+
+    result, peak, seconds = peak_memory_of(work)
+    assert result == 1.0 and seconds >= 0
+    assert 60 * 2**20 < peak < 200 * 2**20

@@ -117,6 +117,20 @@ class _Peak:
         return _status_kib("VmHWM")
 
 
+def peak_memory_of(fn, device: str | torch.device = "cpu") -> tuple[Any, int, float]:
+    """Run ``fn()`` and return ``(its result, peak bytes above the memory in use before it, seconds)``;
+    on CPU from the process's resident-set high-water mark (Linux), on CUDA from the allocator."""
+    _pin_allocator()
+    _trim()
+    peak = _Peak(torch.device(device))
+    base = peak.current()
+    peak.reset()
+    start = time.perf_counter()
+    result = fn()
+    seconds = time.perf_counter() - start
+    return result, max(peak.peak() - base, 0), seconds
+
+
 # --- model construction ---------------------------------------------------------------------
 def _fill_random(model: nn.Module) -> None:
     """Touch every quantized buffer (``torch.empty`` pages are not resident until written)."""
