@@ -88,9 +88,9 @@ def main() -> None:
         singles.append(out[0, p.numel():])
         plain_s.append(secs)
     batches = [prompts[i:i + 4] for i in range(0, len(prompts), 4)]
-    plain_b = sum(timed(lambda b=b: target.generate(*left_pad(b, tok.pad_token_id or 0)[:1],
-                                                    attention_mask=left_pad(b, tok.pad_token_id or 0)[1],
-                                                    **greedy))[1] for b in batches)
+    padded = [left_pad(b, tok.pad_token_id or 0) for b in batches]
+    plain_b = sum(timed(lambda ids=ids, mask=mask: target.generate(ids, attention_mask=mask, **greedy))[1]
+                  for ids, mask in padded)
     plain_total = sum(plain_s)
     hf_n = min(args.hf_prompts, len(prompts))
     rows = [{"draft": "none (plain greedy)", "identical_b1": f"{len(prompts)}/{len(prompts)}",
@@ -123,8 +123,7 @@ def main() -> None:
             row_passes, tokens = row_passes + s.row_passes, tokens + s.new_tokens
             secs1.append(secs)
         secs4 = 0.0
-        for i, b in enumerate(batches):
-            ids, mask = left_pad(b, tok.pad_token_id or 0)
+        for i, (b, (ids, mask)) in enumerate(zip(batches, padded)):
             out, secs = timed(lambda ids=ids, mask=mask: target.generate(ids, attention_mask=mask, draft_model=draft,
                                                                          speculative=spec, **greedy))
             secs4 += secs

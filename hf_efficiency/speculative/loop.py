@@ -110,10 +110,7 @@ class DraftLength:
         self.ratio = r if self.ratio is None else self.decay * self.ratio + (1 - self.decay) * r
         a = min(self.accepted / max(self.accepted + self.rejections, 1e-9), 0.995)
 
-        def rate(k: int) -> float:
-            return (1 - a ** (k + 1)) / (1 - a) / (1 + self.ratio * k)
-
-        self.k = max(range(1, self.k_max + 1), key=rate)
+        self.k = max(range(1, self.k_max + 1), key=lambda k: expected_tokens_per_pass(a, k) / (1 + self.ratio * k))
 
 
 def _eos_list(eos_token_id: int | Iterable[int] | Tensor | None) -> list[int]:
