@@ -205,3 +205,83 @@ def test_speculative_greedy_identity_on_smollm2_every_draft_kind(bundled):
             assert torch.equal(out[r, width:], refs[r]), (draft, r)
         if draft == "bfloat16":  # benchmarks/speculative.py: 97 % acceptance, 0.13 passes per token
             assert model.last_speculative_stats.target_passes_per_token <= 0.6
+
+
+def _left_padded_pair(windows, pad_id, length=96, pad=17):
+    ids = windows[:2, :length].clone()
+    mask = torch.ones_like(ids)
+    ids[1, :pad], mask[1, :pad] = pad_id, 0
+    return ids, mask
+
+
+def test_blockwise_path_matches_eager_on_padded_gqa_batch_cached_decoding_and_generate(bundled, monkeypatch):
+    """SmolLM2 has grouped-query attention (9 query heads, 3 key/value heads). The block-wise path is
+    forced; its logits agree with eager's as closely as sdpa's do (float32 summation order over 30
+    layers), and greedy generation is token-identical to sdpa's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.cache_utils import DynamicCache
+
+    path, windows, _ = bundled
+    pad_id = AutoTokenizer.from_pretrained(path).pad_token_id
+    monkeypatch.setenv("HF_EFFICIENCY_ATTENTION_PATH", "blockwise")
+    models = {impl: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=impl).eval()
+              for impl in ("eager", "sdpa", "hf_efficiency_blockwise")}
+    ids, mask = _left_padded_pair(windows, pad_id)
+    logits, cached = {}, {}
+    with torch.no_grad():
+        for impl, model in models.items():
+            logits[impl] = model(ids, attention_mask=mask).logits
+            cache = DynamicCache()  # prefill 80 tokens, then 16 single-token steps through the cache
+            model(ids[:, :80], attention_mask=mask[:, :80], cache=cache)
+            steps = [model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache).logits
+                     for t in range(80, 96)]
+            cached[impl] = torch.cat(steps, dim=1)
+    valid = mask.bool()
+    scale = float(logits["eager"][valid].abs().max())
+    for outputs in (logits, cached):
+        view = (lambda t: t[valid]) if outputs is logits else (lambda t: t)
+        block = float((view(outputs["hf_efficiency_blockwise"]) - view(outputs["eager"])).abs().max())
+        sdpa = float((view(outputs["sdpa"]) - view(outputs["eager"])).abs().max())
+        assert block <= 1e-5 * scale, (block, scale)  # relative to the logit scale (about 20)
+        assert block <= 2 * sdpa + 1e-6, (block, sdpa)
+    assert torch.allclose(cached["hf_efficiency_blockwise"], logits["eager"][:, 80:96], atol=1e-5 * scale, rtol=0)
+    greedy = {"attention_mask": mask, "max_new_tokens": 24, "min_new_tokens": 24, "do_sample": False}
+    out = models["hf_efficiency_blockwise"].generate(ids, **greedy)
+    assert torch.equal(out, models["sdpa"].generate(ids, **greedy))
+
+
+def test_int8_kv_cache_within_1_percent_at_2k_context_and_lowrank_error_falls_with_rank(bundled):
+    """int8 cache at 2k context (chunks of 256 through the cache): perplexity within 1 % of the float
+    cache and about a quarter of its bytes; low-rank attention is exact when its window covers the
+    sequence and its error falls as landmarks and window grow."""
+    import math
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.cache_utils import DynamicCache
+
+    from hf_efficiency.attention import QuantizedKVCache
+    from hf_efficiency.data import load_text, token_windows
+
+    path, windows, fp_ppl = bundled
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    window = token_windows(AutoTokenizer.from_pretrained(path), load_text("kjv", "evaluation"), 2048, 2048)[0]
+    ppl, nbytes = {}, {}
+    for name, cache in (("float", DynamicCache()), ("int8", QuantizedKVCache(8, 64))):
+        nll = 0.0
+        with torch.no_grad():
+            for s in range(0, 2048, 256):
+                logits = model(window[None, s:s + 256], cache=cache).logits[0]
+                target = window[s + 1:s + 257]
+                nll += float(torch.nn.functional.cross_entropy(logits[:target.numel()], target, reduction="sum"))
+        ppl[name] = math.exp(nll / 2047)
+        nbytes[name] = cache.nbytes() if name == "int8" else sum(
+            t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    assert abs(ppl["int8"] / ppl["float"] - 1) < 0.01, ppl
+    assert 0.25 < nbytes["int8"] / nbytes["float"] < 0.28, nbytes  # 1 byte + 4 bytes of scales per 64 values
+
+    lowrank = {}
+    for landmarks, win in ((16, 64), (64, 256), (128, 512)):
+        _, lowrank[win] = _ppl(path, windows, attn_implementation="hf_efficiency_lowrank",
+                               efficiency_config={"attention": {"lowrank_landmarks": landmarks, "lowrank_window": win}})
+    assert abs(lowrank[512] / fp_ppl - 1) < 1e-4, (lowrank, fp_ppl)  # windows of 512 tokens: exact
+    assert lowrank[64] > lowrank[256] > fp_ppl, (lowrank, fp_ppl)
