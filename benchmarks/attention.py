@@ -37,7 +37,7 @@ import torch.nn.functional as F  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from transformers.cache_utils import DynamicCache  # noqa: E402
 
-from hf_efficiency.attention import QuantizedKVCache  # noqa: E402
+from hf_efficiency.attention import QuantizedKVCache, cache_nbytes  # noqa: E402
 from hf_efficiency.data import bundled_model_path, load_text, token_windows  # noqa: E402
 
 OUT = Path(ROOT) / "benchmarks" / "results"
@@ -139,11 +139,6 @@ def copy_cache(source: DynamicCache, spec: tuple[int, int] | None):
         cache.update(layer.keys.clone(), layer.values.clone(), i)
     return cache
 
-
-def cache_nbytes(cache) -> int:
-    if hasattr(cache, "nbytes"):
-        return cache.nbytes()
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
 def decode_table(path: str, tok, lengths: list[int], steps: int) -> list[dict]:

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from transformers.cache_utils import DynamicCache  # noqa: E402
 
-from hf_efficiency.attention import QuantizedKVCache  # noqa: E402
+from hf_efficiency.attention import QuantizedKVCache, cache_nbytes  # noqa: E402
 from hf_efficiency.data import bundled_model_path, load_text, token_windows  # noqa: E402
 
 WINDOW, CHUNK, WINDOWS = 2048, 256, 2
@@ -33,11 +33,6 @@ CACHES = {"float32 (DynamicCache)": DynamicCache, "int8 g64": lambda: QuantizedK
           "int4 g32 + 128 float": lambda: QuantizedKVCache(4, 32, residual_length=128),
           "int2 g32": lambda: QuantizedKVCache(2, 32)}
 
-
-def cache_bytes(cache) -> int:
-    if hasattr(cache, "nbytes"):
-        return cache.nbytes()
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
 def main() -> None:
@@ -60,7 +55,7 @@ def main() -> None:
                 nll -= float(logp.gather(1, target[:, None]).sum())
                 n += target.numel()
         rows.append({"cache": name, "perplexity": round(math.exp(nll / n), 4),
-                     "bytes_per_token": cache_bytes(cache) / cache.get_seq_length(),
+                     "bytes_per_token": cache_nbytes(cache) / cache.get_seq_length(),
                      "seconds": round(time.perf_counter() - start, 1)})
         print(rows[-1], flush=True)
     base = rows[0]

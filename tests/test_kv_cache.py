@@ -7,7 +7,7 @@ import torch
 from conftest import make_tiny_llama
 from transformers.cache_utils import DynamicCache
 
-from hf_efficiency.attention.kv_cache import QuantizedKVCache, QuantizedKVLayer
+from hf_efficiency.attention.kv_cache import QuantizedKVCache, QuantizedKVLayer, cache_nbytes
 from hf_efficiency.attention.kv_quant import dequantize_kv, kv_bytes_per_token, quantize_kv
 
 
@@ -40,6 +40,11 @@ def test_generate_with_the_quantized_cache_and_its_size():
         assert cache.get_seq_length() == 31
         per_token = kv_bytes_per_token(2, 2, 16, bits, 16)
         assert cache.nbytes() == 2 * 31 * per_token and cache.bytes_per_token() == per_token
+        assert cache_nbytes(cache) == cache.nbytes()
+    dynamic = DynamicCache()
+    assert cache_nbytes(dynamic) == 0
+    model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, cache=dynamic)
+    assert cache_nbytes(dynamic) == 2 * 31 * 2 * (2 * 2 * 16 * 4)  # rows x tokens x layers x (k, v) heads dim fp32
     assert kv_bytes_per_token(2, 2, 16, None, 16) == 256  # float16: 2 (k, v) x 2 layers x 2 heads x 16 x 2 bytes
 
 

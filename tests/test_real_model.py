@@ -259,7 +259,7 @@ def test_int8_kv_cache_within_1_percent_at_2k_context_and_lowrank_error_falls_wi
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.cache_utils import DynamicCache
 
-    from hf_efficiency.attention import QuantizedKVCache
+    from hf_efficiency.attention import QuantizedKVCache, cache_nbytes
     from hf_efficiency.data import load_text, token_windows
 
     path, windows, fp_ppl = bundled
@@ -274,8 +274,7 @@ def test_int8_kv_cache_within_1_percent_at_2k_context_and_lowrank_error_falls_wi
                 target = window[s + 1:s + 257]
                 nll += float(torch.nn.functional.cross_entropy(logits[:target.numel()], target, reduction="sum"))
         ppl[name] = math.exp(nll / 2047)
-        nbytes[name] = cache.nbytes() if name == "int8" else sum(
-            t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+        nbytes[name] = cache_nbytes(cache)
     assert abs(ppl["int8"] / ppl["float"] - 1) < 0.01, ppl
     assert 0.25 < nbytes["int8"] / nbytes["float"] < 0.28, nbytes  # 1 byte + 4 bytes of scales per 64 values
 

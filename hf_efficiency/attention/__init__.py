@@ -1,4 +1,4 @@
-"""Attention implementations and KV caches (issue 7, in progress).
+"""Attention implementations and KV caches.
 
 * ``attn_implementation="hf_efficiency_blockwise"``: exact attention, block-wise online softmax
   (`blockwise.py`, `functions.py`; registered with transformers' ``AttentionInterface``).
@@ -17,7 +17,7 @@ from .functions import (
     lowrank_attention_forward,
     lowrank_settings,
 )
-from .kv_cache import QuantizedKVCache, QuantizedKVLayer
+from .kv_cache import QuantizedKVCache, QuantizedKVLayer, cache_nbytes
 from .kv_quant import dequantize_kv, kv_bytes_per_token, quantize_kv
 from .lowrank import lowrank_attention
 
@@ -29,6 +29,7 @@ __all__ = [
     "attention_path",
     "blockwise_attention",
     "blockwise_attention_forward",
+    "cache_nbytes",
     "dequantize_kv",
     "kv_bytes_per_token",
     "lowrank_attention",

@@ -137,6 +137,15 @@ class QuantizedKVCache(Cache):
         return self.nbytes() / length / (self.layers[0].keys.shape[0] if self.layers else 1) if length else 0.0
 
 
+def cache_nbytes(cache: Cache) -> int:
+    """Bytes a cache holds: `QuantizedKVCache.nbytes` for ours, keys plus values for any other
+    ``transformers.Cache`` whose layers keep float tensors (``DynamicCache``, ``StaticCache``)."""
+    if hasattr(cache, "nbytes"):
+        return cache.nbytes()
+    return sum(t.numel() * t.element_size() for layer in cache.layers if layer.is_initialized
+               for t in (layer.keys, layer.values))
+
+
 def saved_kv_cache(model) -> QuantizedKVCache | None:
     """A new `QuantizedKVCache` as the model's saved ``EfficiencyConfig(attention={"kv_cache_bits": ...})``
     asks, or ``None``."""
