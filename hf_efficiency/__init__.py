@@ -14,13 +14,16 @@ from .config import (  # noqa: E402
     ActivationSpec,
     CalibrationSpec,
     EfficiencyConfig,
+    PeftSpec,
     QuantizationSpec,
     SpeculativeConfig,
     SpeculativeSpec,
 )
 from .attention import QuantizedKVCache  # noqa: E402
 from .memory import MemoryBreakdown, MemoryMeasurement, TrainingSetup, estimate_memory, measure_memory  # noqa: E402
+from .peft import apply_peft  # noqa: E402
 from .quant import QuantLinear, quantize_weight  # noqa: E402
+from .quant.qat import convert_qat, prepare_qat  # noqa: E402
 from .registry import register  # noqa: E402
 
 register()
@@ -47,6 +50,7 @@ __all__ = [
     "EfficiencyConfig",
     "MemoryBreakdown",
     "MemoryMeasurement",
+    "PeftSpec",
     "QuantLinear",
     "QuantizationSpec",
     "QuantizedKVCache",
@@ -54,6 +58,9 @@ __all__ = [
     "SpeculativeSpec",
     "TrainingSetup",
     "__version__",
+    "apply_peft",
+    "convert_qat",
+    "prepare_qat",
     "estimate_memory",
     "measure_memory",
     "quantize_weight",

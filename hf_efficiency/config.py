@@ -412,6 +412,78 @@ class AttentionSpec(Section):
                 _fail(s, key, value, f"an integer >= {low}")
 
 
+@dataclass
+class PeftSpec(Section):
+    """Parameter-efficient fine-tuning methods peft lacks (applied by `hf_efficiency.peft.methods.apply_peft`).
+
+    Args:
+        method: ``"bitfit"`` (train only bias terms), ``"freeze"`` (freeze the input embedding and the
+            lower ``freeze_layers`` decoder layers, train the rest) or ``"adapters"`` (bottleneck
+            adapters; only they train). Required.
+        freeze_layers: decoder layers frozen from the bottom by ``"freeze"`` (0 .. number of layers).
+        bitfit_targets: module-name patterns whose biases ``"bitfit"`` trains (a full name, a
+            ``.``-suffix such as ``"v_proj"``, or a regex matching the whole name). ``None``: every
+            linear and every bias inside the decoder layers (the head and embeddings excluded).
+        bitfit_add_missing: give target linears without a bias (Llama's) a zero-initialized one.
+        adapter_size: bottleneck width of each adapter.
+        adapter_placement: ``"pfeiffer"`` (one adapter on the MLP output of every layer) or
+            ``"houlsby"`` (one on the attention output and one on the MLP output).
+        adapter_nonlinearity: ``"relu"``, ``"gelu"`` or ``"silu"`` between the projections.
+        adapter_init_scale: standard deviation of the down-projection's normal initialization (the
+            up-projection and both biases start at zero, so a new adapter is the identity).
+        trainable_modules: module-name patterns (as ``bitfit_targets``) whose floating-point parameters
+            also train, e.g. ``["norm"]`` for the norms (peft's ``modules_to_save``); ``None``: none.
+    """
+
+    section_name: ClassVar[str] = "peft"
+    METHODS: ClassVar[tuple[str, ...]] = ("bitfit", "freeze", "adapters")
+    PLACEMENTS: ClassVar[tuple[str, ...]] = ("pfeiffer", "houlsby")
+    NONLINEARITIES: ClassVar[tuple[str, ...]] = ("relu", "gelu", "silu")
+
+    method: str | None = None
+    freeze_layers: int = 0
+    bitfit_targets: list[str] | None = None
+    bitfit_add_missing: bool = True
+    adapter_size: int = 64
+    adapter_placement: str = "pfeiffer"
+    adapter_nonlinearity: str = "relu"
+    adapter_init_scale: float = 0.01
+    trainable_modules: list[str] | None = None
+
+    def validate(self) -> None:
+        s = self.section_name
+        if self.method not in self.METHODS:
+            _fail(s, "method", self.method, ", ".join(self.METHODS))
+        for key, low in (("freeze_layers", 0), ("adapter_size", 1)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                _fail(s, key, value, f"an integer >= {low}")
+        if not isinstance(self.bitfit_add_missing, bool):
+            _fail(s, "bitfit_add_missing", self.bitfit_add_missing, "True, False")
+        if self.adapter_placement not in self.PLACEMENTS:
+            _fail(s, "adapter_placement", self.adapter_placement, ", ".join(self.PLACEMENTS))
+        if self.adapter_nonlinearity not in self.NONLINEARITIES:
+            _fail(s, "adapter_nonlinearity", self.adapter_nonlinearity, ", ".join(self.NONLINEARITIES))
+        if (isinstance(self.adapter_init_scale, bool) or not isinstance(self.adapter_init_scale, (int, float))
+                or not 0 < self.adapter_init_scale <= 1):
+            _fail(s, "adapter_init_scale", self.adapter_init_scale, "a number in (0, 1]")
+        self.adapter_init_scale = float(self.adapter_init_scale)
+        for key in ("bitfit_targets", "trainable_modules"):
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value or not all(
+                isinstance(p, str) and p for p in value
+            ):
+                _fail(s, key, value, "None or a non-empty list of module-name patterns")
+            for pattern in value:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    _fail(s, key, value, f"valid patterns ({pattern!r} is not a regex: {exc})")
+            setattr(self, key, list(value))
+
+
 #: section name -> Section class. Later features register theirs with `register_section`.
 SECTIONS: dict[str, type[Section]] = {
     "quantization": QuantizationSpec,
@@ -419,6 +491,7 @@ SECTIONS: dict[str, type[Section]] = {
     "activations": ActivationSpec,
     "speculative": SpeculativeSpec,
     "attention": AttentionSpec,
+    "peft": PeftSpec,
 }
 
 

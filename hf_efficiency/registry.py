@@ -20,12 +20,19 @@
    ``cache_config``) builds one;
 6. registers the attention functions ``hf_efficiency_blockwise`` and ``hf_efficiency_lowrank`` with
    ``AttentionInterface``, and transformers' boolean ``sdpa_mask`` builder under the same names with
-   ``AttentionMaskInterface``.
+   ``AttentionMaskInterface``;
+7. when peft is installed, teaches it our `QuantLinear`: LoRA and IA3 layer classes are dispatched
+   for it (``LoraModel._create_new_module`` / ``IA3Model._create_new_module`` try ours first),
+   ``target_modules="all-linear"`` includes it, and ``prepare_model_for_kbit_training`` enables
+   gradient checkpointing and input gradients for our models as it does for the quantizers it knows.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.abc
+import importlib.util
+import sys
 from typing import Any
 
 _PATCH_MARK = "_hf_efficiency_original"
@@ -72,6 +79,7 @@ def _patch_from_pretrained() -> None:
                     "(efficiency_config is an alias of quantization_config=EfficiencyConfig(...))"
                 )
             kwargs["quantization_config"] = EfficiencyConfig.coerce(efficiency_config)
+        _patch_peft()  # peft may have been half-imported when we registered
         return original(cls, *args, **kwargs)
 
     setattr(from_pretrained, _PATCH_MARK, original)
@@ -149,6 +157,113 @@ def _register_attention() -> None:
     AttentionMaskInterface.register(LOWRANK, sdpa_mask)
 
 
+def _wrap_static(owner: Any, name: str, make) -> None:
+    """Replace the static method ``owner.name`` by ``make(original)``, once (reload-safe)."""
+    current = owner.__dict__[name]
+    current = current.__func__ if isinstance(current, staticmethod) else current
+    original = getattr(current, _PATCH_MARK, current)
+    wrapper = make(original)
+    setattr(wrapper, _PATCH_MARK, original)
+    setattr(owner, name, staticmethod(wrapper))
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """One-shot import hook: run ``callback`` right after module ``name`` has been executed."""
+
+    def __init__(self, name: str, callback) -> None:
+        self.name, self.callback = name, callback
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)  # one shot; find_spec below must not find us again
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_callback(module):
+            exec_module(module)
+            self.callback()
+
+        spec.loader.exec_module = exec_then_callback
+        return spec
+
+
+_PEFT_PATCHED = False
+
+
+def _patch_peft() -> None:
+    """Teach peft our `QuantLinear` now if peft is imported, else right after it is: importing peft
+    here could run inside transformers' own initialization (the autoload hook imports us there). When
+    peft is half-imported right now (transformers' Trainer imports peft, which imports transformers'
+    models, which run our autoload), nothing can be done yet: every ``from_pretrained`` retries."""
+    if _PEFT_PATCHED:
+        return
+    module = sys.modules.get("peft")
+    if module is not None and not getattr(getattr(module, "__spec__", None), "_initializing", False):
+        _apply_peft_patches()
+    elif module is None and not any(isinstance(f, _AfterImport) and f.name == "peft" for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport("peft", _apply_peft_patches))
+
+
+def _apply_peft_patches() -> None:
+    global _PEFT_PATCHED
+    try:
+        import peft
+        from peft.tuners import tuners_utils
+        from peft.tuners.ia3.model import IA3Model
+        from peft.tuners.lora.model import LoraModel
+        from peft.utils import other as peft_other
+    except ImportError:
+        return
+    from .peft.ia3 import dispatch_ia3
+    from .peft.lora import dispatch_lora
+    from .quant.linear import QuantLinear
+
+    def dispatching(ours):
+        def make(original):
+            @functools.wraps(original)
+            def _create_new_module(config, adapter_name, target, **kwargs):
+                module = ours(target, adapter_name, config, **kwargs)
+                return module if module is not None else original(config, adapter_name, target, **kwargs)
+
+            return _create_new_module
+
+        return make
+
+    _wrap_static(LoraModel, "_create_new_module", dispatching(dispatch_lora))
+    _wrap_static(IA3Model, "_create_new_module", dispatching(dispatch_ia3))
+
+    current = tuners_utils._maybe_include_all_linear_layers
+    original_all_linear = getattr(current, _PATCH_MARK, current)
+
+    @functools.wraps(original_all_linear)
+    def _maybe_include_all_linear_layers(peft_config, model):
+        targets = getattr(peft_config, "target_modules", None)
+        all_linear = isinstance(targets, str) and targets.lower() == "all-linear"
+        peft_config = original_all_linear(peft_config, model)
+        if all_linear:
+            head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+            nested = {f"{prefix}.{suffix}" for prefix, m in model.named_modules()
+                      if isinstance(m, tuners_utils.BaseTunerLayer) for suffix, _ in m.named_modules() if suffix}
+            ours = {n for n, m in model.named_modules() if isinstance(m, QuantLinear) and m is not head} - nested
+            peft_config.target_modules = set(peft_config.target_modules) | ours
+        return peft_config
+
+    setattr(_maybe_include_all_linear_layers, _PATCH_MARK, original_all_linear)
+    tuners_utils._maybe_include_all_linear_layers = _maybe_include_all_linear_layers
+
+    from .peft.kbit import prepare_model_for_kbit_training
+
+    current = peft_other.prepare_model_for_kbit_training
+    setattr(prepare_model_for_kbit_training, _PATCH_MARK, getattr(current, _PATCH_MARK, current))
+    for module in (peft_other, peft.utils, peft):
+        if hasattr(module, "prepare_model_for_kbit_training"):
+            module.prepare_model_for_kbit_training = prepare_model_for_kbit_training
+    _PEFT_PATCHED = True
+
+
 def register() -> None:
     """Register hf-efficiency with transformers (safe to call any number of times)."""
     _register_quantizer()
@@ -157,6 +272,7 @@ def register() -> None:
     _patch_push_to_hub()
     _patch_generate()
     _register_attention()
+    _patch_peft()
 
 
 def is_registered() -> bool:

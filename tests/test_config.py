@@ -53,7 +53,7 @@ def test_bad_values_name_key_and_allowed_values(section, message):
 
 
 def test_unknown_section_and_bad_section_type():
-    with pytest.raises(ValueError, match=r"unknown EfficiencyConfig section\(s\) 'quantisation'; allowed sections: activations, attention, calibration, quantization, speculative$"):
+    with pytest.raises(ValueError, match=r"unknown EfficiencyConfig section\(s\) 'quantisation'; allowed sections: activations, attention, calibration, peft, quantization, speculative$"):
         EfficiencyConfig(quantisation={"bits": 4})
     with pytest.raises(ValueError, match=r"section 'quantization' must be a dict or QuantizationSpec, got int"):
         EfficiencyConfig(quantization=4)

@@ -41,11 +41,38 @@ def test_select_path_on_cuda(bits, group, sym, in_f, out_f, dtype, expected):
     assert kernels.select_path(q, _x("cuda", dtype)) == expected
 
 
+def test_training_path_saves_no_weight_and_gives_the_float_gradients():
+    lin, q = _q(4, 64, False)
+    q.bias.requires_grad_(True)
+    x = torch.randn(3, 5, 256, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = q(x)
+    assert q.last_path == "dequant_autograd" and sum(saved) == 0  # F.linear would keep the 64 KiB weight
+    g = torch.randn_like(y)
+    y.backward(g)
+    x_ref = x.detach().clone().requires_grad_(True)
+    b_ref = q.bias.detach().clone().requires_grad_(True)
+    ref = torch.nn.functional.linear(x_ref, q.dequantize_weight(), b_ref)
+    ref.backward(g)
+    assert torch.allclose(y, ref, atol=1e-6)
+    assert torch.allclose(x.grad, x_ref.grad, atol=1e-5) and torch.allclose(q.bias.grad, b_ref.grad, atol=1e-5)
+    with torch.no_grad():
+        q(x)
+    assert q.last_path == "dequant"
+
+
 def test_cpu_takes_dequant_path_and_env_override(monkeypatch):
     lin, q = _q(8, None, True)
     x = torch.randn(2, 256)
     assert kernels.select_path(q, x) == "dequant"
-    y = q(x)
+    with torch.no_grad():
+        y = q(x)
     assert q.last_path == "dequant"
     assert torch.allclose(y, torch.nn.functional.linear(x, q.dequantize_weight(), lin.bias), atol=1e-6)
     monkeypatch.setenv("HF_EFFICIENCY_KERNEL", "nonsense")

@@ -117,6 +117,34 @@ def test_activation_rules_match_autograd_lora(targets, dropout):
     assert est.trainable_parameters == trainable
 
 
+@pytest.mark.parametrize("training", [{"method": "bitfit"}, {"method": "adapters", "adapter_size": 16},
+                                      {"method": "adapters", "adapter_size": 16, "adapter_placement": "houlsby",
+                                       "adapter_nonlinearity": "silu"}])
+def test_activation_rules_match_autograd_for_our_peft_methods(training):
+    from hf_efficiency.peft.methods import apply_peft
+
+    model = apply_peft(make_tiny_llama(num_hidden_layers=3), training)
+    est, got = _saved(model, training)
+    assert est.activations == pytest.approx(got, rel=0.01)
+    assert est.trainable_parameters == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_activation_rules_match_autograd_qlora(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    make_tiny_llama().save_pretrained(tmp_path)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path, efficiency_config=INT4)
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear"))
+    setup = {"method": "qlora", "lora_rank": 4, "lora_targets": "all-linear"}
+    est = estimate_memory(peft_model.config, "training", dtype="float32", training=setup, efficiency_config=INT4,
+                          batch_size=2, sequence_length=64, device="cpu")
+    peft_model.train()
+    got = saved_activation_bytes(peft_model, input_ids=torch.randint(0, 257, (2, 64)))
+    # the quantized base saves what a float base saves: its dequantized weights are never kept
+    assert est.activations == pytest.approx(got, rel=0.01)
+
+
 def test_activation_rules_freeze_lower_layers_and_checkpointing():
     model = make_tiny_llama(num_hidden_layers=4)
     model.model.embed_tokens.requires_grad_(False)
@@ -180,8 +208,8 @@ def test_peft_lora_config_is_accepted():
         (dict(mode="training", training={"method": "lora", "lora_rank": 100}), "lora_rank=100 is larger than"),
         (dict(mode="training", training="qlora"), "needs a quantized base"),
         (dict(mode="training", training="full", efficiency_config=INT4), "use 'qlora'"),
-        (dict(mode="training", training="bitfit"), "has none"),
-        (dict(mode="training", training={"method": "freeze", "freeze_layers": 2}), "freezes every one"),
+        (dict(mode="training", training={"method": "bitfit", "bitfit_add_missing": False}), "has none"),
+        (dict(mode="training", training={"method": "freeze", "freeze_layers": 3}), "larger than the model's 2"),
         (dict(mode="training", training={"method": "lora", "lora_targets": ("nope",)}), "matched no linear"),
         (dict(mode="train"), "mode='train' is not allowed"),
         (dict(dtype="int8"), "dtype='int8' is not allowed"),
@@ -265,12 +293,22 @@ def test_cli_estimate_json_compare_and_plot(tmp_path, capsys):
     assert "weights" in text and "KV cache" in text and "total" in text
 
 
-def test_measure_memory_rejects_bad_input_and_unmeasurable_methods():
+def test_measure_memory_rejects_bad_input():
     cfg = make_tiny_llama().config
     with pytest.raises(ValueError, match="optimizer='lion' is not allowed"):
         measure_memory(cfg, "training", optimizer="lion", device="cpu")
-    with pytest.raises(NotImplementedError, match="arrive with the PEFT issue"):
-        measure_memory(cfg, "training", training="qlora", efficiency_config=INT4, device="cpu")
+
+
+@pytest.mark.parametrize("training", ["qlora", "bitfit", {"method": "adapters", "adapter_size": 16},
+                                      {"method": "adapters", "adapter_size": 16, "adapter_placement": "houlsby"}])
+def test_measure_memory_builds_every_peft_layout(training):
+    cfg = make_tiny_llama().config
+    quantized = INT4 if training == "qlora" else None
+    measured = measure_memory(cfg, "training", training=training, efficiency_config=quantized, device="cpu",
+                              batch_size=1, sequence_length=32, steps=1)
+    estimated = estimate_memory(cfg, "training", training=training, efficiency_config=quantized, device="cpu",
+                                batch_size=1, sequence_length=32)
+    assert measured.trainable_parameters == estimated.trainable_parameters
 
 
 def test_peak_memory_of_sees_a_temporary_allocation():

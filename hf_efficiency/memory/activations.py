@@ -45,11 +45,15 @@ class LayerTraining:
     lora_dropout: float = 0.0
     dropout_mask_bytes: int = 1  # bool mask of CUDA's fused dropout; CPU keeps a float mask
     adapter_size: int = 0
+    adapter_count: int = 1  # 2 for Houlsby placement (after attention and after the MLP)
+    adapter_keeps_both: bool = False  # the nonlinearity saves its input (silu, gelu) besides relu's output
+    bias_trainable: dict[str, bool] = field(default_factory=lambda: dict.fromkeys(ROLES, False))  # BitFit
 
     @property
     def trains(self) -> bool:
         return (
             self.norm_trainable
+            or any(self.bias_trainable.values())
             or any(self.weight_trainable.values())
             or any(self.lora_modules.values())
             or self.adapter_size > 0
@@ -74,6 +78,12 @@ def _lora_extra(t: LayerTraining, role: str, width: int, act_bytes: int, input_g
     return extra
 
 
+def attention_needs_grad(t: LayerTraining) -> bool:
+    """Whether the gradient flows through the layer's attention (its q, k, v need gradients)."""
+    return (t.grad_in or t.norm_trainable or t.weight_trainable["attn_in"] or t.lora_modules["attn_in"] > 0
+            or t.bias_trainable["attn_in"])
+
+
 def layer_saved_bytes(
     shape: ModelShape, t: LayerTraining, seq: int, act_bytes: int, attn_implementation: str = "sdpa"
 ) -> int:
@@ -88,7 +98,10 @@ def layer_saved_bytes(
         per_token += 4 * h
     if t.norm_trainable:
         per_token += a * h
-    attn_in_grad = t.grad_in or t.norm_trainable or t.weight_trainable["attn_in"] or t.lora_modules["attn_in"] > 0
+    # a trained bias needs the gradient at its linear's output: a trained attn_in bias needs it through
+    # the attention, an attn_out bias in the residual stream after it, an mlp_in bias through the MLP's
+    # activation; an mlp_out bias is served by the layer's output gradient
+    attn_in_grad = attention_needs_grad(t)
     if _input_saved(t, "attn_in"):
         per_token += a * h
     per_token += _lora_extra(t, "attn_in", h, a, t.grad_in or t.norm_trainable)
@@ -106,7 +119,8 @@ def layer_saved_bytes(
     elif _input_saved(t, "attn_out"):
         per_token += a * q
     per_token += _lora_extra(t, "attn_out", q, a, attn_in_grad)
-    mid_grad = attn_in_grad or t.weight_trainable["attn_out"] or t.lora_modules["attn_out"] > 0
+    mid_grad = (attn_in_grad or t.weight_trainable["attn_out"] or t.lora_modules["attn_out"] > 0
+                or t.bias_trainable["attn_out"] or (t.adapter_size > 0 and t.adapter_count > 1))
     # post-attention norm
     if mid_grad:
         per_token += 4 * h
@@ -115,14 +129,16 @@ def layer_saved_bytes(
     if _input_saved(t, "mlp_in"):
         per_token += a * h
     per_token += _lora_extra(t, "mlp_in", h, a, mid_grad or t.norm_trainable)
-    mlp_grad = mid_grad or t.norm_trainable or t.weight_trainable["mlp_in"] or t.lora_modules["mlp_in"] > 0
+    mlp_grad = (mid_grad or t.norm_trainable or t.weight_trainable["mlp_in"] or t.lora_modules["mlp_in"] > 0
+                or t.bias_trainable["mlp_in"])
     if mlp_grad:
         per_token += a * (3 * i if shape.gated_mlp else i)
     if _input_saved(t, "mlp_out"):
         per_token += a * i
     per_token += _lora_extra(t, "mlp_out", i, a, mlp_grad)
-    if t.adapter_size:
-        per_token += a * (h + 2 * t.adapter_size)
+    if t.adapter_size:  # float32 adapters keep a float32 copy of h and the bottleneck activation (relu's
+        # output is also the up-projection's input; silu and gelu keep their input as well)
+        per_token += t.adapter_count * 4 * (h + (2 if t.adapter_keeps_both else 1) * t.adapter_size)
     return seq * (per_token + scores)
 
 
@@ -132,13 +148,14 @@ def checkpointed_layer_bytes(shape: ModelShape, seq: int, act_bytes: int) -> int
 
 
 def head_saved_bytes(shape: ModelShape, seq: int, act_bytes: int, *, grad: bool, norm_trainable: bool,
-                     lm_head_trainable: bool) -> int:
-    """Final norm and lm_head input, per sequence (the loss buffers are counted as logits)."""
+                     lm_head_trainable: bool, attention_grad: bool = True) -> int:
+    """Final norm and lm_head input, per sequence (the loss buffers are counted as logits), and the
+    rotary cos/sin when the gradient flows through some layer's attention."""
     if not grad:
         return 0
     h = shape.hidden_size
     per_token = 4 * h + (act_bytes * h if norm_trainable else 0) + (act_bytes * h if lm_head_trainable else 0)
-    rope = 2 * shape.head_dim * act_bytes  # cos and sin, shared by every layer
+    rope = 2 * shape.head_dim * act_bytes if attention_grad else 0  # cos and sin, shared by every layer
     return seq * (per_token + rope)
 
 

@@ -27,6 +27,7 @@ from torch import nn
 
 from .activations import (
     ATTENTION_IMPLEMENTATIONS,
+    attention_needs_grad,
     checkpointed_layer_bytes,
     head_saved_bytes,
     inference_layer_workspace,
@@ -420,7 +421,7 @@ def estimate_memory(
         per_seq = sum(layer_saved_bytes(shape, lt, seq, a, attn_implementation) for lt in plan.layers)
     per_seq += head_saved_bytes(
         shape, seq, a, grad=plan.trainable_parameters > 0, norm_trainable=plan.final_norm_trainable,
-        lm_head_trainable=plan.lm_head_trainable,
+        lm_head_trainable=plan.lm_head_trainable, attention_grad=any(attention_needs_grad(lt) for lt in plan.layers),
     )
     out.activations = batch_size * per_seq
     out.logits = batch_size * training_logits_bytes(shape, seq, a)

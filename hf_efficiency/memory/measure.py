@@ -57,6 +57,7 @@ class MemoryMeasurement:
     baseline_bytes: int
     seconds: float
     scenario: dict[str, Any] = field(default_factory=dict)
+    trainable_parameters: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -166,23 +167,26 @@ def build_model(config, *, dtype: torch.dtype, efficiency_config=None, setup: Tr
         model.requires_grad_(False)
         return model
     if setup.uses_lora:
-        if efficiency_config is not None and efficiency_config.quantization is not None:
-            raise NotImplementedError("measuring QLoRA needs LoRA on QuantLinear, which arrives with the PEFT issue")
         from peft import LoraConfig, get_peft_model
 
+        from ..registry import _patch_peft
+
+        _patch_peft()  # LoRA on QuantLinear (a no-op once peft knows it)
         targets = setup.lora_targets if isinstance(setup.lora_targets, str) else list(setup.lora_targets)
         model = get_peft_model(model, LoraConfig(r=setup.lora_rank, target_modules=targets,
                                                  lora_dropout=setup.lora_dropout))
-    elif setup.method == "bitfit":
-        for name, p in model.named_parameters():
-            p.requires_grad_(name.endswith(".bias"))
-    elif setup.method == "freeze":
-        model.get_input_embeddings().requires_grad_(False)
-        layers = next(m for m in model.modules() if isinstance(m, nn.ModuleList))
-        for layer in list(layers)[: setup.freeze_layers]:
-            layer.requires_grad_(False)
-    elif setup.method == "adapters":
-        raise NotImplementedError("measuring bottleneck adapters arrives with the PEFT issue")
+    elif setup.method != "full":
+        from ..peft.methods import apply_peft
+
+        spec = {"method": setup.method}
+        if setup.method == "bitfit":
+            spec["bitfit_add_missing"] = setup.bitfit_add_missing
+        elif setup.method == "freeze":
+            spec["freeze_layers"] = setup.freeze_layers
+        else:
+            spec.update(adapter_size=setup.adapter_size, adapter_placement=setup.adapter_placement,
+                        adapter_nonlinearity=setup.adapter_nonlinearity)
+        model = apply_peft(model, spec)
     return model
 
 
@@ -291,11 +295,6 @@ def measure_memory(
                     mixed_precision=mixed_precision, device=device, steps=steps,
                     pin_allocator=pin_allocator, efficiency_config=None if eff is None else eff.to_dict(),
                     training=None if setup is None else asdict(setup))
-    if setup is not None and (setup.method == "adapters" or (setup.uses_lora and eff is not None and eff.quantization)):
-        raise NotImplementedError(
-            f"measuring training={setup.method!r} needs LoRA on QuantLinear / bottleneck adapters, which arrive "
-            "with the PEFT issue; estimate_memory covers it already"
-        )
     if isolate:
         return _measure_in_subprocess(config, scenario)
     weight_dtype = resolve_dtype(dtype, config)
@@ -319,6 +318,7 @@ def measure_memory(
                         attn_implementation=attn_implementation, device=device)
     _trim()
     resident = peak.current() - baseline
+    trainable = sum(p.numel() for p in built.parameters() if p.requires_grad)
     _run(built, mode, steps=steps, peak=peak, **run)
     top = peak.peak() - baseline
     seconds = time.perf_counter() - start
@@ -328,7 +328,7 @@ def measure_memory(
         device=device,
         method="cuda_max_memory_allocated" if dev.type == "cuda" else ("rss_vmhwm_pinned" if pinned else "rss_vmhwm"),
         peak_bytes=top, resident_after_setup=resident, baseline_bytes=baseline, seconds=seconds,
-        scenario=scenario,
+        scenario=scenario, trainable_parameters=trainable,
     )
 
 

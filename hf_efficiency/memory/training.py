@@ -15,6 +15,7 @@ from .shapes import ModelShape, decoder_layer_prefixes
 
 TRAINING_METHODS = ("full", "lora", "qlora", "bitfit", "adapters", "freeze")
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+ADAPTER_PLACEMENTS = ("pfeiffer", "houlsby")
 
 
 @dataclass
@@ -25,8 +26,11 @@ class TrainingSetup:
     * ``lora`` / ``qlora``: rank-``lora_rank`` adapters on the linears named by ``lora_targets``
       (module-name suffixes as in peft's ``target_modules``, or ``"all-linear"``); ``qlora``
       additionally requires a quantized base (``efficiency_config`` with ``quantization``);
-    * ``bitfit``: only the bias terms;
-    * ``adapters``: a bottleneck adapter of width ``adapter_size`` after every MLP;
+    * ``bitfit``: only the bias terms inside the decoder layers; with ``bitfit_add_missing`` (default,
+      as in ``EfficiencyConfig(peft={"method": "bitfit"})``) every linear there without a bias gets a
+      zero-initialized trainable one;
+    * ``adapters``: a float32 bottleneck adapter of width ``adapter_size`` after every MLP
+      (``adapter_placement="pfeiffer"``), or after the attention and after the MLP (``"houlsby"``);
     * ``freeze``: the input embedding and the lower ``freeze_layers`` decoder layers are frozen,
       everything above trains (with tied embeddings the shared matrix is frozen too).
     """
@@ -36,6 +40,9 @@ class TrainingSetup:
     lora_targets: tuple[str, ...] | str = DEFAULT_LORA_TARGETS
     lora_dropout: float = 0.0
     adapter_size: int = 64
+    adapter_placement: str = "pfeiffer"
+    adapter_nonlinearity: str = "relu"
+    bitfit_add_missing: bool = True
     freeze_layers: int = 0
 
     def __post_init__(self) -> None:
@@ -47,6 +54,9 @@ class TrainingSetup:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{key}={value!r} is not allowed; allowed values: integers >= 1")
+        if self.adapter_placement not in ADAPTER_PLACEMENTS:
+            raise ValueError(f"adapter_placement={self.adapter_placement!r} is not allowed; allowed values: "
+                             f"{', '.join(ADAPTER_PLACEMENTS)}")
         if not isinstance(self.freeze_layers, int) or self.freeze_layers < 0:
             raise ValueError(f"freeze_layers={self.freeze_layers!r} is not allowed; allowed values: integers >= 0")
         if not 0.0 <= float(self.lora_dropout) < 1.0:
@@ -182,18 +192,33 @@ def plan_training(
         for name, p in params:
             mark(name, p)
     elif setup.method == "bitfit":
-        for name, p in params:
-            if name.endswith(".bias"):
-                mark(name, p)
-        if not trainable:
+        for name, module in model.named_modules():
+            k = layer_index(name)
+            if k is None or not name:
+                continue
+            bias = dict(module.named_parameters(recurse=False)).get("bias")
+            linear = hasattr(module, "in_features") and hasattr(module, "out_features")
+            if bias is None and not (linear and setup.bitfit_add_missing):
+                continue
+            role = linear_role(name, module, shape) if linear else None
+            if bias is not None:
+                mark(f"{name}.bias", bias)
+            else:
+                added.append((module.out_features,))
+            if role is not None:
+                layers[k].bias_trainable[role] = True
+            else:
+                layers[k].norm_trainable = True
+        if not trainable and not added:
             raise ValueError(
-                f"BitFit trains bias terms, and this {shape.model_type} model has none; choose another method"
+                f"BitFit trains bias terms, and this {shape.model_type} model has none; choose another method "
+                "or let it add zero-initialized ones (bitfit_add_missing=True)"
             )
     elif setup.method == "freeze":
-        if setup.freeze_layers >= shape.num_layers:
+        if setup.freeze_layers > shape.num_layers:
             raise ValueError(
-                f"freeze_layers={setup.freeze_layers} freezes every one of the {shape.num_layers} layers; "
-                f"allowed values: 0..{shape.num_layers - 1}"
+                f"freeze_layers={setup.freeze_layers} is larger than the model's {shape.num_layers} layers; "
+                f"allowed values: 0..{shape.num_layers}"
             )
         for name, p in params:
             k = layer_index(name)
@@ -225,9 +250,11 @@ def plan_training(
             lt.dropout_mask_bytes = dropout_mask_bytes
     elif setup.method == "adapters":
         m, h = setup.adapter_size, shape.hidden_size
-        added.extend([(m, h), (m,), (h, m), (h,)] * shape.num_layers)
+        count = 2 if setup.adapter_placement == "houlsby" else 1
+        added.extend([(m, h), (m,), (h, m), (h,)] * count * shape.num_layers)
         for lt in layers:
-            lt.adapter_size = setup.adapter_size
+            lt.adapter_size, lt.adapter_count = setup.adapter_size, count
+            lt.adapter_keeps_both = setup.adapter_nonlinearity != "relu"
     # a layer's input needs a gradient when anything below it trains
     below = flags["embedding"]
     for lt in layers:

@@ -19,6 +19,12 @@ Paths, chosen per call by :func:`select_path`:
 Outliers (``weight_outlier_*``) are only applied by the ``dequant`` path, so modules that keep
 them always take it.
 
+Training through a frozen quantized layer (QLoRA, BitFit on its bias, adapters, prompt tuning) takes
+``"dequant_autograd"`` whenever the input or the bias needs a gradient: the forward dequantizes, and the
+backward dequantizes again instead of keeping the float weight alive between forward and backward
+(what ``F.linear`` on a dequantized weight would save: a float copy of every layer's weight). Activations
+then cost what they cost with a float base, as bitsandbytes' 4-bit layers do.
+
 Kernel layouts are built once per module and cached outside the state dict, so the saved
 format never changes. ``HF_EFFICIENCY_KERNEL=dequant`` forces the reference path.
 """
@@ -38,6 +44,7 @@ if TYPE_CHECKING:
     from .linear import QuantLinear
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
+KERNEL_PATHS = ("dequant", "cuda_int8", "cuda_int4", "w8a8")
 INT4_INNER_K_TILES = 8
 
 
@@ -108,9 +115,37 @@ def _cached(module: "QuantLinear", key: str, build):
     return cache[key]
 
 
+class _DequantLinear(torch.autograd.Function):
+    """``F.linear(x, W_hat, b)`` that saves nothing for backward: the weight is dequantized again there."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, module: "QuantLinear") -> torch.Tensor:
+        ctx.module = module
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return F.linear(x, dequantize_weight(module, x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad_x = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ dequantize_weight(ctx.module, grad.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_b = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_b, None
+
+
+def _needs_grad(module: "QuantLinear", x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or (module.bias is not None and module.bias.requires_grad))
+
+
 def quant_linear_forward(module: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
-    """``x @ W_hat.T + b`` through the path :func:`select_path` picks."""
+    """``x @ W_hat.T + b`` through the path :func:`select_path` picks (``dequant_autograd`` in training)."""
     path = select_path(module, x)
+    if path not in KERNEL_PATHS:
+        raise ValueError(f"unknown kernel path {path!r}; allowed values: {', '.join(KERNEL_PATHS)}")
+    if _needs_grad(module, x):
+        module.last_path = "dequant_autograd"
+        return _DequantLinear.apply(x, module.bias, module)
     module.last_path = path
     if path == "cuda_int8":
         w, s = _cached(module, f"int8-{x.dtype}", lambda: int8_kernel_layout(module, x.dtype))
@@ -122,10 +157,8 @@ def quant_linear_forward(module: "QuantLinear", x: torch.Tensor) -> torch.Tensor
         out = out.reshape(*x.shape[:-1], module.out_features)
     elif path == "dequant":
         return F.linear(x, dequantize_weight(module, x.dtype), module.bias)
-    elif path == "w8a8":
+    else:  # w8a8
         return w8a8_forward(module, x)
-    else:
-        raise ValueError(f"unknown kernel path {path!r}; allowed values: dequant, cuda_int8, cuda_int4, w8a8")
     if module.bias is not None:
         out = out + module.bias.to(out.dtype)
     return out

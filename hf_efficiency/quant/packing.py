@@ -13,6 +13,7 @@ as weights.
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 
@@ -65,6 +66,16 @@ def unpack(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     lead = words.shape[:-1]
     blocks = words.shape[-1] // bits
     mask = (1 << bits) - 1
+    if bits in (8, 4) and sys.byteorder == "little":  # measured faster; 2-bit is faster word-wise
+        # code j of a word sits at bits [bits*j, bits*(j+1)): on a little-endian machine byte k of the
+        # word holds codes 8k/bits ... in its low-to-high bits, so split the bytes instead of the words
+        b = words.contiguous().view(torch.uint8)  # [..., W * 4]
+        if bits == 8:
+            codes = b
+        else:
+            shifts = torch.arange(0, 8, bits, device=words.device, dtype=torch.uint8)
+            codes = ((b.unsqueeze(-1) >> shifts) & mask).reshape(*lead, -1)
+        return codes[..., :n]
     if 32 % bits == 0:
         shifts = torch.arange(0, 32, bits, device=words.device, dtype=torch.int32)
         codes = (words.unsqueeze(-1) >> shifts) & mask  # arithmetic shift; the mask drops sign bits

@@ -84,13 +84,18 @@ class EfficiencyHfQuantizer(HfQuantizer):
         return None if act is None else act.mode
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-        if self.quantization_config.quantization is None or self._calibrates:
-            return model  # calibrated methods quantize after the float weights are loaded
-        self.quantized_modules = replace_with_quant_linear(
-            model, self.quantization_config.quantization, self._skip_list(model), self._act_mode()
-        )
-        if self.pre_quantized and checkpoint_files:
-            validate_checkpoint(model, checkpoint_files)
+        # calibrated methods quantize after the float weights are loaded
+        if self.quantization_config.quantization is not None and not self._calibrates:
+            self.quantized_modules = replace_with_quant_linear(
+                model, self.quantization_config.quantization, self._skip_list(model), self._act_mode()
+            )
+            if self.pre_quantized and checkpoint_files:
+                validate_checkpoint(model, checkpoint_files)
+        if getattr(self.quantization_config, "peft", None) is not None:
+            from ..peft.methods import build_peft_structure
+
+            # the saved adapters/biases then load by name; a float base checkpoint has none yet
+            build_peft_structure(model, self.quantization_config.peft, expect_missing=not self.pre_quantized)
         return model
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
@@ -103,6 +108,11 @@ class EfficiencyHfQuantizer(HfQuantizer):
         return QuantizeOp(self)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        peft = getattr(self.quantization_config, "peft", None)
+        if peft is not None:
+            from ..peft.methods import init_unloaded_peft_parameters
+
+            init_unloaded_peft_parameters(model, warn=self.pre_quantized)  # before any calibration pass
         if self._calibrates:
             from .pipeline import quantize_calibrated
 
@@ -125,6 +135,10 @@ class EfficiencyHfQuantizer(HfQuantizer):
             if isinstance(module, QuantLinear):
                 module.requires_grad_(False)
                 module.__dict__.pop("_kernel_cache", None)
+        if peft is not None:
+            from ..peft.methods import mark_trainable
+
+            mark_trainable(model, peft)
         return model
 
     def _calibration_tokenizer(self, model):
@@ -155,8 +169,9 @@ class EfficiencyHfQuantizer(HfQuantizer):
 
     @property
     def is_qat_trainable(self) -> bool:
-        # Nothing is weight-quantized: full fine-tuning of a model carrying only other sections.
-        return self.quantization_config.quantization is None
+        # Nothing is weight-quantized (full fine-tuning of a model carrying only other sections), or a
+        # peft section trains float parameters (adapters, biases) beside the quantized weights.
+        return self.quantization_config.quantization is None or getattr(self.quantization_config, "peft", None) is not None
 
     def _dequantize(self, model, dtype=None):
         count = dequantize_model(model, dtype or torch.float32)
