@@ -9,7 +9,6 @@ express, so it is merged like LoRA: dequantize, scale in float32, re-quantize wi
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -19,7 +18,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
 from ..quant.linear import QuantLinear
 from ..quant.requantize import requantize_linear
-from .lora import _snapshot
+from .lora import _snapshot, restore_pre_merge
 
 
 class QuantIA3Linear(ia3_layer.Linear):
@@ -76,15 +75,7 @@ class QuantIA3Linear(ia3_layer.Linear):
 
     def unmerge(self) -> None:
         """Restore the quantized tensors (and bias) exactly as they were before the first merge."""
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
-            return
-        base = self.get_base_layer()
-        for name, t in self._pre_merge.items():
-            getattr(base, name).data = t
-        base.__dict__.pop("_kernel_cache", None)
-        self._pre_merge = None
-        self.merged_adapters.clear()
+        restore_pre_merge(self)
 
     def __repr__(self) -> str:
         return "ia3." + super().__repr__()

@@ -40,6 +40,19 @@ def _snapshot(module: QuantLinear) -> dict[str, torch.Tensor]:
             if name.startswith("weight")}
 
 
+def restore_pre_merge(layer) -> None:
+    """``unmerge`` of our LoRA and IA3 layers: put back the base's tensors saved before the first merge."""
+    if not layer.merged:
+        warnings.warn("Already unmerged. Nothing to do.")
+        return
+    base = layer.get_base_layer()
+    for name, t in layer._pre_merge.items():
+        getattr(base, name).data = t
+    base.__dict__.pop("_kernel_cache", None)
+    layer._pre_merge = None
+    layer.merged_adapters.clear()
+
+
 class QuantLoraLinear(lora_layer.Linear):
     """peft's LoRA ``Linear`` over a `QuantLinear`: the forward is peft's (frozen quantized base plus
     ``B(A(dropout(x))) * scaling``); merging goes through the quantized scheme.
@@ -127,15 +140,7 @@ class QuantLoraLinear(lora_layer.Linear):
 
     def unmerge(self) -> None:
         """Restore the quantized tensors exactly as they were before the first merge."""
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
-            return
-        base = self.get_base_layer()
-        for name, t in self._pre_merge.items():
-            getattr(base, name).data = t
-        base.__dict__.pop("_kernel_cache", None)
-        self._pre_merge = None
-        self.merged_adapters.clear()
+        restore_pre_merge(self)
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
