@@ -151,6 +151,12 @@ def test_convert_qat_logits_and_save_reload_round_trip(tmp_path, ids, tie):
     assert reloaded.config.quantization_config.quantization.bits == 3
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, logits)
+    # the converted model is an ordinary quantized model (dtype given: after save_pretrained config.dtype is a str,
+    # which EfficiencyHfQuantizer._dequantize does not convert yet)
+    floats = model.dequantize(dtype=torch.float32)
+    assert type(floats.model.layers[0].mlp.up_proj) is nn.Linear and not floats.is_quantized
+    with torch.no_grad():
+        assert torch.equal(floats(ids).logits, logits)
 
 
 def test_mixed_widths_and_bfloat16_round_trip(tmp_path, ids):
@@ -195,6 +201,11 @@ def test_bad_input_errors():
         prepare_qat(make_tiny_llama(), {"quantization": {"bits": 3, "clip": "mse"}})
     with pytest.raises(ValueError, match="outliers=0.01 is not supported"):
         prepare_qat(make_tiny_llama(), {"quantization": {"bits": 3, "outliers": 0.01}})
+    with pytest.raises(ValueError, match="a 'peft' section is not supported"):
+        prepare_qat(make_tiny_llama(), {**W3, "peft": {"method": "bitfit"}})
+    with pytest.raises(ValueError, match="remove the 'activations' section"):
+        prepare_qat(make_tiny_llama(), {"quantization": {"bits": 8, "group_size": None, "symmetric": True},
+                                        "activations": {"mode": "dynamic"}})
     with pytest.raises(ValueError, match="matched no nn.Linear module"):
         prepare_qat(make_tiny_llama(), {"quantization": {"bits": 3, "modules_to_not_convert": [".*"]}})
     with pytest.raises(TypeError, match="needs a transformers PreTrainedModel"):

@@ -207,6 +207,11 @@ def _qat_config(config: EfficiencyConfig | QuantizationSpec | dict[str, Any]) ->
         )
     if getattr(config, "activations", None) is not None:
         raise ValueError("quantization-aware training quantizes weights only; remove the 'activations' section")
+    if getattr(config, "peft", None) is not None:
+        raise ValueError(
+            "quantization-aware training fine-tunes the float weights themselves; a 'peft' section is not supported "
+            "with prepare_qat (apply the peft method to the converted model instead)"
+        )
     return config
 
 
@@ -255,7 +260,7 @@ def prepare_qat(model: nn.Module, config: EfficiencyConfig | QuantizationSpec | 
     # keep the other sections (attention, speculative, ...) of an EfficiencyConfig the model already carries
     carried = {name: section.to_dict() for name in SECTIONS if (section := saved_section(model, name)) is not None}
     if carried:
-        config = EfficiencyConfig(**{**carried, **config.to_dict()})
+        config = _qat_config({**carried, **config.to_dict()})
     spec = config.quantization
     skip = _skip_list(model, config)
     names = linears_to_quantize(model, skip)

@@ -174,6 +174,8 @@ class EfficiencyHfQuantizer(HfQuantizer):
         return self.quantization_config.quantization is None or getattr(self.quantization_config, "peft", None) is not None
 
     def _dequantize(self, model, dtype=None):
+        if isinstance(dtype, str):  # a saved config's dtype is a string
+            dtype = getattr(torch, dtype)
         count = dequantize_model(model, dtype or torch.float32)
         logger.info(f"dequantized {count} QuantLinear modules to {dtype}")
         return model

@@ -1,6 +1,6 @@
 """Parameter-efficient fine-tuning on the bundled SmolLM2-135M (CPU): one table, same data and steps.
 
-    PYTHONPATH=. python benchmarks/peft.py [--steps 30] [--methods all]
+    PYTHONPATH=. python benchmarks/peft_methods.py [--steps 30] [--methods all]
 
 Every method trains from the same fp32 SmolLM2-135M-Instruct on the same KJV training rows (``--steps``
 steps of ``--batch`` x 128 tokens, AdamW at the method's usual learning rate, constant) and is scored on
