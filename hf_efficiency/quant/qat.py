@@ -30,7 +30,7 @@ from ..config import SECTIONS, EfficiencyConfig, QuantizationSpec, saved_section
 from .linear import QuantLinear, scale_dtype_of
 from .mixed import bits_for_module
 from .replace import _set_submodule, linears_to_quantize
-from .scheme import _codes, _params, dequantize_codes
+from .scheme import dequantize_codes, minmax_codes
 
 #: attribute of a prepared model holding its `EfficiencyConfig`
 QAT_ATTRIBUTE = "hf_efficiency_qat"
@@ -51,15 +51,7 @@ def fake_quantize_weight(
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
     dtype = dtype or weight.dtype
-    w = weight.detach().float()
-    out, n = w.shape
-    g = n if group_size is None else group_size
-    groups = -(-n // g)
-    pad = groups * g - n
-    # a partial last group is padded by repeating its last column: its min/max are unchanged
-    wg = (torch.cat([w, w[:, -1:].expand(out, pad)], 1) if pad else w).reshape(out, groups, g)
-    scale, minimum = _params(wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True), bits, symmetric, scale_dtype)
-    codes = _codes(wg, scale, minimum, bits).reshape(out, groups * g)[:, :n]
+    codes, scale, minimum = minmax_codes(weight, bits, group_size, symmetric, scale_dtype)
     return dequantize_codes(
         codes, scale.squeeze(-1), None if minimum is None else minimum.squeeze(-1), bits, group_size, dtype
     )

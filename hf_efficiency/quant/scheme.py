@@ -168,6 +168,16 @@ def fake_quantize(
 ) -> torch.Tensor:
     """``quantize_weight(...).dequantize()`` without packing (min/max range, no clip search):
     the float32 weight the rounded model would compute with. Used inside searches."""
+    codes, scale, minimum = minmax_codes(weight, bits, group_size, symmetric, scale_dtype)
+    return dequantize_codes(codes, scale.squeeze(-1), None if minimum is None else minimum.squeeze(-1), bits,
+                            group_size, torch.float32)
+
+
+def minmax_codes(
+    weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Round-to-nearest on each group's min/max range, unpacked: float codes ``[out, in]`` and the
+    stored scale and minimum ``[out, G, 1]`` (the minimum ``None`` when symmetric)."""
     w = weight.detach().float()
     out, n = w.shape
     g = n if group_size is None else group_size
@@ -176,7 +186,7 @@ def fake_quantize(
     # pad the partial last group by repeating its last column: min/max are unchanged
     wg = (torch.cat([w, w[:, -1:].expand(out, pad)], 1) if pad else w).reshape(out, groups, g)
     scale, minimum = _params(wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True), bits, symmetric, scale_dtype)
-    return _recon(_codes(wg, scale, minimum, bits), scale, minimum, bits).reshape(out, -1)[:, :n]
+    return _codes(wg, scale, minimum, bits).reshape(out, groups * g)[:, :n], scale, minimum
 
 
 def dequantize_codes(
