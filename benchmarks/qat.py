@@ -38,8 +38,9 @@ import time
 from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# this checkout first; and not benchmarks/ itself, whose peft.py would shadow the peft package Trainer imports
-sys.path[:] = [ROOT] + [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+# this checkout first, then benchmarks/ (the KJV rows of the distillation benchmark)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
@@ -49,42 +50,16 @@ import hf_efficiency  # noqa: F401  (registers the quantizer)
 from hf_efficiency.data import KJV_SPLITS, bundled_model_path, kjv_passages, load_text, token_windows
 from hf_efficiency.evaluate import perplexity
 from hf_efficiency.quant.qat import convert_qat, prepare_qat
+from distillation import BLOCK, Rows, blocks  # noqa: E402  (the same KJV rows as the distillation benchmark)
 
 RESULTS = Path(ROOT) / "benchmarks" / "results"
 WORK = Path(os.environ.get("HF_EFFICIENCY_BENCH_DIR", "/tmp/hf_efficiency_qat_bench"))
-BLOCK = 128
 SCHEMES = {
     "w3-g64": {"quantization": {"method": "rtn", "bits": 3, "group_size": 64, "symmetric": False}},
     "w2-g32": {"quantization": {"method": "rtn", "bits": 2, "group_size": 32, "symmetric": False}},
 }
 EXPERIMENTS = ("fp32", "ptq-w3-g64", "qat-w3-g64", "finetune", "finetune+ptq-w3-g64", "ptq-w2-g32", "qat-w2-g32",
                "finetune+ptq-w2-g32")
-
-
-class Rows(torch.utils.data.Dataset):
-    def __init__(self, ids: torch.Tensor):
-        self.ids = ids
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        x = self.ids[i]
-        return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
-
-
-def blocks(tokenizer, passages: list[str], n_rows: int, seed: int) -> torch.Tensor:
-    """``n_rows`` seeded-random 128-token blocks of the concatenated passages (as benchmarks/distillation.py)."""
-    ids: list[int] = []
-    for p in passages:
-        ids += tokenizer(p + "\n", add_special_tokens=False)["input_ids"]
-        if len(ids) >= n_rows * 40 * BLOCK:
-            break
-    rows = torch.tensor(ids[: len(ids) // BLOCK * BLOCK]).view(-1, BLOCK)
-    rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))]
-    if len(rows) < n_rows:
-        raise ValueError(f"only {len(rows)} rows of text, need {n_rows}")
-    return rows[:n_rows]
 
 
 class Bench:
