@@ -21,8 +21,10 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 QUANT_METHOD = "hf_efficiency"
 #: Version of the on-disk format written by this installation. Bumped on incompatible changes:
-#: 2 added methods hqq/awq/gptq, outliers, mixed precision and int8 activations.
-FORMAT_VERSION = 2
+#: 2 added methods hqq/awq/gptq, outliers, mixed precision and int8 activations; 3 added
+#: ``quantization.module_formats`` (5/6-bit codes, any group size, per-module scale dtype, act-order
+#: ``weight_perm``), written by the community-format readers (GGUF, GPTQ, AWQ, compressed-tensors).
+FORMAT_VERSION = 3
 
 _SCALE_DTYPES = ("float16", "bfloat16", "float32")
 
@@ -113,6 +115,11 @@ class QuantizationSpec(Section):
             zero point. It lowers the weight error further but, measured on SmolLM2-135M, raises
             perplexity (it clips the largest weights, like the ``mse`` clip search), so the
             default is HQQ's own zero-point-only optimization.
+        module_formats: storage format of individual modules, by full module name: ``{name: {"bits",
+            "group_size", "symmetric", "scale_dtype", "act_order"}}`` (missing keys take the
+            section's values; ``act_order`` defaults to ``False``). Written by the readers of community
+            checkpoints (GGUF, GPTQ, AWQ, compressed-tensors), whose files mix formats per tensor and use
+            widths (5, 6 bits) and group sizes (16) the algorithms here do not produce.
     """
 
     section_name: ClassVar[str] = "quantization"
@@ -141,6 +148,10 @@ class QuantizationSpec(Section):
     gptq_block_size: int = 128
     hqq_iters: int = 20
     hqq_optimize_scale: bool = False
+    module_formats: dict[str, dict[str, Any]] | None = None
+
+    FORMAT_KEYS: ClassVar[tuple[str, ...]] = ("bits", "group_size", "symmetric", "scale_dtype", "act_order")
+    STORAGE_BITS: ClassVar[tuple[int, ...]] = (2, 3, 4, 5, 6, 8)
 
     def validate(self) -> None:
         s = self.section_name
@@ -206,6 +217,42 @@ class QuantizationSpec(Section):
             _fail(s, "gptq_block_size", self.gptq_block_size, "a positive integer")
         if isinstance(self.hqq_iters, bool) or not isinstance(self.hqq_iters, int) or not 1 <= self.hqq_iters <= 1000:
             _fail(s, "hqq_iters", self.hqq_iters, "an integer in [1, 1000]")
+        if self.module_formats is not None:
+            if not isinstance(self.module_formats, dict):
+                _fail(s, "module_formats", self.module_formats, "None or a dict {module name: format dict}")
+            self.module_formats = {name: self._check_format(name, fmt) for name, fmt in self.module_formats.items()}
+
+    def _check_format(self, name: str, fmt: Any) -> dict[str, Any]:
+        key = f"module_formats[{name!r}]"
+        if not isinstance(name, str) or not isinstance(fmt, dict):
+            _fail(self.section_name, key, fmt, "a dict with keys " + ", ".join(self.FORMAT_KEYS))
+        unknown = sorted(set(fmt) - set(self.FORMAT_KEYS))
+        if unknown:
+            _fail(self.section_name, key, fmt, "a dict with keys " + ", ".join(self.FORMAT_KEYS))
+        out = {k: fmt.get(k, getattr(self, k, False)) for k in self.FORMAT_KEYS}
+        if isinstance(out["bits"], bool) or out["bits"] not in self.STORAGE_BITS:
+            _fail(self.section_name, f"{key}.bits", out["bits"], ", ".join(map(str, self.STORAGE_BITS)))
+        g = out["group_size"]
+        if g == -1:
+            out["group_size"] = g = None
+        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
+            _fail(self.section_name, f"{key}.group_size", g, "None or a positive integer")
+        for flag in ("symmetric", "act_order"):
+            if not isinstance(out[flag], bool):
+                _fail(self.section_name, f"{key}.{flag}", out[flag], "True, False")
+        if out["scale_dtype"] not in _SCALE_DTYPES:
+            _fail(self.section_name, f"{key}.scale_dtype", out["scale_dtype"], ", ".join(_SCALE_DTYPES))
+        return out
+
+    def format_of(self, name: str) -> dict[str, Any]:
+        """Storage format of module ``name``: its ``module_formats`` entry, else the section's own
+        (with the ``module_bits`` width)."""
+        if self.module_formats and name in self.module_formats:
+            return dict(self.module_formats[name])
+        from .quant.mixed import bits_for_module
+
+        return {"bits": bits_for_module(name, self), "group_size": self.group_size, "symmetric": self.symmetric,
+                "scale_dtype": self.scale_dtype, "act_order": False}
 
     @property
     def needs_calibration(self) -> bool:
@@ -514,7 +561,7 @@ class EfficiencyConfig(QuantizationConfigMixin):
     written by a newer hf-efficiency is refused with an upgrade hint.
     """
 
-    _LOAD_ONLY = ("dequantize",)
+    _LOAD_ONLY = ("dequantize", "keep_compressed")
 
     def __init__(
         self,
@@ -522,6 +569,7 @@ class EfficiencyConfig(QuantizationConfigMixin):
         format_version: int = FORMAT_VERSION,
         dequantize: bool = False,
         base_model: str | None = None,
+        keep_compressed: bool = False,
         **sections: Any,
     ) -> None:
         if quant_method != QUANT_METHOD:
@@ -545,6 +593,11 @@ class EfficiencyConfig(QuantizationConfigMixin):
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
         self.dequantize = bool(dequantize)
+        if not isinstance(keep_compressed, bool):
+            raise ValueError(f"keep_compressed={keep_compressed!r} is not allowed; allowed values: True, False")
+        #: load-only: read a community compressed checkpoint (GGUF ``gguf_file=``, or a GPTQ / AWQ /
+        #: compressed-tensors folder) into our quantized modules, keeping its bits (see ``hf_efficiency.formats``)
+        self.keep_compressed = keep_compressed
         if base_model is not None and not isinstance(base_model, str):
             raise ValueError(f"base_model={base_model!r} is not allowed; allowed values: None or a model id string")
         self.base_model = base_model

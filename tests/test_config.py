@@ -19,7 +19,7 @@ def test_defaults_and_round_trip_through_dict_and_json():
             "clip_max_shrink": 0.5, "scale_dtype": "float16", "modules_to_not_convert": None,
             "outliers": 0.0, "module_bits": None, "target_bits": None, "bits_choices": [2, 3, 4, 8],
             "awq_grid": 20, "awq_clip": True, "gptq_damp": 0.01, "gptq_act_order": False,
-            "gptq_block_size": 128, "hqq_iters": 20, "hqq_optimize_scale": False,
+            "gptq_block_size": 128, "hqq_iters": 20, "hqq_optimize_scale": False, "module_formats": None,
         },
     }
     again = EfficiencyConfig.from_dict(json.loads(cfg.to_json_string()))

@@ -7,7 +7,7 @@ from hf_efficiency.quant.packing import pack, packed_words, unpack
 from hf_efficiency.quant.scheme import dequantize_codes, quantize_weight
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 @pytest.mark.parametrize("n", [1, 31, 32, 33, 96, 100, 576])
 def test_pack_unpack_round_trip_and_dense_size(bits, n):
     g = torch.Generator().manual_seed(bits * 1000 + n)
@@ -28,8 +28,8 @@ def test_pack_layout_is_little_endian_bit_stream():
 
 
 def test_pack_rejects_unsupported_bits():
-    with pytest.raises(ValueError, match=r"bits=5 is not supported; allowed values: \(2, 3, 4, 8\)"):
-        pack(torch.zeros(1, 4, dtype=torch.long), 5)
+    with pytest.raises(ValueError, match=r"bits=7 is not supported; allowed values: \(2, 3, 4, 5, 6, 8\)"):
+        pack(torch.zeros(1, 4, dtype=torch.long), 7)
 
 
 def test_asymmetric_exact_numbers():

@@ -56,7 +56,7 @@ def expected_tensors(model: nn.Module) -> dict[str, tuple[str, tuple[int, ...]]]
     out: dict[str, tuple[str, tuple[int, ...]]] = {}
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
-            for attr in ("weight", "weight_scale", "weight_min"):
+            for attr in ("weight", "weight_scale", "weight_min", "weight_perm"):
                 t = getattr(module, attr)
                 if t is not None:
                     out[f"{name}.{attr}"] = (_DTYPE_NAMES.get(str(t.dtype), str(t.dtype)), tuple(t.shape))

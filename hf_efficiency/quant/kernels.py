@@ -16,8 +16,8 @@ Paths, chosen per call by :func:`select_path`:
   ``HF_EFFICIENCY_W8A8_PATH`` picks another of :data:`~.activation.INT8_LINEAR_PATHS`
   (same numbers, different speed).
 
-Outliers (``weight_outlier_*``) are only applied by the ``dequant`` path, so modules that keep
-them always take it.
+Outliers (``weight_outlier_*``) and act-order column permutations (``weight_perm``) are only applied by
+the ``dequant`` path, so modules that hold them always take it.
 
 Training through a frozen quantized layer (QLoRA, BitFit on its bias, adapters, prompt tuning) takes
 ``"dequant_autograd"`` whenever the input or the bias needs a gradient: the forward dequantizes, and the
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .packing import unpack
-from .scheme import apply_outliers, dequantize_codes
+from .scheme import apply_outliers, dequantize_codes, unpermute_columns
 
 if TYPE_CHECKING:
     from .linear import QuantLinear
@@ -61,7 +61,7 @@ def path_for(module: "QuantLinear", device_type: str, dtype: torch.dtype) -> str
     forced = os.environ.get("HF_EFFICIENCY_KERNEL")
     if forced:
         return forced
-    if device_type != "cuda" or getattr(module, "outliers", 0):
+    if device_type != "cuda" or getattr(module, "outliers", 0) or getattr(module, "weight_perm", None) is not None:
         return "dequant"
     if module.bits == 8 and module.symmetric and module.group_size is None and dtype in (torch.float16, torch.bfloat16):
         return "cuda_int8"
@@ -81,6 +81,7 @@ def dequantize_weight(module: "QuantLinear", dtype: torch.dtype) -> torch.Tensor
     """The module's float weight ``[out, in]`` in ``dtype``."""
     codes = unpack(module.weight, module.bits, module.in_features)
     w = dequantize_codes(codes, module.weight_scale, module.weight_min, module.bits, module.group_size, dtype)
+    w = unpermute_columns(w, getattr(module, "weight_perm", None))
     return apply_outliers(w, module.weight_outlier_index, module.weight_outlier_value)
 
 

@@ -9,6 +9,8 @@ State (the checkpoint keys, so a saved model reloads by name):
 * ``weight_outlier_index`` / ``weight_outlier_value``: ``[out, k]`` column indices (int16, or
   int32 beyond 32767 columns) and float16 values of the weights kept exactly (outlier keeping)
 * ``input_scale``: scalar float32 activation scale (static int8 activations only)
+* ``weight_perm``: int32 ``[in]`` (act-order checkpoints only, e.g. GPTQ ``desc_act``): stored column
+  ``j`` holds input feature ``weight_perm[j]``, so each group's columns stay contiguous
 
 The module does not know which algorithm produced its tensors.
 """
@@ -60,6 +62,7 @@ class QuantLinear(nn.Module):
         device: torch.device | str | None = None,
         outliers: int = 0,
         act_mode: str | None = None,
+        act_order: bool = False,
     ) -> None:
         super().__init__()
         if act_mode not in ACT_MODES:
@@ -104,6 +107,12 @@ class QuantLinear(nn.Module):
             self.input_scale = nn.Parameter(torch.ones((), dtype=torch.float32, device=device), requires_grad=False)
         else:
             self.register_parameter("input_scale", None)
+        if act_order:
+            self.weight_perm = nn.Parameter(
+                torch.arange(in_features, dtype=torch.int32, device=device), requires_grad=False
+            )
+        else:
+            self.register_parameter("weight_perm", None)
 
     @classmethod
     def from_linear(
@@ -139,6 +148,7 @@ class QuantLinear(nn.Module):
             device=linear.weight.device,
             outliers=0 if q.outlier_index is None else q.outlier_index.shape[1],
             act_mode=act_mode,
+            act_order=q.perm is not None,
         )
         module.load_quantized(q)
         if linear.bias is not None:
@@ -164,6 +174,10 @@ class QuantLinear(nn.Module):
         if k:
             self.weight_outlier_index.data = q.outlier_index.to(self.weight_outlier_index.dtype).to(self.weight.device)
             self.weight_outlier_value.data = q.outlier_value.to(torch.float16).to(self.weight.device)
+        if (q.perm is None) != (self.weight_perm is None):
+            raise ValueError("quantized weight and module disagree on act-order (a column permutation)")
+        if q.perm is not None:
+            self.weight_perm.data = q.perm.to(torch.int32).to(self.weight.device)
         self.__dict__.pop("_kernel_cache", None)
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -189,13 +203,15 @@ class QuantLinear(nn.Module):
     @property
     def storage_bits_per_weight(self) -> float:
         """Bits actually stored per weight, scales and minima included."""
-        tensors = (self.weight, self.weight_scale, self.weight_min, self.weight_outlier_index, self.weight_outlier_value)
+        tensors = (self.weight, self.weight_scale, self.weight_min, self.weight_outlier_index, self.weight_outlier_value,
+                   self.weight_perm)
         nbytes = sum(t.numel() * t.element_size() for t in tensors if t is not None)
         return 8.0 * nbytes / (self.in_features * self.out_features)
 
     def extra_repr(self) -> str:
         extra = f", outliers={self.outliers}" if self.outliers else ""
         extra += f", act_mode={self.act_mode!r}" if self.act_mode else ""
+        extra += ", act_order=True" if self.weight_perm is not None else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"bits={self.bits}, group_size={self.group_size}, symmetric={self.symmetric}{extra}"

@@ -3,7 +3,8 @@
 Each row of ``n`` codes of ``bits`` bits is a little-endian bit stream: code ``j`` occupies bits
 ``[bits*j, bits*(j+1))`` of the row, and word ``k`` holds stream bits ``[32k, 32k+32)``. Rows are
 padded to a multiple of 32 codes, so a row of ``n`` codes takes ``ceil(n/32) * bits`` words:
-exactly ``bits`` bits per weight for 2, 3, 4 and 8 bits (3-bit codes straddle word boundaries).
+exactly ``bits`` bits per weight for 2, 3, 4, 5, 6 and 8 bits (3-, 5- and 6-bit codes straddle word
+boundaries).
 
 Words are int32 so the packed tensor never has the float weight's shape: a checkpoint of ours
 loaded by transformers without the plugin fails with a size mismatch instead of loading codes
@@ -17,7 +18,10 @@ import sys
 
 import torch
 
+#: widths the quantization algorithms produce
 SUPPORTED_BITS = (2, 3, 4, 8)
+#: widths the packed format stores (5 and 6 bits hold community formats such as GGUF's Q5_0/Q5_K/Q6_K exactly)
+STORAGE_BITS = (2, 3, 4, 5, 6, 8)
 
 
 def packed_words(n: int, bits: int) -> int:
@@ -27,8 +31,8 @@ def packed_words(n: int, bits: int) -> int:
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes ``[..., n]`` in ``[0, 2**bits)`` into int32 words ``[..., packed_words(n)]``."""
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits={bits} is not supported; allowed values: {SUPPORTED_BITS}")
+    if bits not in STORAGE_BITS:
+        raise ValueError(f"bits={bits} is not supported; allowed values: {STORAGE_BITS}")
     n = codes.shape[-1]
     lead = codes.shape[:-1]
     padded = -(-n // 32) * 32
@@ -61,8 +65,8 @@ def _gather_plan(bits: int, device: str) -> tuple[torch.Tensor, torch.Tensor, to
 def unpack(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of :func:`pack`: int32 words ``[..., W]`` -> integer codes ``[..., n]`` (uint8 for
     up to 8 bits)."""
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits={bits} is not supported; allowed values: {SUPPORTED_BITS}")
+    if bits not in STORAGE_BITS:
+        raise ValueError(f"bits={bits} is not supported; allowed values: {STORAGE_BITS}")
     lead = words.shape[:-1]
     blocks = words.shape[-1] // bits
     mask = (1 << bits) - 1

@@ -9,7 +9,6 @@ from torch import nn
 
 from ..config import QuantizationSpec
 from .linear import QuantLinear, outlier_count, scale_dtype_of
-from .mixed import bits_for_module
 
 
 def is_skipped(name: str, patterns: list[str] | None) -> bool:
@@ -36,8 +35,8 @@ def replace_with_quant_linear(
     model: nn.Module, spec: QuantizationSpec, skip: list[str] | None, act_mode: str | None = None
 ) -> list[str]:
     """Replace the selected linears by empty `QuantLinear` shells on the linears' own device
-    (meta during ``from_pretrained``), with each module's width (``module_bits``), outlier count
-    and activation mode. Returns the replaced names; raises if nothing matched."""
+    (meta during ``from_pretrained``), with each module's format (``module_bits``, ``module_formats``),
+    outlier count and activation mode. Returns the replaced names; raises if nothing matched."""
     names = linears_to_quantize(model, skip)
     if not names:
         raise ValueError(
@@ -46,18 +45,20 @@ def replace_with_quant_linear(
         )
     for name in names:
         linear = model.get_submodule(name)
+        fmt = spec.format_of(name)
         shell = QuantLinear(
             linear.in_features,
             linear.out_features,
             linear.bias is not None,
-            bits=bits_for_module(name, spec),
-            group_size=spec.group_size,
-            symmetric=spec.symmetric,
-            scale_dtype=scale_dtype_of(spec.scale_dtype),
+            bits=fmt["bits"],
+            group_size=fmt["group_size"],
+            symmetric=fmt["symmetric"],
+            scale_dtype=scale_dtype_of(fmt["scale_dtype"]),
             bias_dtype=linear.weight.dtype,
             device=linear.weight.device,
             outliers=outlier_count(linear.in_features, spec.outliers),
             act_mode=act_mode,
+            act_order=fmt["act_order"],
         )
         shell.requires_grad_(False)
         _set_submodule(model, name, shell)

@@ -107,7 +107,10 @@ def requantize_weight(
 def requantize_linear(module, weight: torch.Tensor, method: str = "refit") -> None:
     """Store ``weight [out, in]`` (float) in the `QuantLinear` ``module`` with its own scheme: codes,
     scales and minima re-fitted by `requantize_weight`; kept outliers stay at their positions and take
-    the new weight's values there (exactly, in float16)."""
+    the new weight's values there (exactly, in float16). An act-order module keeps its column order."""
+    perm = module.weight_perm
+    if perm is not None:  # quantize in stored column order, where the groups are
+        weight = weight.index_select(1, perm.long().to(weight.device))
     exclude = None
     index = module.weight_outlier_index
     if index is not None:
@@ -121,4 +124,6 @@ def requantize_linear(module, weight: torch.Tensor, method: str = "refit") -> No
     if index is not None:
         q.outlier_index = index.detach().clone()
         q.outlier_value = weight.detach().gather(1, index.long().to(weight.device)).to(torch.float16)
+    if perm is not None:
+        q.perm = perm.detach().clone()
     module.load_quantized(q)

@@ -31,11 +31,21 @@ class QuantizedWeight:
     in_features: int
     outlier_index: torch.Tensor | None = None  # int16/int32 [out, k]: columns kept exactly
     outlier_value: torch.Tensor | None = None  # float16 [out, k]: their values
+    perm: torch.Tensor | None = None  # int32 [in]: stored column j holds input feature perm[j] (act-order)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         codes = unpack(self.packed, self.bits, self.in_features)
-        w = dequantize_codes(codes, self.scale, self.minimum, self.bits, self.group_size, dtype)
+        w = unpermute_columns(dequantize_codes(codes, self.scale, self.minimum, self.bits, self.group_size, dtype),
+                              self.perm)
         return apply_outliers(w, self.outlier_index, self.outlier_value)
+
+
+def unpermute_columns(w: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    """Columns of ``w`` back in input-feature order when stored column ``j`` holds feature ``perm[j]``
+    (GPTQ act-order checkpoints keep each group's columns together this way)."""
+    if perm is None:
+        return w
+    return torch.empty_like(w).index_copy_(1, perm.to(device=w.device, dtype=torch.long), w)
 
 
 def apply_outliers(w: torch.Tensor, index: torch.Tensor | None, value: torch.Tensor | None) -> torch.Tensor:
