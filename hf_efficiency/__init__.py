@@ -33,16 +33,25 @@ _DISTILL_EXPORTS = ("DistillationTrainer", "DistillationTrainingArguments", "Mut
                     "MutualDistillationTrainingArguments", "SnapshotCallback", "StudentEnsemble", "make_student")
 
 
+# Community-format readers (GGUF, GPTQ, AWQ, compressed-tensors), also on first use.
+_FORMAT_EXPORTS = ("load_compressed", "load_gguf")
+
+
 def __getattr__(name: str):
     if name in _DISTILL_EXPORTS:
         from . import distill
 
         return getattr(distill, name)
+    if name in _FORMAT_EXPORTS:
+        from . import formats
+
+        return getattr(formats, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
     *_DISTILL_EXPORTS,
+    *_FORMAT_EXPORTS,
     "ActivationSpec",
     "CalibrationSpec",
     "FORMAT_VERSION",

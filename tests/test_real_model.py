@@ -284,3 +284,32 @@ def test_int8_kv_cache_within_1_percent_at_2k_context_and_lowrank_error_falls_wi
                                efficiency_config={"attention": {"lowrank_landmarks": landmarks, "lowrank_window": win}})
     assert abs(lowrank[512] / fp_ppl - 1) < 1e-4, (lowrank, fp_ppl)  # windows of 512 tokens: exact
     assert lowrank[64] > lowrank[256] > fp_ppl, (lowrank, fp_ppl)
+
+
+def test_bundled_gguf_keeps_its_bits_matches_transformers_and_converts_round_trip(bundled, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_efficiency.cli import main
+    from hf_efficiency.data import bundled_gguf_path
+    from hf_efficiency.formats import load_gguf
+    from hf_efficiency.quant.linear import QuantLinear
+
+    path, windows, _ = bundled
+    ids = windows[:2, :128]
+    fp = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()  # transformers' de-quantized load
+    model = load_gguf(bundled_gguf_path()).eval()
+    with torch.no_grad():
+        ref, ours = fp(ids).logits, model(ids).logits
+    assert torch.equal(ours, ref)  # Q4_1 codes, float16 scales and minima: the same float weights, bit for bit
+    layers = [m for m in model.model.layers.modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == 7 * 30 and {(m.bits, m.group_size, m.symmetric) for m in layers} == {(4, 32, False)}
+    stored = sum(sum(t.numel() * t.element_size() for t in (m.weight, m.weight_scale, m.weight_min)) for m in layers)
+    params = sum(m.in_features * m.out_features for m in layers)
+    assert 8 * stored / params == 5.0  # the file's own bits per weight: 5 / 16 of float16
+    out = tmp_path / "converted"
+    assert main(["convert", "--out", str(out)]) == 0
+    again = AutoModelForCausalLM.from_pretrained(out).eval()  # plain from_pretrained of our format
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, ours)
+    text = "In the beginning God created the heaven and the earth."
+    assert AutoTokenizer.from_pretrained(out)(text)["input_ids"] == AutoTokenizer.from_pretrained(path)(text)["input_ids"]

@@ -63,7 +63,7 @@ def efficiency_config_for(formats: dict[str, dict[str, Any]], float_linears: lis
     is the section's own, the others are ``module_formats`` entries; ``float_linears`` stay float."""
     if not formats:
         raise FormatError("the checkpoint holds no quantized linear layer")
-    key = lambda f: tuple(sorted(f.items()))  # noqa: E731
+    key = lambda f: tuple(sorted(f.items()))
     common = dict(Counter(key(f) for f in formats.values()).most_common(1)[0][0])
     bits = common["bits"] if common["bits"] in QuantizationSpec.BITS else 4
     spec = {
@@ -152,9 +152,13 @@ def load_model(config, state_dict: dict[str, torch.Tensor], qcfg: EfficiencyConf
                model_class=None, check: bool = True, **from_pretrained_kwargs: Any):
     """Build the model from a reader's ``state_dict`` through ``from_pretrained`` (pre-quantized path).
 
-    ``config`` must not carry a foreign ``quantization_config``; it is given ``qcfg``. Other keyword
-    arguments (``dtype``, ``device_map``, ``attn_implementation`` ...) go to ``from_pretrained``.
+    ``config`` must not carry a foreign ``quantization_config``; it is given ``qcfg``, plus the other
+    `EfficiencyConfig` sections in ``from_pretrained_kwargs["sections"]`` (``{"attention": ...}``) if any.
+    Other keyword arguments (``dtype``, ``device_map``, ``attn_implementation`` ...) go to ``from_pretrained``.
     """
+    sections = from_pretrained_kwargs.pop("sections", None) or {}
+    if sections:
+        qcfg = EfficiencyConfig(**{**qcfg.to_dict(), **{k: v for k, v in sections.items()}})
     if check:
         check_state_dict(skeleton(config, qcfg, model_class), state_dict, source)
     config.quantization_config = qcfg.to_dict()

@@ -30,6 +30,16 @@ class QuantizeCommand(_HfEfficiencyLeaf):
         cli.add_quantize_arguments(parser)
 
 
+class ConvertCommand(_HfEfficiencyLeaf):
+    NAME = "convert"
+    COMMAND = CommandInfo(name="convert", help=cli.CONVERT_HELP)
+
+    @staticmethod
+    def parse_args(parser):
+        parser.description = cli.CONVERT_DESCRIPTION
+        cli.add_convert_arguments(parser)
+
+
 class EvalCommand(_HfEfficiencyLeaf):
     NAME = "eval"
     COMMAND = CommandInfo(name="eval", help=cli.EVAL_HELP)
@@ -70,9 +80,11 @@ class GenerateCommand(_HfEfficiencyLeaf):
 
 class HfEfficiencyCommand(BaseOptimumCLICommand):
     COMMAND = CommandInfo(name="hf-efficiency",
-                          help="hf-efficiency: quantize, evaluate, estimate memory, distill, speculative generate")
+                          help="hf-efficiency: quantize, convert community formats, evaluate, estimate memory, "
+                               "distill, speculative generate")
     SUBCOMMANDS = (
         CommandInfo(name="quantize", help=cli.QUANTIZE_HELP, subcommand_class=QuantizeCommand),
+        CommandInfo(name="convert", help=cli.CONVERT_HELP, subcommand_class=ConvertCommand),
         CommandInfo(name="eval", help=cli.EVAL_HELP, subcommand_class=EvalCommand),
         CommandInfo(name="estimate", help=cli.ESTIMATE_HELP, subcommand_class=EstimateCommand),
         CommandInfo(name="distill", help=cli.DISTILL_HELP, subcommand_class=DistillCommand),

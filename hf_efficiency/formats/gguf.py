@@ -1,0 +1,302 @@
+"""GGUF files -> our quantized modules, keeping the file's bits.
+
+transformers' own GGUF support de-quantizes every tensor to float (a 4-bit 135M model becomes
+538 MB in fp32). Here the architecture, config and tokenizer still come from transformers' GGUF
+support (``AutoConfig`` / ``AutoTokenizer`` with ``gguf_file=``) and the tensor names from its
+``get_gguf_hf_weights_map``, but each quantized linear weight is re-expressed in our packed format
+(`.gguf_blocks`: exact for Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K), so the model
+keeps the file's compression and runs on our kernels.
+
+Row reorderings that transformers applies to some tensors (llama's rotary un-permutation of the
+q/k projections) are applied to codes, scales and minima alike, which is exact because our groups
+run along rows. A tensor processor that does anything else than permute rows makes that linear
+load in float (with a warning).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+from ..quant.packing import pack
+from ..quant.scheme import QuantizedWeight
+from .common import FormatError, concrete_class, efficiency_config_for, format_of, load_model, quantized_tensors
+from .gguf_blocks import BLOCK_FORMATS, BlockFormat, decode_blocks
+
+logger = logging.get_logger(__name__)
+
+FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
+UNSUPPORTED_CHOICES = ("error", "float")
+SCALE_DTYPES = (None, "float16", "bfloat16", "float32")
+
+
+def _require_gguf():
+    try:
+        import gguf  # noqa: F401
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("reading GGUF files needs the `gguf` package: pip install gguf") from e
+
+
+def split_gguf_path(path: str | os.PathLike, gguf_file: str | None = None) -> tuple[str, str]:
+    """``(folder, file name)`` of a GGUF file given as a path, or as a folder plus ``gguf_file``."""
+    path = os.fspath(path)
+    if gguf_file is not None:
+        full = gguf_file if os.path.isabs(gguf_file) else os.path.join(path, gguf_file)
+    else:
+        full = path
+    if not os.path.isfile(full):
+        raise FileNotFoundError(f"GGUF file not found: {full}")
+    return os.path.dirname(os.path.abspath(full)), os.path.basename(full)
+
+
+def open_reader(path: str):
+    """A ``gguf.GGUFReader`` for ``path``; a truncated file is a `FormatError` naming the first tensor
+    that extends past its end, any other unreadable file a `FormatError` with gguf's reason."""
+    _require_gguf()
+    import struct
+
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+
+    class CheckedReader(GGUFReader):
+        def _build_tensors(self, start_offs, fields):
+            size = len(self.data)
+            for field in fields:
+                _, name, _, dims, raw_dtype, offset = field.parts
+                block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(int(raw_dtype[0]))]
+                end = int(start_offs + offset[0]) + int(np.prod(dims)) * type_size // block
+                if end > size:
+                    raise FormatError(
+                        f"{path}: file is truncated: tensor {bytes(name).decode('utf-8')!r} ends at byte {end} but "
+                        f"the file has {size} bytes; re-download it"
+                    )
+            return super()._build_tensors(start_offs, fields)
+
+    try:
+        return CheckedReader(path)
+    except FormatError:
+        raise
+    except (ValueError, IndexError, OSError, KeyError, struct.error) as e:
+        raise FormatError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+
+
+def load_gguf_config(folder: str, name: str):
+    """transformers' config for a GGUF file (architecture and hyper-parameters from its metadata)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    if getattr(config, "quantization_config", None) is not None:
+        config.quantization_config = None
+    return config
+
+
+def _row_permutation(processor, gguf_name: str, rows: int, kwargs: dict) -> np.ndarray | None:
+    """The row order transformers' tensor ``processor`` gives tensor ``gguf_name`` (``None``: unchanged),
+    found by processing the row indices; raises ``ValueError`` when it is not a row permutation."""
+    index = np.arange(rows, dtype=np.int64).reshape(rows, 1)
+    result = processor.process(weights=index, name=gguf_name, **kwargs)
+    out = np.asarray(result.weights)
+    if result.name != gguf_name or out.shape != (rows, 1) or not np.array_equal(np.sort(out[:, 0]), index[:, 0]):
+        raise ValueError("not a row permutation")
+    order = out[:, 0]
+    return None if np.array_equal(order, index[:, 0]) else order
+
+
+def _linear_weights(model: nn.Module) -> dict[str, nn.Linear]:
+    return {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def _round_scales(q: QuantizedWeight, dtype: torch.dtype) -> None:
+    q.scale = q.scale.to(dtype)
+    if q.minimum is not None:
+        q.minimum = q.minimum.to(dtype)
+
+
+def read_gguf(
+    path: str | os.PathLike,
+    config,
+    *,
+    model_class=None,
+    scale_dtype: str | None = None,
+    unsupported: str = "error",
+    progress: bool = True,
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]], list[str], dict[str, Any]]:
+    """Read a GGUF file for the model ``config`` describes.
+
+    Returns ``(state_dict, formats, float_linears, report)``: our checkpoint keys for every quantized
+    linear and float tensors for the rest, each quantized module's format, the linears kept in
+    float, and a report (``types``: tensors per ggml type, ``rounded``: per module, the largest weight
+    change when ``scale_dtype`` rounds K-quant scales, ``float_fallback``: linears stored in float).
+
+    ``scale_dtype``: ``None`` keeps every scale exactly (float16 for the legacy types, float32 for the
+    K-quants); ``"float16"``/``"bfloat16"`` round the K-quants' scales and minima (smaller, nearest).
+    ``unsupported``: what to do with a linear weight in a ggml type we cannot express (IQ*, TQ*, ...):
+    ``"error"`` (default) raises `FormatError` naming the tensor; ``"float"`` de-quantizes it to float.
+    """
+    if unsupported not in UNSUPPORTED_CHOICES:
+        raise ValueError(f"unsupported={unsupported!r} is not allowed; allowed values: {', '.join(UNSUPPORTED_CHOICES)}")
+    if scale_dtype not in SCALE_DTYPES:
+        raise ValueError(f"scale_dtype={scale_dtype!r} is not allowed; allowed values: None, float16, bfloat16, float32")
+    _require_gguf()
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+        read_field,
+    )
+
+    path = os.fspath(path)
+    reader = open_reader(path)
+    architecture = read_field(reader, "general.architecture")[0]
+    with torch.device("meta"):
+        meta_model = concrete_class(config, model_class)._from_config(config)
+    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config.to_dict())
+    name_map = get_gguf_hf_weights_map(meta_model, processor)
+    linears = _linear_weights(meta_model)
+    process_kwargs = {"tensor_key_mapping": name_map, "parsed_parameters": {"tensors": {}, "config": config.to_dict()}}
+
+    state_dict: dict[str, torch.Tensor] = {}
+    formats: dict[str, dict[str, Any]] = {}
+    float_linears: list[str] = []
+    report: dict[str, Any] = {"types": {}, "rounded": {}, "float_fallback": []}
+    rounding = None if scale_dtype is None else getattr(torch, scale_dtype)
+    for t in tqdm(reader.tensors, desc="Reading GGUF tensors", disable=not progress):
+        gguf_name = t.name
+        type_name = GGMLQuantizationType(int(t.tensor_type)).name
+        report["types"][type_name] = report["types"].get(type_name, 0) + 1
+        hf_name = name_map.get(gguf_name)
+        linear = linears.get(hf_name) if hf_name else None
+        fmt = BLOCK_FORMATS.get(type_name)
+        if linear is not None and fmt is not None:
+            module = hf_name[: -len(".weight")]
+            rows, n = linear.out_features, linear.in_features
+            shape = [int(x) for x in reversed(list(t.shape))]
+            if shape != [rows, n]:
+                raise FormatError(f"{path}: tensor {gguf_name!r} ({hf_name}) has shape {shape}, expected {[rows, n]}")
+            try:
+                order = _row_permutation(processor, gguf_name, rows, process_kwargs)
+            except ValueError:
+                order = False
+            if order is not False:
+                q, symmetric = _quantized(t, fmt, n, path)
+                if order is not None:
+                    idx = torch.from_numpy(order)
+                    q.packed, q.scale = q.packed[idx], q.scale[idx]
+                    q.minimum = None if q.minimum is None else q.minimum[idx]
+                if rounding is not None and q.scale.dtype != rounding:
+                    report["rounded"][module] = _rounding_error(q, rounding)
+                state_dict.update(quantized_tensors(module, q))
+                formats[module] = format_of(q, symmetric)
+                continue
+            logger.warning(f"{path}: tensor {gguf_name!r} is not only row-permuted by transformers; it loads in float")
+            report["float_fallback"].append(module)
+        elif linear is not None and type_name not in FLOAT_TYPES:
+            if unsupported == "error":
+                raise FormatError(
+                    f"{path}: tensor {gguf_name!r} ({hf_name}) uses ggml type {type_name}, which hf-efficiency cannot "
+                    f"store exactly (supported: {', '.join(BLOCK_FORMATS)}); pass unsupported='float' to load it "
+                    "de-quantized"
+                )
+            report["float_fallback"].append(hf_name[: -len(".weight")])
+        # float path: everything transformers would load, exactly as it loads it
+        try:
+            weights = dequantize(t.data, GGMLQuantizationType(int(t.tensor_type)))
+        except NotImplementedError as e:
+            raise FormatError(f"{path}: tensor {gguf_name!r} uses ggml type {type_name}, which gguf cannot read: {e}")
+        result = processor.process(weights=weights, name=gguf_name, **process_kwargs)
+        if result.name not in name_map:
+            continue
+        name = name_map[result.name]
+        state_dict[name] = torch.from_numpy(np.array(result.weights, dtype=np.float32, copy=True))
+        if linear is not None:
+            float_linears.append(name[: -len(".weight")])
+    float_linears += [n[: -len(".weight")] for n in linears if n not in state_dict and n[: -len(".weight")]
+                      not in formats and n[: -len(".weight")] not in float_linears]
+    return state_dict, formats, sorted(set(float_linears)), report
+
+
+def _quantized(t, fmt: BlockFormat, n: int, path: str) -> tuple[QuantizedWeight, bool]:
+    raw = np.asarray(t.data)
+    rows = raw.shape[0] if raw.ndim == 2 else raw.size // (n // fmt.block_elems * fmt.block_bytes)
+    try:
+        codes, scale, minimum = decode_blocks(torch.from_numpy(np.array(raw, copy=True).reshape(rows, -1)), fmt, n)
+    except ValueError as e:
+        raise FormatError(f"{path}: tensor {t.name!r}: {e}") from e
+    dtype = fmt.exact_scale_dtype
+    q = QuantizedWeight(
+        packed=pack(codes, fmt.bits),
+        scale=scale.to(dtype),
+        minimum=None if minimum is None else minimum.to(dtype),
+        bits=fmt.bits,
+        group_size=fmt.group_size,
+        in_features=n,
+    )
+    return q, fmt.symmetric
+
+
+def _rounding_error(q: QuantizedWeight, dtype: torch.dtype) -> float:
+    """Round ``q``'s scales/minima to ``dtype`` in place; return the largest weight change relative to
+    the weights' largest magnitude."""
+    exact = q.dequantize(torch.float32)
+    _round_scales(q, dtype)
+    return float((q.dequantize(torch.float32) - exact).abs().max() / exact.abs().max().clamp_min(1e-30))
+
+
+def load_gguf(
+    path: str | os.PathLike,
+    gguf_file: str | None = None,
+    *,
+    model_class=None,
+    scale_dtype: str | None = None,
+    unsupported: str = "error",
+    **from_pretrained_kwargs: Any,
+):
+    """Load a GGUF file into a transformers model whose linears are our `QuantLinear` modules holding the
+    file's own codes (no float copy of the weights is ever built).
+
+    ``path`` is the ``.gguf`` file, or a folder with ``gguf_file`` naming it. ``model_class`` defaults to
+    ``AutoModelForCausalLM``. Other keyword arguments (``dtype``, default float32 for the float tensors;
+    ``device_map``, ``attn_implementation`` ...) go to ``from_pretrained``. ``model.hf_efficiency_gguf_report``
+    holds :func:`read_gguf`'s report. The tokenizer loads with transformers:
+    ``AutoTokenizer.from_pretrained(folder, gguf_file=name)``.
+    """
+    folder, name = split_gguf_path(path, gguf_file)
+    full = os.path.join(folder, name)
+    open_reader(full)  # bad files fail here with our message, not inside transformers' config parsing
+    config = load_gguf_config(folder, name)
+    state_dict, formats, float_linears, report = read_gguf(
+        full, config, model_class=model_class, scale_dtype=scale_dtype, unsupported=unsupported
+    )
+    qcfg = efficiency_config_for(formats, float_linears)
+    model = load_model(config, state_dict, qcfg, source=full, model_class=model_class, **from_pretrained_kwargs)
+    model.hf_efficiency_gguf_report = report
+    model.config._name_or_path = folder
+    if report["rounded"]:
+        worst = max(report["rounded"].values())
+        logger.warning(f"{name}: K-quant scales rounded to {scale_dtype}: largest relative weight change {worst:.2e}")
+    return model
+
+
+def gguf_tokenizer(path: str | os.PathLike, gguf_file: str | None = None):
+    """transformers' tokenizer for a GGUF file."""
+    from transformers import AutoTokenizer
+
+    folder, name = split_gguf_path(path, gguf_file)
+    return AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+
+def is_gguf(path: str | os.PathLike) -> bool:
+    """True for a file starting with the GGUF magic."""
+    p = Path(path)
+    if not p.is_file():
+        return False
+    with open(p, "rb") as fh:
+        return fh.read(4) == b"GGUF"
