@@ -30,6 +30,8 @@ from ..quant.scheme import QuantizedWeight
 
 logger = logging.get_logger(__name__)
 
+#: `QuantLinear` tensors whose dtype is part of the format (floats such as the bias are cast on load)
+PACKED_TENSORS = ("weight", "weight_scale", "weight_min", "weight_perm", "weight_outlier_index", "weight_outlier_value")
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 
@@ -123,7 +125,7 @@ def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], sour
             raise FormatError(
                 f"{source}: tensor {name!r} has shape {list(got.shape)}, expected {list(ref.shape)} for this model"
             )
-        if _is_quantized_key(model, name) and got.dtype != ref.dtype:
+        if name.rpartition(".")[2] in PACKED_TENSORS and _is_quantized_key(model, name) and got.dtype != ref.dtype:
             raise FormatError(f"{source}: tensor {name!r} has dtype {got.dtype}, expected {ref.dtype}")
     unused = sorted(set(state_dict) - set(expected))
     if unused:

@@ -126,6 +126,7 @@ def read_gguf(
     scale_dtype: str | None = None,
     unsupported: str = "error",
     progress: bool = True,
+    reader=None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]], list[str], dict[str, Any]]:
     """Read a GGUF file for the model ``config`` describes.
 
@@ -138,6 +139,7 @@ def read_gguf(
     K-quants); ``"float16"``/``"bfloat16"`` round the K-quants' scales and minima (smaller, nearest).
     ``unsupported``: what to do with a linear weight in a ggml type we cannot express (IQ*, TQ*, ...):
     ``"error"`` (default) raises `FormatError` naming the tensor; ``"float"`` de-quantizes it to float.
+    ``reader``: an already opened :func:`open_reader` of ``path`` (parsing the metadata takes seconds).
     """
     if unsupported not in UNSUPPORTED_CHOICES:
         raise ValueError(f"unsupported={unsupported!r} is not allowed; allowed values: {', '.join(UNSUPPORTED_CHOICES)}")
@@ -154,7 +156,7 @@ def read_gguf(
     )
 
     path = os.fspath(path)
-    reader = open_reader(path)
+    reader = open_reader(path) if reader is None else reader
     architecture = read_field(reader, "general.architecture")[0]
     with torch.device("meta"):
         meta_model = concrete_class(config, model_class)._from_config(config)
@@ -270,11 +272,12 @@ def load_gguf(
     """
     folder, name = split_gguf_path(path, gguf_file)
     full = os.path.join(folder, name)
-    open_reader(full)  # bad files fail here with our message, not inside transformers' config parsing
+    reader = open_reader(full)  # bad files fail here with our message, not inside transformers' config parsing
     config = load_gguf_config(folder, name)
     state_dict, formats, float_linears, report = read_gguf(
-        full, config, model_class=model_class, scale_dtype=scale_dtype, unsupported=unsupported
+        full, config, model_class=model_class, scale_dtype=scale_dtype, unsupported=unsupported, reader=reader
     )
+    del reader
     qcfg = efficiency_config_for(formats, float_linears)
     model = load_model(config, state_dict, qcfg, source=full, model_class=model_class, **from_pretrained_kwargs)
     model.hf_efficiency_gguf_report = report

@@ -36,6 +36,16 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     n = codes.shape[-1]
     lead = codes.shape[:-1]
     padded = -(-n // 32) * 32
+    if bits in (8, 4, 2) and sys.byteorder == "little":  # bytes of the stream, then a view (see unpack)
+        c = codes.to(torch.uint8)
+        if padded != n:
+            c = torch.nn.functional.pad(c, (0, padded - n))
+        per = 8 // bits
+        c = c.reshape(*lead, padded // per, per)
+        b = c[..., 0].clone()
+        for k in range(1, per):
+            b |= c[..., k] << (bits * k)
+        return b.contiguous().view(torch.int32)  # [..., padded * bits / 32] words
     c = codes.to(torch.int64)
     if padded != n:
         c = torch.nn.functional.pad(c, (0, padded - n))
