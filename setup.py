@@ -46,5 +46,5 @@ setup(
     cmdclass={"build_py": BuildPyWithPth},
     packages=packages(),
     package_dir={MODEL_CARDS: "model_cards"},
-    package_data={MODEL_CARDS: ["*.md"]},
+    package_data={MODEL_CARDS: ["*.md"], "hf_efficiency.quant": ["csrc/*.cpp"]},
 )

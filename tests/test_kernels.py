@@ -15,8 +15,8 @@ def _q(bits, group, sym, in_features=256, out_features=64, seed=0):
     return lin, QuantLinear.from_linear(lin, bits=bits, group_size=group, symmetric=sym)
 
 
-def _x(device="cuda", dtype=torch.bfloat16):
-    return SimpleNamespace(device=torch.device(device), dtype=dtype)
+def _x(device="cuda", dtype=torch.bfloat16, rows=1):
+    return SimpleNamespace(device=torch.device(device), dtype=dtype, shape=(rows, 256))
 
 
 @pytest.mark.parametrize(
@@ -39,6 +39,9 @@ def _x(device="cuda", dtype=torch.bfloat16):
 def test_select_path_on_cuda(bits, group, sym, in_f, out_f, dtype, expected):
     _, q = _q(bits, group, sym, in_f, out_f)
     assert kernels.select_path(q, _x("cuda", dtype)) == expected
+    # prefill: more than CUDA_KERNEL_MAX_ROWS rows de-quantize once and run one float matmul
+    assert kernels.select_path(q, _x("cuda", dtype, rows=17)) == "dequant"
+    assert kernels.select_path(q, _x("cuda", dtype, rows=16)) == expected
 
 
 def test_training_path_saves_no_weight_and_gives_the_float_gradients():
@@ -64,19 +67,25 @@ def test_training_path_saves_no_weight_and_gives_the_float_gradients():
     assert torch.allclose(x.grad, x_ref.grad, atol=1e-5) and torch.allclose(q.bias.grad, b_ref.grad, atol=1e-5)
     with torch.no_grad():
         q(x)
-    assert q.last_path == "dequant"
+    assert q.last_path == "cpu_fused"
 
 
-def test_cpu_takes_dequant_path_and_env_override(monkeypatch):
+def test_cpu_takes_fused_path_and_env_override(monkeypatch):
     lin, q = _q(8, None, True)
     x = torch.randn(2, 256)
-    assert kernels.select_path(q, x) == "dequant"
+    assert kernels.select_path(q, x) == "cpu_fused"  # x86-64 with AVX2 and a compiler, as CI
+    ref = torch.nn.functional.linear(x, q.dequantize_weight(), lin.bias)
+    with torch.no_grad():
+        y = q(x)
+    assert q.last_path == "cpu_fused"
+    assert torch.allclose(y, ref, atol=1e-5)
+    monkeypatch.setenv("HF_EFFICIENCY_KERNEL", "dequant")
     with torch.no_grad():
         y = q(x)
     assert q.last_path == "dequant"
-    assert torch.allclose(y, torch.nn.functional.linear(x, q.dequantize_weight(), lin.bias), atol=1e-6)
+    assert torch.allclose(y, ref, atol=1e-6)
     monkeypatch.setenv("HF_EFFICIENCY_KERNEL", "nonsense")
-    with pytest.raises(ValueError, match="unknown kernel path 'nonsense'; allowed values: dequant, cuda_int8, cuda_int4"):
+    with pytest.raises(ValueError, match="unknown kernel path 'nonsense'; allowed values: dequant, cpu_fused, cuda_int8"):
         q(x)
 
 

@@ -195,6 +195,10 @@ def _kernel_cache_bytes(module: nn.Module, device: str, compute: torch.dtype) ->
         return n + module.out_features * 4
     if path == "cuda_int4":
         return n // 2 + module.weight_scale.numel() * 2 * 2
+    if path == "cpu_fused":
+        from ..quant.cpu_kernel import layout_bytes
+
+        return layout_bytes(module)
     return 0
 
 

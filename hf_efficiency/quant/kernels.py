@@ -3,9 +3,16 @@
 Paths, chosen per call by :func:`select_path`:
 
 * ``"dequant"`` (any device, the reference): unpack codes, rebuild the float weight in the
-  activation dtype, ``F.linear``. On CPU this is the path taken (see README for its speed).
+  activation dtype, ``F.linear``.
+* ``"cpu_fused"`` (x86 CPUs with AVX2, the default there): the C++ kernel of :mod:`.cpu_kernel` reads the
+  packed codes in place and fuses unpacking, scaling and the matrix-vector product for up to
+  ``FUSED_MAX_ROWS`` activation rows (decoding, speculative verification, small batches); larger
+  inputs (prefill) de-quantize with the same kernel's unpacking and call the float GEMM. Modules it
+  cannot compute (outliers, groups that are not whole 32-code blocks) and CPUs without AVX2 or a
+  compiler take ``"dequant"``.
 * ``"cuda_int8"``: ``torch._weight_int8pack_mm`` for symmetric 8-bit per-channel weights with
-  fp16/bf16 activations on CUDA.
+  fp16/bf16 activations on CUDA, up to ``CUDA_KERNEL_MAX_ROWS`` activation rows (as ``cuda_int4``);
+  larger inputs take ``dequant`` (one de-quantization, one float matmul).
 * ``"cuda_int4"``: torch's tinygemm ``torch._weight_int4pack_mm`` for 4-bit group-wise weights
   (groups 32-256 dividing ``in_features``) with bf16 activations on CUDA.
 
@@ -44,24 +51,43 @@ if TYPE_CHECKING:
     from .linear import QuantLinear
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
-KERNEL_PATHS = ("dequant", "cuda_int8", "cuda_int4", "w8a8")
+KERNEL_PATHS = ("dequant", "cpu_fused", "cuda_int8", "cuda_int4", "w8a8")
 INT4_INNER_K_TILES = 8
+#: CUDA: activation rows up to which the int8/int4 weight-only kernels run; above (prefill) the weight is
+#: de-quantized once and one float matmul runs (tinygemm int4 measured 20x slower than bf16 at 512 rows on
+#: an H200, benchmarks/results/gpu_check.md)
+CUDA_KERNEL_MAX_ROWS = 16
 
 
 def select_path(module: "QuantLinear", x: torch.Tensor) -> str:
-    """Name of the matmul path used for ``module(x)``."""
-    return path_for(module, x.device.type, x.dtype)
+    """Name of the matmul path used for ``module(x)`` (builds the CPU kernel on first use)."""
+    shape = getattr(x, "shape", (1, 1))
+    rows = 1
+    for d in tuple(shape)[:-1]:
+        rows *= int(d)
+    path = path_for(module, x.device.type, x.dtype, rows)
+    if path == "cpu_fused" and not os.environ.get("HF_EFFICIENCY_KERNEL"):
+        from . import cpu_kernel
+
+        if cpu_kernel.extension() is None:
+            return "dequant"
+    return path
 
 
-def path_for(module: "QuantLinear", device_type: str, dtype: torch.dtype) -> str:
+def path_for(module: "QuantLinear", device_type: str, dtype: torch.dtype, rows: int = 1) -> str:
     """Name of the matmul path for inputs of ``dtype`` on ``device_type`` (also used by the
-    memory estimator, which has no real input)."""
+    memory estimator, which has no real input: it never builds the CPU kernel)."""
     if getattr(module, "act_mode", None):
         return "w8a8"  # int8 activations change the numbers: never silently swap the path
     forced = os.environ.get("HF_EFFICIENCY_KERNEL")
     if forced:
         return forced
-    if device_type != "cuda" or getattr(module, "outliers", 0) or getattr(module, "weight_perm", None) is not None:
+    if device_type == "cpu":
+        from . import cpu_kernel
+
+        return "cpu_fused" if cpu_kernel.eligible(module) and cpu_kernel.expected_available() else "dequant"
+    if (device_type != "cuda" or getattr(module, "outliers", 0) or getattr(module, "weight_perm", None) is not None
+            or rows > CUDA_KERNEL_MAX_ROWS):
         return "dequant"
     if module.bits == 8 and module.symmetric and module.group_size is None and dtype in (torch.float16, torch.bfloat16):
         return "cuda_int8"
@@ -78,11 +104,25 @@ def path_for(module: "QuantLinear", device_type: str, dtype: torch.dtype) -> str
 
 
 def dequantize_weight(module: "QuantLinear", dtype: torch.dtype) -> torch.Tensor:
-    """The module's float weight ``[out, in]`` in ``dtype``."""
+    """The module's float weight ``[out, in]`` in ``dtype`` (float32 on CPU: unpacked by the fused kernel's
+    de-quantization, bit-identical to the torch computation and several times faster)."""
+    if dtype == torch.float32 and module.weight.device.type == "cpu" and _fused_cpu(module):
+        from . import cpu_kernel
+
+        w = cpu_kernel.dequantize(module, _cached(module, "cpu", lambda: cpu_kernel.layout(module)))
+        return unpermute_columns(w, getattr(module, "weight_perm", None))
     codes = unpack(module.weight, module.bits, module.in_features)
     w = dequantize_codes(codes, module.weight_scale, module.weight_min, module.bits, module.group_size, dtype)
     w = unpermute_columns(w, getattr(module, "weight_perm", None))
     return apply_outliers(w, module.weight_outlier_index, module.weight_outlier_value)
+
+
+def _fused_cpu(module: "QuantLinear") -> bool:
+    if os.environ.get("HF_EFFICIENCY_KERNEL") or not hasattr(module, "weight_scale"):
+        return False
+    from . import cpu_kernel
+
+    return cpu_kernel.eligible(module) and cpu_kernel.extension() is not None
 
 
 def int8_kernel_layout(module: "QuantLinear", dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,6 +198,10 @@ def quant_linear_forward(module: "QuantLinear", x: torch.Tensor) -> torch.Tensor
         out = out.reshape(*x.shape[:-1], module.out_features)
     elif path == "dequant":
         return F.linear(x, dequantize_weight(module, x.dtype), module.bias)
+    elif path == "cpu_fused":
+        from . import cpu_kernel
+
+        return cpu_kernel.forward(module, x, _cached(module, "cpu", lambda: cpu_kernel.layout(module)))
     else:  # w8a8
         return w8a8_forward(module, x)
     if module.bias is not None:

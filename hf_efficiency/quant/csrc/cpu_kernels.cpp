@@ -1,0 +1,281 @@
+// Fused unpack-dequantize-matmul for QuantLinear on x86 CPUs (AVX2 + FMA + F16C).
+//
+// Reads our packed format as it is in memory (see hf_efficiency/quant/packing.py): each row is a
+// little-endian bit stream of `bits`-bit codes padded to a multiple of 32 codes, so for 8, 4 and 2
+// bits a block of 32 codes is `bits * 4` consecutive bytes and byte i holds codes
+// i*8/bits ... in its low-to-high bits. Other widths are repacked to 4 or 8 bits by the caller.
+//
+//   symmetric:  y[m, r] = sum_g scale[r, g] * sum_{j in g} (u[r, j] - offset) * x[m, j]
+//   asymmetric: y[m, r] = sum_g scale[r, g] * sum_{j in g} u[r, j] * x[m, j] + minimum[r, g] * sum_{j in g} x[m, j]
+//
+// Symmetric codes minus `offset` (2**(bits-1)) are formed as signed bytes; asymmetric codes are
+// converted unsigned. quant_dequant computes the reference path's weight bit for bit.
+//
+// Activations stay float32 (no activation quantization): the result equals the reference path
+// (dequantize, then F.linear) up to float rounding of a different summation order.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+inline float to_float(float v) { return v; }
+inline float to_float(at::Half v) { return _cvtsh_ss(v.x); }
+inline float to_float(at::BFloat16 v) {
+  uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float out;
+  std::memcpy(&out, &bits, 4);
+  return out;
+}
+
+// 32 codes of one block as 32 signed bytes (code - offset) in two 16-byte halves.
+template <int BITS>
+inline void unpack_block(const uint8_t* q, __m128i offset, __m128i& c0, __m128i& c1);
+
+template <>
+inline void unpack_block<8>(const uint8_t* q, __m128i offset, __m128i& c0, __m128i& c1) {
+  c0 = _mm_sub_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)), offset);
+  c1 = _mm_sub_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)), offset);
+}
+
+template <>
+inline void unpack_block<4>(const uint8_t* q, __m128i offset, __m128i& c0, __m128i& c1) {
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+  __m128i lo = _mm_and_si128(b, mask);                     // codes 0, 2, 4, ...
+  __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);  // codes 1, 3, 5, ...
+  c0 = _mm_sub_epi8(_mm_unpacklo_epi8(lo, hi), offset);
+  c1 = _mm_sub_epi8(_mm_unpackhi_epi8(lo, hi), offset);
+}
+
+template <>
+inline void unpack_block<2>(const uint8_t* q, __m128i offset, __m128i& c0, __m128i& c1) {
+  const __m128i mask = _mm_set1_epi8(0x03);
+  __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q));
+  __m128i p0 = _mm_and_si128(b, mask);
+  __m128i p1 = _mm_and_si128(_mm_srli_epi16(b, 2), mask);
+  __m128i p2 = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+  __m128i p3 = _mm_and_si128(_mm_srli_epi16(b, 6), mask);
+  __m128i t0 = _mm_unpacklo_epi8(p0, p1);
+  __m128i t1 = _mm_unpacklo_epi8(p2, p3);
+  c0 = _mm_sub_epi8(_mm_unpacklo_epi16(t0, t1), offset);
+  c1 = _mm_sub_epi8(_mm_unpackhi_epi16(t0, t1), offset);
+}
+
+template <bool SYM>
+inline __m256 low8(__m128i c) {
+  return _mm256_cvtepi32_ps(SYM ? _mm256_cvtepi8_epi32(c) : _mm256_cvtepu8_epi32(c));
+}
+template <bool SYM>
+inline __m256 high8(__m128i c) {
+  const __m128i h = _mm_srli_si128(c, 8);
+  return _mm256_cvtepi32_ps(SYM ? _mm256_cvtepi8_epi32(h) : _mm256_cvtepu8_epi32(h));
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// y[m, r] for rows [r0, r1) and M (<= 8) activation rows.
+template <int BITS, bool SYM, int M, typename S>
+void gemv_rows(const uint8_t* q, const S* scale, const S* minimum, int offset, const float* x, const float* xsum,
+               float* y, int64_t N, int64_t K, int64_t gs, int64_t G, int64_t r0, int64_t r1) {
+  const int64_t blocks = K / 32;
+  const int64_t block_bytes = BITS * 4;
+  const int64_t blocks_per_group = gs / 32;
+  const __m128i off = _mm_set1_epi8(static_cast<char>(offset));
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* qr = q + r * blocks * block_bytes;
+    __m256 tot[M];
+    float extra[M];
+    for (int m = 0; m < M; ++m) {
+      tot[m] = _mm256_setzero_ps();
+      extra[m] = 0.f;
+    }
+    int64_t blk = 0;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t end = std::min(blocks, (g + 1) * blocks_per_group);
+      __m256 acc0[M], acc1[M];
+      for (int m = 0; m < M; ++m) {
+        acc0[m] = _mm256_setzero_ps();
+        acc1[m] = _mm256_setzero_ps();
+      }
+      for (; blk < end; ++blk) {
+        __m128i c0, c1;
+        unpack_block<BITS>(qr + blk * block_bytes, off, c0, c1);
+        const __m256 f0 = low8<SYM>(c0), f1 = high8<SYM>(c0), f2 = low8<SYM>(c1), f3 = high8<SYM>(c1);
+        for (int m = 0; m < M; ++m) {
+          const float* xm = x + m * K + blk * 32;
+          acc0[m] = _mm256_fmadd_ps(f0, _mm256_loadu_ps(xm), acc0[m]);
+          acc1[m] = _mm256_fmadd_ps(f1, _mm256_loadu_ps(xm + 8), acc1[m]);
+          acc0[m] = _mm256_fmadd_ps(f2, _mm256_loadu_ps(xm + 16), acc0[m]);
+          acc1[m] = _mm256_fmadd_ps(f3, _mm256_loadu_ps(xm + 24), acc1[m]);
+        }
+      }
+      const float sg = to_float(scale[r * G + g]);
+      const __m256 s = _mm256_set1_ps(sg);
+      for (int m = 0; m < M; ++m) tot[m] = _mm256_fmadd_ps(_mm256_add_ps(acc0[m], acc1[m]), s, tot[m]);
+      if (!SYM) {
+        const float mn = to_float(minimum[r * G + g]);
+        for (int m = 0; m < M; ++m) extra[m] += mn * xsum[m * G + g];
+      }
+    }
+    for (int m = 0; m < M; ++m) y[m * N + r] = hsum(tot[m]) + extra[m];
+  }
+}
+
+template <int BITS, bool SYM, typename S>
+void gemm(const uint8_t* q, const S* scale, const S* minimum, int offset, const float* x, const float* xsum,
+          float* y, int64_t M, int64_t N, int64_t K, int64_t gs, int64_t G) {
+  // Rows of W in parallel; activation rows in chunks of up to 8 that share each unpacked block.
+  const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(1, K / 32));
+  at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
+    int64_t m = 0;
+    while (m < M) {
+      const int64_t left = M - m;
+      const float* xm = x + m * K;
+      const float* sm = xsum + m * G;
+      float* ym = y + m * N;
+      if (left >= 8) {
+        gemv_rows<BITS, SYM, 8, S>(q, scale, minimum, offset, xm, sm, ym, N, K, gs, G, r0, r1);
+        m += 8;
+      } else if (left >= 4) {
+        gemv_rows<BITS, SYM, 4, S>(q, scale, minimum, offset, xm, sm, ym, N, K, gs, G, r0, r1);
+        m += 4;
+      } else if (left >= 2) {
+        gemv_rows<BITS, SYM, 2, S>(q, scale, minimum, offset, xm, sm, ym, N, K, gs, G, r0, r1);
+        m += 2;
+      } else {
+        gemv_rows<BITS, SYM, 1, S>(q, scale, minimum, offset, xm, sm, ym, N, K, gs, G, r0, r1);
+        m += 1;
+      }
+    }
+  });
+}
+
+template <int BITS, bool SYM, typename S>
+void dequant(const uint8_t* q, const S* scale, const S* minimum, int offset, float* out, int64_t N, int64_t K,
+             int64_t gs, int64_t G, int64_t K_out) {
+  const int64_t blocks = K / 32;
+  const int64_t block_bytes = BITS * 4;
+  const int64_t blocks_per_group = gs / 32;
+  const __m128i off = _mm_set1_epi8(static_cast<char>(offset));
+  at::parallel_for(0, N, 16, [&](int64_t r0, int64_t r1) {
+    alignas(32) float tail[32];
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* qr = q + r * blocks * block_bytes;
+      float* o = out + r * K_out;
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        const int64_t g = blk / blocks_per_group;
+        // (u - offset) * s, plus the minimum for asymmetric schemes: the reference path's operations
+        // in the same order (no fused multiply-add), so the weight is bit-identical
+        const __m256 s = _mm256_set1_ps(to_float(scale[r * G + g]));
+        const __m256 mn = _mm256_set1_ps(SYM ? 0.f : to_float(minimum[r * G + g]));
+        __m128i c0, c1;
+        unpack_block<BITS>(qr + blk * block_bytes, off, c0, c1);
+        const int64_t base = blk * 32;
+        float* dst = base + 32 <= K_out ? o + base : tail;
+        const __m256 f[4] = {low8<SYM>(c0), high8<SYM>(c0), low8<SYM>(c1), high8<SYM>(c1)};
+        for (int i = 0; i < 4; ++i) {
+          const __m256 w = _mm256_mul_ps(f[i], s);
+          _mm256_storeu_ps(dst + 8 * i, SYM ? w : _mm256_add_ps(w, mn));
+        }
+        if (dst == tail) std::memcpy(o + base, tail, sizeof(float) * (K_out - base));
+      }
+    }
+  });
+}
+
+template <typename F>
+void dispatch(int64_t bits, bool sym, const torch::Tensor& scale, F&& f) {
+  auto by_type = [&](auto bits_tag, auto sym_tag) {
+    switch (scale.scalar_type()) {
+      case at::kFloat: f(bits_tag, sym_tag, static_cast<float*>(nullptr)); break;
+      case at::kHalf: f(bits_tag, sym_tag, static_cast<at::Half*>(nullptr)); break;
+      case at::kBFloat16: f(bits_tag, sym_tag, static_cast<at::BFloat16*>(nullptr)); break;
+      default: TORCH_CHECK(false, "scale dtype must be float32, float16 or bfloat16, got ", scale.scalar_type());
+    }
+  };
+  auto by_sym = [&](auto bits_tag) {
+    if (sym) by_type(bits_tag, std::true_type{});
+    else by_type(bits_tag, std::false_type{});
+  };
+  switch (bits) {
+    case 8: by_sym(std::integral_constant<int, 8>{}); break;
+    case 4: by_sym(std::integral_constant<int, 4>{}); break;
+    case 2: by_sym(std::integral_constant<int, 2>{}); break;
+    default: TORCH_CHECK(false, "bits must be 8, 4 or 2 (repack other widths), got ", bits);
+  }
+}
+
+void check(const torch::Tensor& q, const torch::Tensor& scale, const c10::optional<torch::Tensor>& minimum,
+           int64_t bits, int64_t K, int64_t gs) {
+  TORCH_CHECK(q.device().is_cpu() && q.is_contiguous() && q.dim() == 2, "packed weight must be a contiguous 2-D CPU tensor");
+  TORCH_CHECK(K % 32 == 0 && gs % 32 == 0 && gs > 0, "K and the group size must be multiples of 32");
+  TORCH_CHECK(q.numel() * q.element_size() == q.size(0) * (K / 32) * bits * 4, "packed weight size does not match K");
+  const int64_t G = (K + gs - 1) / gs;
+  TORCH_CHECK(scale.is_contiguous() && scale.size(0) == q.size(0) && scale.size(1) == G, "scale must be [N, ceil(K/gs)]");
+  if (minimum.has_value()) {
+    TORCH_CHECK(minimum->is_contiguous() && minimum->sizes() == scale.sizes() &&
+                minimum->scalar_type() == scale.scalar_type(), "minimum must match scale");
+  }
+}
+
+}  // namespace
+
+// x: float32 [M, K] (K a multiple of 32, zero-padded); returns float32 [M, N].
+torch::Tensor quant_gemm(torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> minimum, int64_t bits,
+                         int64_t offset, int64_t gs, torch::Tensor x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2, "x must be contiguous float32 [M, K]");
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  check(q, scale, minimum, bits, K, gs);
+  const int64_t G = scale.size(1);
+  torch::Tensor xsum;
+  if (minimum.has_value()) {
+    auto padded = G * gs == K ? x : torch::constant_pad_nd(x, {0, G * gs - K});
+    xsum = padded.view({M, G, gs}).sum(-1).contiguous();
+  } else {
+    xsum = torch::zeros({M, G}, x.options());
+  }
+  auto y = torch::empty({M, N}, x.options());
+  const uint8_t* qp = reinterpret_cast<const uint8_t*>(q.data_ptr());
+  dispatch(bits, !minimum.has_value(), scale, [&](auto bits_tag, auto sym_tag, auto* type_tag) {
+    constexpr int B = decltype(bits_tag)::value;
+    constexpr bool SYM = decltype(sym_tag)::value;
+    using S = std::remove_pointer_t<decltype(type_tag)>;
+    gemm<B, SYM, S>(qp, scale.data_ptr<S>(), minimum.has_value() ? minimum->data_ptr<S>() : nullptr,
+               static_cast<int>(offset), x.data_ptr<float>(), xsum.data_ptr<float>(), y.data_ptr<float>(), M, N, K,
+               gs, G);
+  });
+  return y;
+}
+
+// Float32 weight [N, K_out] (K_out <= K, the unpadded width).
+torch::Tensor quant_dequant(torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> minimum, int64_t bits,
+                            int64_t offset, int64_t gs, int64_t K, int64_t K_out) {
+  check(q, scale, minimum, bits, K, gs);
+  const int64_t N = q.size(0), G = scale.size(1);
+  auto out = torch::empty({N, K_out}, scale.options().dtype(at::kFloat));
+  const uint8_t* qp = reinterpret_cast<const uint8_t*>(q.data_ptr());
+  dispatch(bits, !minimum.has_value(), scale, [&](auto bits_tag, auto sym_tag, auto* type_tag) {
+    constexpr int B = decltype(bits_tag)::value;
+    constexpr bool SYM = decltype(sym_tag)::value;
+    using S = std::remove_pointer_t<decltype(type_tag)>;
+    dequant<B, SYM, S>(qp, scale.data_ptr<S>(), minimum.has_value() ? minimum->data_ptr<S>() : nullptr,
+                  static_cast<int>(offset), out.data_ptr<float>(), N, K, gs, G, K_out);
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("quant_gemm", &quant_gemm, "y[M, N] = x[M, K] @ dequant(q)^T (float32)");
+  m.def("quant_dequant", &quant_dequant, "float32 weight [N, K_out] from packed codes");
+}
