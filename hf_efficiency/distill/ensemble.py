@@ -350,6 +350,8 @@ class StudentEnsemble(PreTrainedModel, GenerationMixin):
         if model_args:
             raise TypeError("StudentEnsemble.from_pretrained takes no positional model arguments")
         hub_kwargs = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
+        for internal in ("_from_auto", "_from_pipeline"):  # set by the Auto class (transformers >= 5.25)
+            kwargs.pop(internal, None)
         folder = str(pretrained_model_name_or_path)
         subfolder = hub_kwargs.pop("subfolder", None) or ""
         if not os.path.isdir(folder):

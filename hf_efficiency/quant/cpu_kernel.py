@@ -113,7 +113,7 @@ class CpuLayout:
     padded_in: int  # in_features rounded up to 32
 
 
-def eligible(module: "QuantLinear") -> bool:
+def eligible(module: QuantLinear) -> bool:
     """Whether the fused kernel can compute ``module``: no outliers, no int8 activations, groups of whole
     32-code blocks, a width it reads."""
     g = module.group_size
@@ -121,7 +121,7 @@ def eligible(module: "QuantLinear") -> bool:
             and module.bits in KERNEL_BITS and (g is None or g % 32 == 0))
 
 
-def layout(module: "QuantLinear") -> CpuLayout:
+def layout(module: QuantLinear) -> CpuLayout:
     """The kernel's view of ``module``'s tensors (no copy for 8, 4 and 2 bits)."""
     n = module.in_features
     padded = -(-n // 32) * 32
@@ -136,13 +136,13 @@ def layout(module: "QuantLinear") -> CpuLayout:
     return CpuLayout(q=q, copied=bits != module.bits, bits=bits, offset=offset, group=group, padded_in=padded)
 
 
-def layout_bytes(module: "QuantLinear") -> int:
+def layout_bytes(module: QuantLinear) -> int:
     """Bytes the kernel layout adds beside the module: a repacked copy for 3-, 5- and 6-bit codes."""
     bits = KERNEL_BITS.get(module.bits, module.bits)
     return 0 if bits == module.bits else module.out_features * (-(-module.in_features // 32) * 32) * bits // 8
 
 
-def dequantize(module: "QuantLinear", lay: CpuLayout) -> torch.Tensor:
+def dequantize(module: QuantLinear, lay: CpuLayout) -> torch.Tensor:
     """The float32 weight ``[out, in]`` in stored column order, bit-identical to the reference
     de-quantization (same operations, no fused multiply-add), unpacked by the kernel."""
     minimum = None if module.weight_min is None else module.weight_min.data
@@ -150,7 +150,7 @@ def dequantize(module: "QuantLinear", lay: CpuLayout) -> torch.Tensor:
                                      lay.padded_in, module.in_features)
 
 
-def forward(module: "QuantLinear", x: torch.Tensor, lay: CpuLayout) -> torch.Tensor:
+def forward(module: QuantLinear, x: torch.Tensor, lay: CpuLayout) -> torch.Tensor:
     """``module(x)`` through the kernel (few rows) or the kernel's de-quantization plus float GEMM."""
     ext = extension()
     n = module.in_features

@@ -4,12 +4,13 @@ Paths, chosen per call by :func:`select_path`:
 
 * ``"dequant"`` (any device, the reference): unpack codes, rebuild the float weight in the
   activation dtype, ``F.linear``.
-* ``"cpu_fused"`` (x86 CPUs with AVX2, the default there): the C++ kernel of :mod:`.cpu_kernel` reads the
+* ``"cpu_fused"`` (float32 activations on x86 CPUs with AVX2, the default there): the C++ kernel of :mod:`.cpu_kernel` reads the
   packed codes in place and fuses unpacking, scaling and the matrix-vector product for up to
   ``FUSED_MAX_ROWS`` activation rows (decoding, speculative verification, small batches); larger
   inputs (prefill) de-quantize with the same kernel's unpacking and call the float GEMM. Modules it
   cannot compute (outliers, groups that are not whole 32-code blocks) and CPUs without AVX2 or a
-  compiler take ``"dequant"``.
+  compiler take ``"dequant"``, as do bfloat16/float16 activations (the reference computes those in their
+  own dtype, and QAT and bf16 checkpoints are checked bit for bit against it).
 * ``"cuda_int8"``: ``torch._weight_int8pack_mm`` for symmetric 8-bit per-channel weights with
   fp16/bf16 activations on CUDA, up to ``CUDA_KERNEL_MAX_ROWS`` activation rows (as ``cuda_int4``);
   larger inputs take ``dequant`` (one de-quantization, one float matmul).
@@ -85,7 +86,8 @@ def path_for(module: "QuantLinear", device_type: str, dtype: torch.dtype, rows: 
     if device_type == "cpu":
         from . import cpu_kernel
 
-        return "cpu_fused" if cpu_kernel.eligible(module) and cpu_kernel.expected_available() else "dequant"
+        fused = dtype == torch.float32 and cpu_kernel.eligible(module) and cpu_kernel.expected_available()
+        return "cpu_fused" if fused else "dequant"
     if (device_type != "cuda" or getattr(module, "outliers", 0) or getattr(module, "weight_perm", None) is not None
             or rows > CUDA_KERNEL_MAX_ROWS):
         return "dequant"
