@@ -3,13 +3,13 @@ int8 / int4 / int3 / int2 models side by side, in one run.
 
     PYTHONPATH=. python benchmarks/decode.py [--new-tokens 64] [--runs 5] [--threads 2]
 
-Batch 1, a 19-token prompt, ``max_new_tokens == min_new_tokens`` so every run decodes the same number
+Batch 1, a short prompt, ``max_new_tokens == min_new_tokens`` so every run decodes the same number
 of tokens; tokens/s is the median over ``--runs`` runs after one warm-up (prefill included, as a user
 sees it). Quantized rows are round-to-nearest (``EfficiencyConfig(quantization=...)``) through the fused
 CPU kernel; rows marked "reference path" force ``HF_EFFICIENCY_KERNEL=dequant`` (what the library did
-before the kernel). ``+ int4 head`` also quantizes the tied output head (49152 x 576, a fifth of the
-weights and, at int4, half of what is left to read per token). Also greedy agreement of the first 32
-tokens with fp32. Writes ``benchmarks/results/decode.{md,json}``.
+before the kernel). The output head (49152 x 576, a fifth of the weights) is tied to the embeddings and
+stays float32 in every row: at int4 it is two thirds of the bytes read per token. Also the number of
+leading greedy tokens equal to fp32's (of 32). Writes ``benchmarks/results/decode.{md,json}``.
 """
 
 from __future__ import annotations
@@ -35,11 +35,8 @@ from hf_efficiency.evaluate import weight_bytes  # noqa: E402
 PROMPT = "The King James Bible begins with the book of Genesis. In the beginning"
 
 
-def q(bits, group, sym=False, head=False):
-    spec = {"bits": bits, "group_size": group, "symmetric": sym}
-    if head:
-        spec["modules_to_not_convert"] = []
-    return EfficiencyConfig(quantization=spec)
+def q(bits, group, sym=False):
+    return EfficiencyConfig(quantization={"bits": bits, "group_size": group, "symmetric": sym})
 
 
 ROWS = [
@@ -50,9 +47,9 @@ ROWS = [
     ("int4 g128", {"efficiency_config": q(4, 128)}, None),
     ("int4 g128, reference path", {"efficiency_config": q(4, 128)}, "dequant"),
     ("int4 g32", {"efficiency_config": q(4, 32)}, None),
-    ("int4 g128 + int4 head", {"efficiency_config": q(4, 128, head=True)}, None),
     ("int3 g64", {"efficiency_config": q(3, 64)}, None),
     ("int2 g32", {"efficiency_config": q(2, 32)}, None),
+    ("fp32 (again, last)", {"dtype": torch.float32}, None),
 ]
 
 
@@ -94,9 +91,10 @@ def main() -> None:
         print(f"{name:<32} {tps:7.2f} tokens/s  {b['total'] / 1e6:7.1f} MB  first {agree}/32 greedy tokens = fp32")
         del model
     os.environ.pop("HF_EFFICIENCY_KERNEL", None)
-    fp = results[0]["tokens_per_s"]
+    # ratios against the faster of the two fp32 runs (first and last): the conservative choice on a noisy machine
+    fp = max(results[0]["tokens_per_s"], results[-1]["tokens_per_s"])
     lines = [f"SmolLM2-135M-Instruct, batch 1, {ids.shape[1]}-token prompt, {args.new_tokens} new tokens, "
-             f"median of {args.runs} runs, {args.threads} threads.", "",
+             f"median of {args.runs} runs, {args.threads} threads; 'vs fp32' divides by the faster fp32 run.", "",
              "| model | tokens/s | vs fp32 | weights in memory (MB) | greedy tokens equal to fp32 (of 32) |",
              "|---|---:|---:|---:|---:|"]
     for r in results:

@@ -57,8 +57,13 @@ CASES = [  # (bits, group, symmetric, in_features)
 ]
 
 
+VECTOR_BITS = [256] + ([512] if torch.backends.cpu.get_cpu_capability() == "AVX512" else [])
+
+
+@pytest.mark.parametrize("vector_bits", VECTOR_BITS)
 @pytest.mark.parametrize("bits,group,sym,n", CASES)
-def test_fused_kernel_matches_reference_for_every_row_count(bits, group, sym, n):
+def test_fused_kernel_matches_reference_for_every_row_count(bits, group, sym, n, vector_bits, monkeypatch):
+    monkeypatch.setenv("HF_EFFICIENCY_CPU_VECTOR_BITS", str(vector_bits))  # AVX2 rows, and AVX-512 where present
     m = _module(bits, group, sym, n, seed=bits * 7 + n)
     w = _torch_weight(m)
     lay = cpu_kernel.layout(m)
@@ -122,6 +127,12 @@ def test_modules_the_kernel_cannot_compute_take_the_reference_path():
     for m in (gguf_like, with_outliers):
         assert not cpu_kernel.eligible(m)
         assert kernels.select_path(m, torch.randn(1, 64)) == "dequant"
+
+
+def test_vector_width_override_is_validated(monkeypatch):
+    monkeypatch.setenv("HF_EFFICIENCY_CPU_VECTOR_BITS", "128")
+    with pytest.raises(ValueError, match="HF_EFFICIENCY_CPU_VECTOR_BITS='128' is not allowed; allowed values: 256, 512"):
+        cpu_kernel.vector_bits()
 
 
 def test_layout_bytes_count_only_repacked_widths():

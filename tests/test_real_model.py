@@ -313,3 +313,28 @@ def test_bundled_gguf_keeps_its_bits_matches_transformers_and_converts_round_tri
         assert torch.equal(again(ids).logits, ours)
     text = "In the beginning God created the heaven and the earth."
     assert AutoTokenizer.from_pretrained(out)(text)["input_ids"] == AutoTokenizer.from_pretrained(path)(text)["input_ids"]
+
+
+def test_fused_cpu_kernel_matches_the_reference_path_on_smollm2(bundled, monkeypatch):
+    """int4 g128 and int8 SmolLM2: prefill bit-identical to the reference path, decode steps within float
+    rounding, and 24 greedy tokens identical."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_efficiency import EfficiencyConfig
+
+    path, windows, _ = bundled
+    prompt = windows[:1, :24]
+    for spec in ({"bits": 4, "group_size": 128}, {"bits": 8, "group_size": None, "symmetric": True}):
+        model = AutoModelForCausalLM.from_pretrained(path, efficiency_config=EfficiencyConfig(quantization=spec)).eval()
+        with torch.no_grad():
+            fused_prefill = model(prompt).logits  # 24 rows: kernel de-quantization + float GEMM
+            fused_step = model(prompt[:, :1]).logits  # 1 row: the fused matrix-vector kernel
+        fused_tokens = model.generate(prompt, max_new_tokens=24, do_sample=False)
+        assert model.model.layers[0].mlp.down_proj.last_path == "cpu_fused"
+        monkeypatch.setenv("HF_EFFICIENCY_KERNEL", "dequant")
+        with torch.no_grad():
+            assert torch.equal(model(prompt).logits, fused_prefill)
+            ref_step = model(prompt[:, :1]).logits
+        assert (fused_step - ref_step).abs().max() <= 1e-4 * ref_step.abs().max()
+        assert torch.equal(model.generate(prompt, max_new_tokens=24, do_sample=False), fused_tokens)
+        monkeypatch.delenv("HF_EFFICIENCY_KERNEL")

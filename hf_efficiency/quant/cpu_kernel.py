@@ -35,7 +35,7 @@ logger = logging.get_logger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 #: activation rows up to which the fused kernel runs; larger batches (prefill) de-quantize with the
-#: kernel's own unpacking and call the float GEMM (measured crossover: benchmarks/results/kernels.md)
+#: kernel's own unpacking and call the float GEMM (measured crossover: benchmarks/results/quant_kernels.md)
 FUSED_MAX_ROWS = 16
 KERNEL_BITS = {8: 8, 4: 4, 2: 2, 3: 4, 5: 8, 6: 8}
 
@@ -50,6 +50,20 @@ def _supported_cpu() -> str | None:
     if capability not in ("AVX2", "AVX512"):
         return f"the CPU has no AVX2 (torch reports {capability})"
     return None
+
+
+VECTOR_BITS = (256, 512)
+
+
+def vector_bits() -> int:
+    """512 (AVX-512F rows) when torch reports AVX512 for this CPU, else 256 (AVX2);
+    ``HF_EFFICIENCY_CPU_VECTOR_BITS=256`` forces the AVX2 rows."""
+    forced = os.environ.get("HF_EFFICIENCY_CPU_VECTOR_BITS")
+    if forced:
+        if forced not in ("256", "512"):
+            raise ValueError(f"HF_EFFICIENCY_CPU_VECTOR_BITS={forced!r} is not allowed; allowed values: 256, 512")
+        return int(forced)
+    return 512 if torch.backends.cpu.get_cpu_capability() == "AVX512" else 256
 
 
 def expected_available() -> bool:
@@ -111,6 +125,11 @@ class CpuLayout:
     offset: int
     group: int  # codes per group (a multiple of 32)
     padded_in: int  # in_features rounded up to 32
+    scale: torch.Tensor  # the module's own tensors (a merge or a load drops the cached layout)
+    minimum: torch.Tensor | None
+    perm: torch.Tensor | None  # int64 act-order permutation
+    vector_bits: int
+    gemm: object  # the extension's quant_gemm
 
 
 def eligible(module: QuantLinear) -> bool:
@@ -133,7 +152,10 @@ def layout(module: QuantLinear) -> CpuLayout:
     q = words.contiguous().view(torch.uint8)
     offset = 2 ** (module.bits - 1) if module.symmetric else 0
     group = padded if module.group_size is None else module.group_size
-    return CpuLayout(q=q, copied=bits != module.bits, bits=bits, offset=offset, group=group, padded_in=padded)
+    return CpuLayout(q=q, copied=bits != module.bits, bits=bits, offset=offset, group=group, padded_in=padded,
+                     scale=module.weight_scale.data, minimum=None if module.weight_min is None else module.weight_min.data,
+                     perm=None if module.weight_perm is None else module.weight_perm.data.long(),
+                     vector_bits=vector_bits(), gemm=extension().quant_gemm)
 
 
 def layout_bytes(module: QuantLinear) -> int:
@@ -151,22 +173,26 @@ def dequantize(module: QuantLinear, lay: CpuLayout) -> torch.Tensor:
 
 
 def forward(module: QuantLinear, x: torch.Tensor, lay: CpuLayout) -> torch.Tensor:
-    """``module(x)`` through the kernel (few rows) or the kernel's de-quantization plus float GEMM."""
-    ext = extension()
+    """``module(x)`` through the kernel (few rows) or the kernel's de-quantization plus float GEMM. Kept lean:
+    it runs for every linear of every decoded token."""
     n = module.in_features
     x2 = x.reshape(-1, n)
-    if module.weight_perm is not None:
-        x2 = x2.index_select(1, module.weight_perm.long())
-    scale = module.weight_scale.data
-    minimum = None if module.weight_min is None else module.weight_min.data
+    if lay.perm is not None:
+        x2 = x2.index_select(1, lay.perm)
+    bias = module.bias
     if x2.shape[0] <= FUSED_MAX_ROWS:
-        xf = x2.float()
+        if x2.dtype != torch.float32:
+            x2 = x2.float()
         if lay.padded_in != n:
-            xf = F.pad(xf, (0, lay.padded_in - n))
-        y = ext.quant_gemm(lay.q, scale, minimum, lay.bits, lay.offset, lay.group, xf.contiguous()).to(x.dtype)
-        if module.bias is not None:
-            y = y + module.bias.to(y.dtype)
+            x2 = F.pad(x2, (0, lay.padded_in - n))
+        fused_bias = bias is not None and bias.dtype == torch.float32
+        y = lay.gemm(lay.q, lay.scale, lay.minimum, lay.bits, lay.offset, lay.group, x2.contiguous(), lay.vector_bits,
+                     bias.detach() if fused_bias else None)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        if bias is not None and not fused_bias:
+            y = y + bias.to(y.dtype)
     else:
         w = dequantize(module, lay)
-        y = F.linear(x2, w.to(x.dtype), None if module.bias is None else module.bias.to(x.dtype))
-    return y.reshape(*x.shape[:-1], module.out_features)
+        y = F.linear(x2, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    return y.view(*x.shape[:-1], module.out_features)

@@ -183,6 +183,14 @@ def _needs_grad(module: "QuantLinear", x: torch.Tensor) -> bool:
 
 def quant_linear_forward(module: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
     """``x @ W_hat.T + b`` through the path :func:`select_path` picks (``dequant_autograd`` in training)."""
+    cache = module.__dict__.get("_kernel_cache")
+    lay = None if cache is None else cache.get("cpu")
+    if (lay is not None and x.dtype == torch.float32 and x.device.type == "cpu" and not _needs_grad(module, x)
+            and not os.environ.get("HF_EFFICIENCY_KERNEL")):  # decoding: the path was chosen on an earlier call
+        from . import cpu_kernel
+
+        module.last_path = "cpu_fused"
+        return cpu_kernel.forward(module, x, lay)
     path = select_path(module, x)
     if path not in KERNEL_PATHS:
         raise ValueError(f"unknown kernel path {path!r}; allowed values: {', '.join(KERNEL_PATHS)}")

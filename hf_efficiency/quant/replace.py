@@ -8,7 +8,11 @@ import torch
 from torch import nn
 
 from ..config import QuantizationSpec
+from transformers.utils import logging
+
 from .linear import QuantLinear, outlier_count, scale_dtype_of
+
+logger = logging.get_logger(__name__)
 
 
 def is_skipped(name: str, patterns: list[str] | None) -> bool:
@@ -20,9 +24,28 @@ def is_skipped(name: str, patterns: list[str] | None) -> bool:
     return any(re.match(rf"(?:{p}){boundary}", name) or name.endswith(p) for p in patterns)
 
 
+def tied_output_embedding(model: nn.Module) -> nn.Module | None:
+    """The output head when it shares its weight with the input embeddings (``tie_word_embeddings``)."""
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if not getattr(text_config, "tie_word_embeddings", False) or not hasattr(model, "get_output_embeddings"):
+        return None
+    return model.get_output_embeddings()
+
+
 def linears_to_quantize(model: nn.Module, skip: list[str] | None) -> list[str]:
-    """Names of the ``nn.Linear`` modules that the spec quantizes, in model order."""
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not is_skipped(n, skip)]
+    """Names of the ``nn.Linear`` modules that the spec quantizes, in model order. A head tied to the input
+    embeddings stays float even when no pattern keeps it (its weight is the embedding matrix)."""
+    tied = tied_output_embedding(model)
+    names = []
+    for n, m in model.named_modules():
+        if not isinstance(m, nn.Linear) or is_skipped(n, skip):
+            continue
+        if m is tied:
+            logger.warning(f"{n} is tied to the input embeddings (tie_word_embeddings=True): it stays float")
+            continue
+        names.append(n)
+    return names
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
