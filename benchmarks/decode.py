@@ -24,13 +24,13 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import hf_efficiency  # noqa: E402,F401
-from hf_efficiency import EfficiencyConfig  # noqa: E402
-from hf_efficiency.data import bundled_model_path  # noqa: E402
-from hf_efficiency.evaluate import weight_bytes  # noqa: E402
+import hf_efficiency  # noqa: F401
+from hf_efficiency import EfficiencyConfig
+from hf_efficiency.data import bundled_model_path
+from hf_efficiency.evaluate import weight_bytes
 
 PROMPT = "The King James Bible begins with the book of Genesis. In the beginning"
 

@@ -34,12 +34,12 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from hf_efficiency.quant import cpu_kernel  # noqa: E402
-from hf_efficiency.quant.linear import QuantLinear  # noqa: E402
-from hf_efficiency.quant.packing import unpack  # noqa: E402
+from hf_efficiency.quant import cpu_kernel
+from hf_efficiency.quant.linear import QuantLinear
+from hf_efficiency.quant.packing import unpack
 
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]
 WORKING_SET = 160 * 2**20
