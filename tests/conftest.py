@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -43,3 +43,16 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 @pytest.fixture
 def tiny_llama() -> Callable[..., LlamaForCausalLM]:
     return make_tiny_llama
+
+
+def reference_model(config: LlamaConfig, tensors: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]):
+    """A float32 Llama holding a checkpoint's float tensors (``tensors``) and reference de-quantized linear
+    weights (``weights``, by module name): what a compressed checkpoint must compute."""
+    ref = LlamaForCausalLM(config).eval()
+    sd = {k: v.float() for k, v in tensors.items() if k in ref.state_dict()}
+    sd.update({f"{n}.weight": w for n, w in weights.items()})
+    missing, unexpected = ref.load_state_dict(sd, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    if config.tie_word_embeddings:
+        ref.tie_weights()
+    return ref

@@ -13,6 +13,7 @@ import os
 
 import pytest
 import torch
+from conftest import reference_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -122,16 +123,6 @@ def build(config, module_schemes: dict[str, dict], seed=0, scale_dtype=torch.bfl
         weights[name] = (q.float() - z) * s
     return tensors, weights
 
-
-def reference_model(config, tensors, weights):
-    ref = LlamaForCausalLM(config).eval()
-    sd = {k: v.float() for k, v in tensors.items() if k in ref.state_dict()}
-    sd.update({f"{n}.weight": w for n, w in weights.items()})
-    missing, unexpected = ref.load_state_dict(sd, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}
-    if config.tie_word_embeddings:
-        ref.tie_weights()
-    return ref
 
 
 def check(model, config, tensors, weights):

@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+from conftest import reference_model
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -127,17 +128,6 @@ def float_tensors(model: LlamaForCausalLM, skip: list[str]) -> dict[str, torch.T
         out[k] = v.half()
     return out
 
-
-def reference_model(config: LlamaConfig, tensors: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]):
-    """A float32 Llama holding the file's float tensors and the de-quantized reference weights."""
-    ref = LlamaForCausalLM(config).eval()
-    sd = {k: v.float() for k, v in tensors.items() if k in ref.state_dict()}
-    sd.update({f"{n}.weight": w for n, w in weights.items()})
-    missing, unexpected = ref.load_state_dict(sd, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}
-    if config.tie_word_embeddings:
-        ref.tie_weights()
-    return ref
 
 
 def random_codes(out_f, in_f, bits, gen):
