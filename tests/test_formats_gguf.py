@@ -211,6 +211,8 @@ def test_keep_compressed_refuses_a_float_folder(tmp_path):
                                  num_attention_heads=2)).save_pretrained(tmp_path)
     with pytest.raises(FormatError, match="not a GGUF file nor a folder whose config.json has a quantization_config"):
         AutoModelForCausalLM.from_pretrained(tmp_path, efficiency_config=EfficiencyConfig(keep_compressed=True))
+    with pytest.raises(FormatError, match="org/model: no such local file or folder; keep_compressed reads local"):
+        load_compressed("org/model")
 
 
 def test_rounded_k_quant_scales_report_their_error(tiny_gguf, reference):

@@ -38,6 +38,11 @@ def load_compressed(path: str | os.PathLike, gguf_file: str | None = None, *, mo
     """Load a community compressed checkpoint (GGUF file, or GPTQ / AWQ / compressed-tensors folder) into
     our quantized modules. Keyword arguments go to ``from_pretrained`` (``dtype``, ``device_map`` ...);
     GGUF also takes ``scale_dtype`` and ``unsupported`` (see :func:`read_gguf`)."""
+    if not os.path.exists(path):
+        raise FormatError(
+            f"{path}: no such local file or folder; keep_compressed reads local checkpoints (download a Hub "
+            "repository first, e.g. with huggingface_hub.snapshot_download)"
+        )
     kind = detect_format(path, gguf_file)
     if kind == "gguf":
         return load_gguf(path, gguf_file, model_class=model_class, **from_pretrained_kwargs)
