@@ -4,8 +4,8 @@ Paths, chosen per call by :func:`select_path`:
 
 * ``"dequant"`` (any device, the reference): unpack codes, rebuild the float weight in the
   activation dtype, ``F.linear``.
-* ``"cpu_fused"`` (float32 activations on x86 CPUs with AVX2, the default there): the C++ kernel of :mod:`.cpu_kernel` reads the
-  packed codes in place and fuses unpacking, scaling and the matrix-vector product for up to
+* ``"cpu_fused"`` (float32 activations on x86 CPUs with AVX2, the default there): the C++ kernel of
+  :mod:`.cpu_kernel` reads the packed codes in place and fuses unpacking, scaling and the matrix-vector product for up to
   ``FUSED_MAX_ROWS`` activation rows (decoding, speculative verification, small batches); larger
   inputs (prefill) de-quantize with the same kernel's unpacking and call the float GEMM. Modules it
   cannot compute (outliers, groups that are not whole 32-code blocks) and CPUs without AVX2 or a
@@ -24,8 +24,9 @@ Paths, chosen per call by :func:`select_path`:
   ``HF_EFFICIENCY_W8A8_PATH`` picks another of :data:`~.activation.INT8_LINEAR_PATHS`
   (same numbers, different speed).
 
-Outliers (``weight_outlier_*``) and act-order column permutations (``weight_perm``) are only applied by
-the ``dequant`` path, so modules that hold them always take it.
+Outliers (``weight_outlier_*``) are only applied by the ``dequant`` path, so modules that keep them always
+take it. Act-order column permutations (``weight_perm``) are applied by ``dequant`` and by ``cpu_fused``
+(which permutes the input); on CUDA such modules take ``dequant``.
 
 Training through a frozen quantized layer (QLoRA, BitFit on its bias, adapters, prompt tuning) takes
 ``"dequant_autograd"`` whenever the input or the bias needs a gradient: the forward dequantizes, and the
