@@ -75,3 +75,29 @@ def test_coerce_accepts_dict_and_rejects_other_types():
 def test_public_api_exports():
     assert hf_efficiency.EfficiencyConfig is EfficiencyConfig
     assert hf_efficiency.QUANT_METHOD == "hf_efficiency"
+
+
+def test_module_formats_are_validated_completed_and_round_trip():
+    spec = QuantizationSpec(bits=4, group_size=128, module_formats={
+        "model.layers.0.mlp.down_proj": {"bits": 6, "group_size": 16, "symmetric": True, "scale_dtype": "float32"},
+        "lm_head": {"bits": 5, "act_order": True},
+    })
+    assert spec.format_of("lm_head") == {"bits": 5, "group_size": 128, "symmetric": False, "scale_dtype": "float16",
+                                         "act_order": True}  # missing keys take the section's values
+    assert spec.format_of("model.layers.1.mlp.up_proj") == {"bits": 4, "group_size": 128, "symmetric": False,
+                                                            "scale_dtype": "float16", "act_order": False}
+    cfg = EfficiencyConfig(quantization=spec)
+    assert EfficiencyConfig(**json.loads(cfg.to_json_string())) == cfg
+    bad = [
+        ({"m": {"bits": 7}}, r"module_formats\['m'\].bits=7 is not allowed; allowed values: 2, 3, 4, 5, 6, 8"),
+        ({"m": {"group_size": 0}}, r"module_formats\['m'\].group_size=0 is not allowed; allowed values: None or a "),
+        ({"m": {"scale": 1}}, r"module_formats\['m'\]=\{'scale': 1\} is not allowed; allowed values: a dict with keys"),
+        ({"m": {"act_order": 1}}, r"module_formats\['m'\].act_order=1 is not allowed; allowed values: True, False"),
+        ({"m": {"scale_dtype": "int8"}}, r"module_formats\['m'\].scale_dtype='int8' is not allowed"),
+        (["m"], r"quantization.module_formats=\['m'\] is not allowed; allowed values: None or a dict"),
+    ]
+    for formats, message in bad:
+        with pytest.raises(ValueError, match=message):
+            QuantizationSpec(module_formats=formats)
+    with pytest.raises(ValueError, match="keep_compressed='yes' is not allowed; allowed values: True, False"):
+        EfficiencyConfig(keep_compressed="yes")

@@ -260,6 +260,8 @@ def test_truncated_file_and_mismatched_shape_are_named(tmp_path, tiny_gguf):
         read_gguf(bad, config, progress=False)
     with pytest.raises(ValueError, match="unsupported='ignore' is not allowed"):
         read_gguf(bad, config, unsupported="ignore")
+    with pytest.raises(ValueError, match="scale_dtype='int8' is not allowed; allowed values: None, float16"):
+        read_gguf(bad, config, scale_dtype="int8")
 
 
 def test_convert_cli_writes_a_folder_plain_from_pretrained_loads(tiny_gguf, reference, tmp_path, capsys):
