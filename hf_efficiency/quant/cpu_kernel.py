@@ -167,9 +167,8 @@ def layout_bytes(module: QuantLinear) -> int:
 def dequantize(module: QuantLinear, lay: CpuLayout) -> torch.Tensor:
     """The float32 weight ``[out, in]`` in stored column order, bit-identical to the reference
     de-quantization (same operations, no fused multiply-add), unpacked by the kernel."""
-    minimum = None if module.weight_min is None else module.weight_min.data
-    return extension().quant_dequant(lay.q, module.weight_scale.data, minimum, lay.bits, lay.offset, lay.group,
-                                     lay.padded_in, module.in_features)
+    return extension().quant_dequant(lay.q, lay.scale, lay.minimum, lay.bits, lay.offset, lay.group, lay.padded_in,
+                                     module.in_features)
 
 
 def forward(module: QuantLinear, x: torch.Tensor, lay: CpuLayout) -> torch.Tensor:
