@@ -38,15 +38,26 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from transformers.cache_utils import DynamicCache  # noqa: E402
 
 from hf_efficiency.attention import QuantizedKVCache, cache_nbytes  # noqa: E402
-from hf_efficiency.data import bundled_model_path, load_text, token_windows  # noqa: E402
+from hf_efficiency.data import load_text, token_windows  # noqa: E402
+from hf_efficiency.demo import bundled_model_path  # noqa: E402
 
 OUT = Path(ROOT) / "benchmarks" / "results"
 LOWRANK = "hf_efficiency_lowrank"
 #: (attn_implementation, lowrank landmarks/window or None, forced HF_EFFICIENCY_ATTENTION_PATH or None)
-ERROR_SETTINGS = [("sdpa", None, None), ("eager", None, None), ("hf_efficiency_blockwise", None, "blockwise"),
-                  (LOWRANK, (32, 128), None), (LOWRANK, (64, 256), None), (LOWRANK, (128, 512), None)]
-MEMORY_SETTINGS = [("eager", None, None), ("sdpa", None, None), ("hf_efficiency_blockwise", None, "blockwise"),
-                   (LOWRANK, (64, 256), None)]
+ERROR_SETTINGS = [
+    ("sdpa", None, None),
+    ("eager", None, None),
+    ("hf_efficiency_blockwise", None, "blockwise"),
+    (LOWRANK, (32, 128), None),
+    (LOWRANK, (64, 256), None),
+    (LOWRANK, (128, 512), None),
+]
+MEMORY_SETTINGS = [
+    ("eager", None, None),
+    ("sdpa", None, None),
+    ("hf_efficiency_blockwise", None, "blockwise"),
+    (LOWRANK, (64, 256), None),
+]
 DECODE_SETTINGS = [("sdpa", None), ("eager", None), ("hf_efficiency_blockwise", "blockwise")]
 DECODE_CACHES = {"float32": None, "int8 g64": (8, 64), "int4 g32": (4, 32)}
 
@@ -59,8 +70,7 @@ def load(path: str, impl: str, lowrank: tuple[int, int] | None = None):
     kwargs = {}
     if lowrank is not None:
         kwargs["efficiency_config"] = {"attention": {"lowrank_landmarks": lowrank[0], "lowrank_window": lowrank[1]}}
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=impl,
-                                                **kwargs).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=impl, **kwargs).eval()
 
 
 class forced_path:
@@ -140,7 +150,6 @@ def copy_cache(source: DynamicCache, spec: tuple[int, int] | None):
     return cache
 
 
-
 def decode_table(path: str, tok, lengths: list[int], steps: int) -> list[dict]:
     model = load(path, "sdpa", (64, 256))
     text = load_text("kjv", "evaluation")
@@ -178,20 +187,39 @@ def markdown(results: dict) -> str:
     if "error" in results:
         lengths = results["error"]["lengths"]
         keys = ["attention"] + [f"{n} {c}" for n in lengths for c in ("ppl", "vs sdpa", "max dlogit", "ms/token")]
-        md += [("Error and time: SmolLM2-135M fp32, one KJV evaluation window of each length, one forward (no "
-                "cache), 2 CPU threads. max dlogit: largest absolute logit difference against sdpa on that window."), "",
-               table(keys, results["error"]["rows"])]
+        md += [
+            (
+                "Error and time: SmolLM2-135M fp32, one KJV evaluation window of each length, one forward (no "
+                "cache), 2 CPU threads. max dlogit: largest absolute logit difference against sdpa on that window."
+            ),
+            "",
+            table(keys, results["error"]["rows"]),
+        ]
     if "memory" in results:
         lengths = results["memory"]["lengths"]
         keys = ["attention"] + [f"{n} MiB" for n in lengths] + [f"{n} s" for n in lengths]
-        md += ["", ("Prefill of one sequence (no cache, last-position logits), 2 CPU threads: peak resident memory "
-                    "above the loaded model, MiB, and seconds."), "", table(keys, results["memory"]["rows"])]
+        md += [
+            "",
+            (
+                "Prefill of one sequence (no cache, last-position logits), 2 CPU threads: peak resident memory "
+                "above the loaded model, MiB, and seconds."
+            ),
+            "",
+            table(keys, results["memory"]["rows"]),
+        ]
     if "decode" in results:
         rows = results["decode"]["rows"]
         keys = list(rows[0])
-        md += ["", (f"Decoding: milliseconds per token per attention implementation (median of "
-                    f"{results['decode']['steps']} greedy steps after a warm-up) with a prefilled context of each "
-                    "length in each cache, and the cache's size at that context, 2 CPU threads."), "", table(keys, rows)]
+        md += [
+            "",
+            (
+                f"Decoding: milliseconds per token per attention implementation (median of "
+                f"{results['decode']['steps']} greedy steps after a warm-up) with a prefilled context of each "
+                "length in each cache, and the cache's size at that context, 2 CPU threads."
+            ),
+            "",
+            table(keys, rows),
+        ]
     return "\n".join(md).strip() + "\n"
 
 
@@ -227,8 +255,11 @@ def main() -> None:
         lengths = ints(args.memory_lengths)
         results["memory"] = {"lengths": lengths, "rows": memory_table(path, lengths)}
     if "decode" in parts:
-        results["decode"] = {"lengths": ints(args.decode_lengths), "steps": args.decode_steps,
-                             "rows": decode_table(path, tok, ints(args.decode_lengths), args.decode_steps)}
+        results["decode"] = {
+            "lengths": ints(args.decode_lengths),
+            "steps": args.decode_steps,
+            "rows": decode_table(path, tok, ints(args.decode_lengths), args.decode_steps),
+        }
     (OUT / "attention.json").write_text(json.dumps(results, indent=1))
     md = markdown(results)
     (OUT / "attention.md").write_text(md)

@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_efficiency  # noqa: F401
 from hf_efficiency import EfficiencyConfig
-from hf_efficiency.data import bundled_model_path
+from hf_efficiency.demo import bundled_model_path
 from hf_efficiency.evaluate import weight_bytes
 
 PROMPT = "The King James Bible begins with the book of Genesis. In the beginning"
@@ -61,7 +61,7 @@ def decode(model, ids, new_tokens: int, runs: int):
         start = time.perf_counter()
         out = model.generate(ids, **kwargs)
         times.append(time.perf_counter() - start)
-    return new_tokens / statistics.median(times), out[0, ids.shape[1]:]
+    return new_tokens / statistics.median(times), out[0, ids.shape[1] :]
 
 
 def main() -> None:
@@ -86,26 +86,35 @@ def main() -> None:
             fp_tokens = tokens
         agree = int((tokens[:32] == fp_tokens[:32]).cumprod(0).sum())
         b = weight_bytes(model)
-        results.append({"model": name, "tokens_per_s": tps, "weight_mb": b["total"] / 1e6,
-                         "agree_with_fp32": agree})
+        results.append({"model": name, "tokens_per_s": tps, "weight_mb": b["total"] / 1e6, "agree_with_fp32": agree})
         print(f"{name:<32} {tps:7.2f} tokens/s  {b['total'] / 1e6:7.1f} MB  first {agree}/32 greedy tokens = fp32")
         del model
     os.environ.pop("HF_EFFICIENCY_KERNEL", None)
     # ratios against the faster of the two fp32 runs (first and last): the conservative choice on a noisy machine
     fp = max(results[0]["tokens_per_s"], results[-1]["tokens_per_s"])
-    lines = [f"SmolLM2-135M-Instruct, batch 1, {ids.shape[1]}-token prompt, {args.new_tokens} new tokens, "
-             f"median of {args.runs} runs, {args.threads} threads; 'vs fp32' divides by the faster fp32 run.", "",
-             "| model | tokens/s | vs fp32 | weights in memory (MB) | greedy tokens equal to fp32 (of 32) |",
-             "|---|---:|---:|---:|---:|"]
+    lines = [
+        f"SmolLM2-135M-Instruct, batch 1, {ids.shape[1]}-token prompt, {args.new_tokens} new tokens, "
+        f"median of {args.runs} runs, {args.threads} threads; 'vs fp32' divides by the faster fp32 run.",
+        "",
+        "| model | tokens/s | vs fp32 | weights in memory (MB) | greedy tokens equal to fp32 (of 32) |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for r in results:
-        lines.append(f"| {r['model']} | {r['tokens_per_s']:.2f} | {r['tokens_per_s'] / fp:.2f}x | "
-                     f"{r['weight_mb']:.1f} | {r['agree_with_fp32']} |")
+        lines.append(
+            f"| {r['model']} | {r['tokens_per_s']:.2f} | {r['tokens_per_s'] / fp:.2f}x | "
+            f"{r['weight_mb']:.1f} | {r['agree_with_fp32']} |"
+        )
     table = "\n".join(lines)
     print(table)
     res = os.path.join(ROOT, "benchmarks", "results")
     with open(os.path.join(res, "decode.md"), "w") as fh:
-        fh.write("# Greedy decoding speed on this CPU\n\n`PYTHONPATH=. python benchmarks/decode.py "
-                 + " ".join(sys.argv[1:]) + "`\n\n" + table + "\n")
+        fh.write(
+            "# Greedy decoding speed on this CPU\n\n`PYTHONPATH=. python benchmarks/decode.py "
+            + " ".join(sys.argv[1:])
+            + "`\n\n"
+            + table
+            + "\n"
+        )
     with open(os.path.join(res, "decode.json"), "w") as fh:
         json.dump({"args": vars(args), "results": results}, fh, indent=2)
 

@@ -29,8 +29,8 @@ import json, resource, sys, time, torch
 torch.set_num_threads(2)
 import hf_efficiency
 from transformers import AutoModelForCausalLM
-from hf_efficiency.data import bundled_gguf_path
-from hf_efficiency.quant.linear import QuantLinear
+from hf_efficiency.demo import bundled_gguf_path
+from hf_efficiency.quant.modules.linear import QuantLinear
 way, out, ids_file = sys.argv[1], sys.argv[2], sys.argv[3]
 p = bundled_gguf_path()
 start = time.perf_counter()
@@ -57,20 +57,28 @@ print(json.dumps({"seconds": seconds, "max_rss": resource.getrusage(resource.RUS
                   "layer_bytes": layer_bytes, "bits_per_weight": 8 * layer_bytes / params}))
 """
 
-WAYS = {"transformers": "transformers GGUF (de-quantized fp32)", "load_gguf": "hf_efficiency.load_gguf",
-        "converted": "from_pretrained(converted folder)"}
+WAYS = {
+    "transformers": "transformers GGUF (de-quantized fp32)",
+    "load_gguf": "hf_efficiency.load_gguf",
+    "converted": "from_pretrained(converted folder)",
+}
 
 
 def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from hf_efficiency.data import bundled_model_path, load_text, token_windows
+    from hf_efficiency.data import load_text, token_windows
+    from hf_efficiency.demo import bundled_model_path
 
     tmp = tempfile.mkdtemp()
     out = os.path.join(tmp, "converted")
-    subprocess.run([sys.executable, "-m", "hf_efficiency.cli", "convert", "--out", out], check=True,
-                   env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "hf_efficiency.cli", "convert", "--out", out],
+        check=True,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        capture_output=True,
+    )
     tok = AutoTokenizer.from_pretrained(bundled_model_path())
     ids_file = os.path.join(tmp, "ids.pt")
     torch.save(token_windows(tok, load_text("kjv", "evaluation"), 128, 256), ids_file)
@@ -78,26 +86,46 @@ def main() -> None:
     for way, label in WAYS.items():
         runs = []
         for _ in range(3):
-            r = subprocess.run([sys.executable, "-c", CHILD, way, out, ids_file], check=True, capture_output=True,
-                               text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+            r = subprocess.run(
+                [sys.executable, "-c", CHILD, way, out, ids_file],
+                check=True,
+                capture_output=True,
+                text=True,
+                env=dict(os.environ, PYTHONPATH=ROOT),
+            )
             runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
         ref = torch.load(ids_file + ".transformers")
         diff = (torch.load(ids_file + "." + way) - ref).abs().max().item()
-        rows.append({"way": label, "seconds": statistics.median(x["seconds"] for x in runs),
-                     "max_rss_mb": statistics.median(x["max_rss"] for x in runs) / 2**20,
-                     "layer_mb": runs[0]["layer_bytes"] / 2**20, "bits_per_weight": runs[0]["bits_per_weight"],
-                     "max_logit_diff": diff})
-    lines = [("| load | seconds (median of 3) | peak RSS MiB | decoder-layer linear MiB | bits/weight | "
-             "max logit diff vs transformers |"), "|---|---:|---:|---:|---:|---:|"]
+        rows.append(
+            {
+                "way": label,
+                "seconds": statistics.median(x["seconds"] for x in runs),
+                "max_rss_mb": statistics.median(x["max_rss"] for x in runs) / 2**20,
+                "layer_mb": runs[0]["layer_bytes"] / 2**20,
+                "bits_per_weight": runs[0]["bits_per_weight"],
+                "max_logit_diff": diff,
+            }
+        )
+    lines = [
+        (
+            "| load | seconds (median of 3) | peak RSS MiB | decoder-layer linear MiB | bits/weight | "
+            "max logit diff vs transformers |"
+        ),
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['way']} | {r['seconds']:.2f} | {r['max_rss_mb']:.0f} | {r['layer_mb']:.1f} | "
-                     f"{r['bits_per_weight']:.2f} | {r['max_logit_diff']:.1e} |")
+        lines.append(
+            f"| {r['way']} | {r['seconds']:.2f} | {r['max_rss_mb']:.0f} | {r['layer_mb']:.1f} | "
+            f"{r['bits_per_weight']:.2f} | {r['max_logit_diff']:.1e} |"
+        )
     table = "\n".join(lines)
     print(table)
     res = os.path.join(ROOT, "benchmarks", "results")
     with open(os.path.join(res, "formats.md"), "w") as fh:
-        fh.write("# Loading SmolLM2-135M-Instruct.Q4_1.gguf (2 CPU threads)\n\n`PYTHONPATH=. python benchmarks/formats.py`"
-                 "\n\n" + table + "\n")
+        fh.write(
+            "# Loading SmolLM2-135M-Instruct.Q4_1.gguf (2 CPU threads)\n\n`PYTHONPATH=. python benchmarks/formats.py`"
+            "\n\n" + table + "\n"
+        )
     with open(os.path.join(res, "formats.json"), "w") as fh:
         json.dump(rows, fh, indent=2)
 

@@ -44,13 +44,38 @@ import hf_efficiency  # noqa: E402
 from hf_efficiency.quant import QuantLinear  # noqa: E402
 from hf_efficiency.speculative.slots import left_pad  # noqa: E402
 
-SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-               num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rms_norm_eps=1e-5,
-               rope_theta=100000.0, max_position_embeddings=8192)
-LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=4096)
-TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True, max_position_embeddings=512)
+SMOLLM2 = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    vocab_size=49152,
+    tie_word_embeddings=True,
+    rms_norm_eps=1e-5,
+    rope_theta=100000.0,
+    max_position_embeddings=8192,
+)
+LLAMA_1B = dict(
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    vocab_size=32000,
+    tie_word_embeddings=False,
+    max_position_embeddings=4096,
+)
+TINY = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=512,
+    tie_word_embeddings=True,
+    max_position_embeddings=512,
+)
 
 
 def timed(fn, device: str, reps: int = 30, warmup: int = 5) -> float:
@@ -74,26 +99,41 @@ def timed(fn, device: str, reps: int = 30, warmup: int = 5) -> float:
 
 
 def section_kernels(device: str, smoke: bool) -> list[dict]:
-    shapes = [(64, 128)] if smoke else [(576, 576), (1536, 576), (576, 1536), (4096, 4096), (11008, 4096),
-                                        (4096, 11008)]
-    schemes = [("int8", 8, None, True, None), ("int4-g128", 4, 128, False, None), ("int4-g32", 4, 32, False, None),
-               ("int4-g128-sym", 4, 128, True, None), ("int3-g128", 3, 128, False, None),
-               ("w8a8-dynamic", 8, None, True, "dynamic")]
+    shapes = (
+        [(64, 128)] if smoke else [(576, 576), (1536, 576), (576, 1536), (4096, 4096), (11008, 4096), (4096, 11008)]
+    )
+    schemes = [
+        ("int8", 8, None, True, None),
+        ("int4-g128", 4, 128, False, None),
+        ("int4-g32", 4, 32, False, None),
+        ("int4-g128-sym", 4, 128, True, None),
+        ("int3-g128", 3, 128, False, None),
+        ("w8a8-dynamic", 8, None, True, "dynamic"),
+    ]
     rows = []
     g = torch.Generator().manual_seed(0)
     ms = (1, 16, 512)
     for out_f, in_f in shapes:
         linear = nn.Linear(in_f, out_f, bias=False)
         with torch.no_grad():
-            linear.weight.copy_(torch.randn(out_f, in_f, generator=g) * in_f ** -0.5)
+            linear.weight.copy_(torch.randn(out_f, in_f, generator=g) * in_f**-0.5)
         dense = linear.weight.detach().to(device, torch.bfloat16)
         xs = {m: torch.randn(m, in_f, generator=g) for m in ms}
         xds = {m: x.to(device, torch.bfloat16) for m, x in xs.items()}
         base = {m: timed(lambda m=m: F.linear(xds[m], dense), device) for m in ms}
         for m in ms:
-            rows.append({"shape": f"{out_f}x{in_f}", "m": m, "scheme": "bf16", "path": "F.linear",
-                         "us": round(base[m] * 1e6, 2), "GB/s": round(2 * out_f * in_f / base[m] / 1e9, 1),
-                         "rel_err": 0.0, "vs_bf16": 1.0})
+            rows.append(
+                {
+                    "shape": f"{out_f}x{in_f}",
+                    "m": m,
+                    "scheme": "bf16",
+                    "path": "F.linear",
+                    "us": round(base[m] * 1e6, 2),
+                    "GB/s": round(2 * out_f * in_f / base[m] / 1e9, 1),
+                    "rel_err": 0.0,
+                    "vs_bf16": 1.0,
+                }
+            )
         for name, bits, group, sym, act in schemes:
             q = QuantLinear.from_linear(linear, bits=bits, group_size=group, symmetric=sym)
             if act:
@@ -104,10 +144,18 @@ def section_kernels(device: str, smoke: bool) -> list[dict]:
                 y = q(xds[m])
                 err = float((y.float().cpu() - refs[m]).abs().max() / refs[m].abs().max())
                 t = timed(lambda m=m: q(xds[m]), device)
-                rows.append({"shape": f"{out_f}x{in_f}", "m": m, "scheme": name,
-                             "path": getattr(q, "last_path", "w8a8"), "us": round(t * 1e6, 2),
-                             "GB/s": round(out_f * in_f * bits / 8 / t / 1e9, 1), "rel_err": round(err, 5),
-                             "vs_bf16": round(base[m] / t, 3)})
+                rows.append(
+                    {
+                        "shape": f"{out_f}x{in_f}",
+                        "m": m,
+                        "scheme": name,
+                        "path": getattr(q, "last_path", "w8a8"),
+                        "us": round(t * 1e6, 2),
+                        "GB/s": round(out_f * in_f * bits / 8 / t / 1e9, 1),
+                        "rel_err": round(err, 5),
+                        "vs_bf16": round(base[m] / t, 3),
+                    }
+                )
     return rows
 
 
@@ -130,10 +178,14 @@ def section_decode(device: str, smoke: bool) -> list[dict]:
     for label, shape in shapes.items():
         base = _random_llama(shape, device, torch.bfloat16)
         ids = torch.randint(2, shape["vocab_size"], (1, 32), device=device)
-        variants = {"bf16": base, "int8": quantized_copy(base, draft_quantization("int8")),
-                    "int4-g128": quantized_copy(base, draft_quantization("int4")),
-                    "int4-g32": quantized_copy(base, draft_quantization("int4-g32"))}
+        variants = {
+            "bf16": base,
+            "int8": quantized_copy(base, draft_quantization("int8")),
+            "int4-g128": quantized_copy(base, draft_quantization("int4")),
+            "int4-g32": quantized_copy(base, draft_quantization("int4-g32")),
+        }
         for name, model in variants.items():
+
             def run(model=model):
                 return model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
 
@@ -145,10 +197,12 @@ def section_decode(device: str, smoke: bool) -> list[dict]:
             if device == "cuda":
                 torch.cuda.synchronize()
             secs = time.perf_counter() - t
-            paths = sorted({m.last_path for m in model.modules() if isinstance(m, QuantLinear)
-                            and hasattr(m, "last_path")})
-            rows.append({"model": label, "weights": name, "tokens/s": round(new / secs, 1),
-                         "paths": ",".join(paths) or "dense"})
+            paths = sorted(
+                {m.last_path for m in model.modules() if isinstance(m, QuantLinear) and hasattr(m, "last_path")}
+            )
+            rows.append(
+                {"model": label, "weights": name, "tokens/s": round(new / secs, 1), "paths": ",".join(paths) or "dense"}
+            )
         del variants, base
     return rows
 
@@ -180,39 +234,56 @@ def section_speculative(device: str, smoke: bool) -> list[dict]:
 
     plain1, t_plain1 = clock(lambda: target.generate(one, max_new_tokens=new, do_sample=False))
     plain4, t_plain4 = clock(lambda: target.generate(batch, attention_mask=mask, max_new_tokens=new, do_sample=False))
-    rows.append({"draft": "none (plain greedy)", "batch": 1, "identical": True, "seconds": round(t_plain1, 3),
-                 "speedup": 1.0})
-    rows.append({"draft": "none (plain greedy)", "batch": 4, "identical": True, "seconds": round(t_plain4, 3),
-                 "speedup": 1.0})
+    rows.append(
+        {"draft": "none (plain greedy)", "batch": 1, "identical": True, "seconds": round(t_plain1, 3), "speedup": 1.0}
+    )
+    rows.append(
+        {"draft": "none (plain greedy)", "batch": 4, "identical": True, "seconds": round(t_plain4, 3), "speedup": 1.0}
+    )
     kinds = os.environ.get("GPU_CHECK_DRAFTS", "int8,int4,int4-g32,early-exit:8,ngram").split(",")
     for kind in kinds:
         if smoke and kind.startswith("early-exit"):
             kind = "early-exit:2"
         out1, t1 = clock(lambda: target.generate(one, max_new_tokens=new, do_sample=False, draft_model=kind))
         s1 = target.last_speculative_stats
-        out4, t4 = clock(lambda: target.generate(batch, attention_mask=mask, max_new_tokens=new, do_sample=False,
-                                                 draft_model=kind))
+        out4, t4 = clock(
+            lambda: target.generate(batch, attention_mask=mask, max_new_tokens=new, do_sample=False, draft_model=kind)
+        )
         s4 = target.last_speculative_stats
-        row = {"draft": kind, "batch": 1, "identical": bool(torch.equal(out1, plain1)), "seconds": round(t1, 3),
-               "speedup": round(t_plain1 / t1, 3), "acceptance": round(s1.acceptance_rate, 3),
-               "passes/token": round(s1.target_passes_per_token, 3)}
+        row = {
+            "draft": kind,
+            "batch": 1,
+            "identical": bool(torch.equal(out1, plain1)),
+            "seconds": round(t1, 3),
+            "speedup": round(t_plain1 / t1, 3),
+            "acceptance": round(s1.acceptance_rate, 3),
+            "passes/token": round(s1.target_passes_per_token, 3),
+        }
         if kind.startswith("int"):
             draft = draft_model_for(target, kind)
             _, th = clock(lambda: target.generate(one, max_new_tokens=new, do_sample=False, assistant_model=draft))
             row["hf_assisted_seconds"] = round(th, 3)
         elif kind.startswith("early"):
             layers = int(kind.split(":")[1])
-            _, th = clock(lambda: target.generate(one, max_new_tokens=new, do_sample=False,
-                                                  assistant_early_exit=layers))
+            _, th = clock(
+                lambda: target.generate(one, max_new_tokens=new, do_sample=False, assistant_early_exit=layers)
+            )
             row["hf_assisted_seconds"] = round(th, 3)
         elif kind == "ngram":
-            _, th = clock(lambda: target.generate(one, max_new_tokens=new, do_sample=False,
-                                                  prompt_lookup_num_tokens=4))
+            _, th = clock(lambda: target.generate(one, max_new_tokens=new, do_sample=False, prompt_lookup_num_tokens=4))
             row["hf_assisted_seconds"] = round(th, 3)
         rows.append(row)
-        rows.append({"draft": kind, "batch": 4, "identical": bool(torch.equal(out4, plain4)), "seconds": round(t4, 3),
-                     "speedup": round(t_plain4 / t4, 3), "acceptance": round(s4.acceptance_rate, 3),
-                     "passes/token": round(s4.target_passes_per_token, 3)})
+        rows.append(
+            {
+                "draft": kind,
+                "batch": 4,
+                "identical": bool(torch.equal(out4, plain4)),
+                "seconds": round(t4, 3),
+                "speedup": round(t_plain4 / t4, 3),
+                "acceptance": round(s4.acceptance_rate, 3),
+                "passes/token": round(s4.target_passes_per_token, 3),
+            }
+        )
     return rows
 
 
@@ -233,7 +304,7 @@ def section_identity(device: str, smoke: bool) -> list[dict]:
     for dtype in (torch.float32, torch.bfloat16):
         target = _random_llama(shape, device, dtype)
         plain = target.generate(batch, attention_mask=mask, max_new_tokens=new, do_sample=False)[:, width:]
-        singles = [target.generate(p[None], max_new_tokens=new, do_sample=False)[0, p.numel():] for p in prompts]
+        singles = [target.generate(p[None], max_new_tokens=new, do_sample=False)[0, p.numel() :] for p in prompts]
 
         def margin(r: int, upto: int) -> float:
             ids = torch.cat([prompts[r], singles[r][:upto]])[None]
@@ -247,17 +318,33 @@ def section_identity(device: str, smoke: bool) -> list[dict]:
 
         for r in range(4):
             d = first_diff(plain[r], singles[r])
-            rows.append({"dtype": str(dtype), "draft": "none (transformers batch)", "row": r,
-                         "equals_single_row": d is None, "first_diff": d,
-                         "margin_at_diff": None if d is None else margin(r, d)})
+            rows.append(
+                {
+                    "dtype": str(dtype),
+                    "draft": "none (transformers batch)",
+                    "row": r,
+                    "equals_single_row": d is None,
+                    "first_diff": d,
+                    "margin_at_diff": None if d is None else margin(r, d),
+                }
+            )
         for kind in ("int8", "ngram", "early-exit:2" if smoke else "early-exit:8"):
-            ours = target.generate(batch, attention_mask=mask, max_new_tokens=new, do_sample=False,
-                                   draft_model=kind)[:, width:]
+            ours = target.generate(batch, attention_mask=mask, max_new_tokens=new, do_sample=False, draft_model=kind)[
+                :, width:
+            ]
             for r in range(4):
                 d = first_diff(ours[r], singles[r])
-                rows.append({"dtype": str(dtype), "draft": kind, "row": r, "equals_single_row": d is None,
-                             "equals_transformers_batch": bool(torch.equal(ours[r], plain[r])), "first_diff": d,
-                             "margin_at_diff": None if d is None else margin(r, d)})
+                rows.append(
+                    {
+                        "dtype": str(dtype),
+                        "draft": kind,
+                        "row": r,
+                        "equals_single_row": d is None,
+                        "equals_transformers_batch": bool(torch.equal(ours[r], plain[r])),
+                        "first_diff": d,
+                        "margin_at_diff": None if d is None else margin(r, d),
+                    }
+                )
     return rows
 
 
@@ -268,17 +355,30 @@ def section_memory(device: str, smoke: bool) -> list[dict]:
 
     cfg = LlamaConfig(**(TINY if smoke else SMOLLM2))
     rows = []
-    scenarios = [dict(mode="inference", dtype="bfloat16", batch_size=4, sequence_length=512, new_tokens=64),
-                 dict(mode="inference", dtype="bfloat16", batch_size=4, sequence_length=512, new_tokens=64,
-                      efficiency_config={"quantization": {"bits": 4, "group_size": 128}}),
-                 dict(mode="training", dtype="bfloat16", batch_size=4, sequence_length=512, optimizer="adamw")]
+    scenarios = [
+        dict(mode="inference", dtype="bfloat16", batch_size=4, sequence_length=512, new_tokens=64),
+        dict(
+            mode="inference",
+            dtype="bfloat16",
+            batch_size=4,
+            sequence_length=512,
+            new_tokens=64,
+            efficiency_config={"quantization": {"bits": 4, "group_size": 128}},
+        ),
+        dict(mode="training", dtype="bfloat16", batch_size=4, sequence_length=512, optimizer="adamw"),
+    ]
     for sc in scenarios:
         est = estimate_memory(cfg, device=device, **sc)
         meas = measure_memory(cfg, device=device, **sc)
         total = est.total_without_overhead if device == "cuda" else est.total
-        rows.append({"scenario": json.dumps(sc), "estimated_MiB": round(total / 2**20, 1),
-                     "measured_MiB": round(meas.peak_bytes / 2**20, 1),
-                     "error": round((total - meas.peak_bytes) / max(meas.peak_bytes, 1), 4)})
+        rows.append(
+            {
+                "scenario": json.dumps(sc),
+                "estimated_MiB": round(total / 2**20, 1),
+                "measured_MiB": round(meas.peak_bytes / 2**20, 1),
+                "error": round((total - meas.peak_bytes) / max(meas.peak_bytes, 1), 4),
+            }
+        )
     return rows
 
 
@@ -292,19 +392,38 @@ def section_distill(device: str, smoke: bool) -> list[dict]:
     rows = torch.randint(2, TINY["vocab_size"], (16, 64))
     data = [{"input_ids": r, "labels": r} for r in rows]
     with tempfile.TemporaryDirectory() as tmp:
-        args = DistillationTrainingArguments(output_dir=tmp, max_steps=3, per_device_train_batch_size=4,
-                                             report_to=[], save_strategy="no", feature_weight=1.0,
-                                             use_cpu=device == "cpu", disable_tqdm=True, logging_steps=1)
+        args = DistillationTrainingArguments(
+            output_dir=tmp,
+            max_steps=3,
+            per_device_train_batch_size=4,
+            report_to=[],
+            save_strategy="no",
+            feature_weight=1.0,
+            use_cpu=device == "cpu",
+            disable_tqdm=True,
+            logging_steps=1,
+        )
         trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data)
         out = trainer.train()
-    return [{"steps": out.global_step, "train_loss": round(out.training_loss, 4),
-             "student_device": str(next(trainer.model.parameters()).device),
-             "teacher_device": str(next(trainer.teacher.parameters()).device)}]
+    return [
+        {
+            "steps": out.global_step,
+            "train_loss": round(out.training_loss, 4),
+            "student_device": str(next(trainer.model.parameters()).device),
+            "teacher_device": str(next(trainer.teacher.parameters()).device),
+        }
+    ]
 
 
 def markdown(results: dict) -> str:
-    lines = [f"# GPU check ({results['env'].get('device_name', 'cpu')})", "",
-             "```", json.dumps(results["env"], indent=1), "```", ""]
+    lines = [
+        f"# GPU check ({results['env'].get('device_name', 'cpu')})",
+        "",
+        "```",
+        json.dumps(results["env"], indent=1),
+        "```",
+        "",
+    ]
     for name, rows in results.items():
         if name == "env":
             continue
@@ -328,9 +447,15 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     import transformers
 
-    results: dict = {"env": {"device": device, "torch": torch.__version__, "transformers": transformers.__version__,
-                             "hf_efficiency": hf_efficiency.__version__,
-                             "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu"}}
+    results: dict = {
+        "env": {
+            "device": device,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "hf_efficiency": hf_efficiency.__version__,
+            "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        }
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name in args.sections.split(","):

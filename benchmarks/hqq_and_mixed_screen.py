@@ -21,12 +21,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 
-from hf_efficiency.data import bundled_model_path, kjv_text, token_windows  # noqa: E402
+from hf_efficiency.data import token_windows  # noqa: E402
+from hf_efficiency.demo import bundled_model_path, kjv_text  # noqa: E402
 from hf_efficiency.evaluate import perplexity  # noqa: E402
-from hf_efficiency.quant.calibration import collect_model_input_rms  # noqa: E402
-from hf_efficiency.quant.hqq import hqq_quantize  # noqa: E402
-from hf_efficiency.quant.mixed import allocate_bits, mean_bits  # noqa: E402
-from hf_efficiency.quant.scheme import quantize_weight  # noqa: E402
+from hf_efficiency.quant.calibrated.capture import collect_model_input_rms  # noqa: E402
+from hf_efficiency.quant.core.mixed import allocate_bits, mean_bits  # noqa: E402
+from hf_efficiency.quant.core.scheme import quantize_weight  # noqa: E402
+from hf_efficiency.quant.methods.hqq import hqq_quantize  # noqa: E402
 
 
 def main() -> None:
@@ -37,7 +38,11 @@ def main() -> None:
     windows = token_windows(tok, kjv_text("evaluation"), 512, 4096)
     calibration = token_windows(tok, kjv_text("calibration"), 512, 4096)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    weights = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    weights = {
+        n: m.weight.detach().clone()
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n != "lm_head"
+    }
 
     def ppl_with(new: dict[str, torch.Tensor]) -> float:
         with torch.no_grad():
@@ -50,21 +55,30 @@ def main() -> None:
     variants = {
         "round-to-nearest (min/max)": lambda w: quantize_weight(w, 3, 64, False).dequantize(),
         "HQQ zero point only (default)": lambda w: hqq_quantize(w, 3, 64).dequantize(),
-        "HQQ zero point + scale (hqq_optimize_scale)": lambda w: hqq_quantize(w, 3, 64, optimize_scale=True).dequantize(),
+        "HQQ zero point + scale (hqq_optimize_scale)": lambda w: hqq_quantize(
+            w, 3, 64, optimize_scale=True
+        ).dequantize(),
     }
     for name, fn in variants.items():
         p = ppl_with({n: fn(w) for n, w in weights.items()})
         lines.append(f"| {name} | {p:.2f} |")
         print(lines[-1], flush=True)
 
-    rms = collect_model_input_rms(model.__class__.from_pretrained(path, dtype=torch.float32).eval(), calibration, list(weights), 4)
+    rms = collect_model_input_rms(
+        model.__class__.from_pretrained(path, dtype=torch.float32).eval(), calibration, list(weights), 4
+    )
     deq = {(n, b): hqq_quantize(w, b, 64).dequantize() for n, w in weights.items() for b in (2, 3, 4)}
     sizes = {n: w.numel() for n, w in weights.items()}
     h = {n: rms[n].pow(2) for n in weights}
     absolute = {n: {b: float(((w - deq[n, b]).pow(2) * h[n]).sum()) for b in (2, 3, 4)} for n, w in weights.items()}
     relative = {n: {b: e / float((w.pow(2) * h[n]).sum()) for b, e in absolute[n].items()} for n, w in weights.items()}
-    lines += ["", "## Mixed-precision sensitivity measure (HQQ, group 64)", "",
-              "| allocation | mean code bits | modules at 2/3/4 bits | perplexity |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "## Mixed-precision sensitivity measure (HQQ, group 64)",
+        "",
+        "| allocation | mean code bits | modules at 2/3/4 bits | perplexity |",
+        "|---|---|---|---|",
+    ]
     allocations = {
         "uniform 3 bits": {n: 3 for n in weights},
         "absolute error, {2,3,4} -> 3.0": allocate_bits(sizes, absolute, [2, 3, 4], 3.0),

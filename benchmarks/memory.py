@@ -23,7 +23,7 @@ sys.path.insert(0, ROOT)
 
 from transformers import LlamaConfig  # noqa: E402
 
-from hf_efficiency.data import bundled_model_path  # noqa: E402
+from hf_efficiency.demo import bundled_model_path  # noqa: E402
 from hf_efficiency.memory import (  # noqa: E402
     estimate_memory,
     format_bytes,
@@ -39,8 +39,9 @@ SCENARIOS = {
     "int4 g128 inference, 1 x 512": dict(mode="inference", batch_size=1, sequence_length=512, efficiency_config=INT4),
     "full fine-tuning, AdamW, 2 x 256": dict(mode="training", batch_size=2, sequence_length=256),
     "LoRA r=8 (q,k,v,o), AdamW, 2 x 256": dict(mode="training", batch_size=2, sequence_length=256, training="lora"),
-    "QLoRA r=8 (int4 g128 base), 2 x 256": dict(mode="training", batch_size=2, sequence_length=256,
-                                                training="qlora", efficiency_config=INT4),
+    "QLoRA r=8 (int4 g128 base), 2 x 256": dict(
+        mode="training", batch_size=2, sequence_length=256, training="qlora", efficiency_config=INT4
+    ),
 }
 
 
@@ -63,16 +64,24 @@ def accelerate_estimate(config, kwargs) -> int | None:
 
 
 def talk_example() -> str:
-    cfg = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16,
-                      num_key_value_heads=16, vocab_size=32000, tie_word_embeddings=True)
-    b = estimate_memory(cfg, "training", dtype="float16", batch_size=1, sequence_length=512, device="cuda",
-                        label="talk example")
+    cfg = LlamaConfig(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        vocab_size=32000,
+        tie_word_embeddings=True,
+    )
+    b = estimate_memory(
+        cfg, "training", dtype="float16", batch_size=1, sequence_length=512, device="cuda", label="talk example"
+    )
     talk_terms = b.overhead + b.weights + b.gradients + b.optimizer_states + b.activations
     return (
         "```\n" + b.table(decimal=True) + "\n```\n\n"
         f"The talk's five terms (overhead + weights + gradients + Adam + activations) add up to "
         f"{format_bytes(talk_terms, decimal=True)} (talk: about 12.4 GB). The predicted peak is "
-        f"{format_bytes(b.total, decimal=True)} (talk: \"in real life about 11 and some\"), because backward frees "
+        f'{format_bytes(b.total, decimal=True)} (talk: "in real life about 11 and some"), because backward frees '
         "activations while it creates gradients."
     )
 
@@ -96,23 +105,38 @@ def main() -> None:
         rows.append(
             f"| {label} | {'N/A' if acc is None else format_bytes(acc)}"
             f"{'' if acc_err is None else f' ({100 * acc_err:+.0f} %)'} | {format_bytes(ours)} | "
-            + ("not measurable yet (needs the PEFT issue) | | |" if pinned is None else
-               f"{format_bytes(pinned.peak_bytes)} | **{100 * err:+.1f} %** | {format_bytes(default.peak_bytes)} |")
+            + (
+                "not measurable yet (needs the PEFT issue) | | |"
+                if pinned is None
+                else f"{format_bytes(pinned.peak_bytes)} | **{100 * err:+.1f} %** | {format_bytes(default.peak_bytes)} |"
+            )
         )
-        data.append({"scenario": label, "accelerate": acc, "ours": ours, "ours_with_overhead": est.total,
-                     "breakdown": est.to_dict(),
-                     "measured_pinned": None if pinned is None else pinned.to_dict(),
-                     "measured_default_allocator": None if default is None else default.to_dict()})
+        data.append(
+            {
+                "scenario": label,
+                "accelerate": acc,
+                "ours": ours,
+                "ours_with_overhead": est.total,
+                "breakdown": est.to_dict(),
+                "measured_pinned": None if pinned is None else pinned.to_dict(),
+                "measured_default_allocator": None if default is None else default.to_dict(),
+            }
+        )
         print(rows[-1], flush=True)
-    table = "\n".join([
-        "| scenario (SmolLM2-135M, CPU) | accelerate estimate-memory | hf-efficiency estimate | measured peak "
-        "| our error | measured, default allocator |",
-        "|---|---:|---:|---:|---:|---:|",
-        *rows,
-    ])
+    table = "\n".join(
+        [
+            "| scenario (SmolLM2-135M, CPU) | accelerate estimate-memory | hf-efficiency estimate | measured peak "
+            "| our error | measured, default allocator |",
+            "|---|---:|---:|---:|---:|---:|",
+            *rows,
+        ]
+    )
     chart_path = os.path.join(ROOT, "benchmarks", "results", "memory.png")
-    plot_breakdowns(standard_breakdowns(model, batch_size=2, sequence_length=256, device="cuda"), chart_path,
-                    title="SmolLM2-135M, batch 2 x 256 tokens, CUDA (estimate)")
+    plot_breakdowns(
+        standard_breakdowns(model, batch_size=2, sequence_length=256, device="cuda"),
+        chart_path,
+        title="SmolLM2-135M, batch 2 x 256 tokens, CUDA (estimate)",
+    )
     text = (
         table + "\n\nEstimates exclude the runtime overhead (Python + torch + transformers, about 400 MiB "
         "resident on CPU; the CUDA context on GPU), which the measurement subtracts as its baseline. accelerate's "

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 import hf_efficiency  # noqa: E402,F401  (before peft: teaches peft our QuantLinear)
-from hf_efficiency.data import KJV_SPLITS, bundled_model_path, kjv_passages  # noqa: E402
+from hf_efficiency.demo import KJV_SPLITS, bundled_model_path, kjv_passages  # noqa: E402
 from hf_efficiency.memory.measure import peak_memory_of  # noqa: E402
 
 BLOCK = 128
@@ -57,7 +57,7 @@ def held_out_perplexity(model, rows: torch.Tensor, batch: int = 8) -> float:
     total = 0.0
     with torch.no_grad():
         for i in range(0, len(rows), batch):
-            x = rows[i:i + batch]
+            x = rows[i : i + batch]
             total += float(model(input_ids=x, labels=x).loss) * len(x)
     return math.exp(total / len(rows))
 
@@ -95,8 +95,9 @@ def build(name: str, path):
     if name == "QLoRA r=16 all-linear, int4 g64":
         return get_peft_model(load(path, {"bits": 4, "group_size": 64}), lora), 1e-3
     if name == "QA-LoRA r=16 all-linear, int4 g64":
-        qalora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", use_qalora=True,
-                            qalora_group_size=64)
+        qalora = LoraConfig(
+            r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", use_qalora=True, qalora_group_size=64
+        )
         return get_peft_model(load(path, {"bits": 4, "group_size": 64}), qalora), 1e-3
     if name == "IA3 (k, v, down)":
         return get_peft_model(load(path), IA3Config(task_type="CAUSAL_LM")), 1e-2
@@ -111,9 +112,17 @@ def build(name: str, path):
     raise ValueError(f"unknown method {name!r}")
 
 
-METHODS = ["full fine-tuning", "LoRA r=16 all-linear", "QLoRA r=16 all-linear, int4 g64",
-           "QA-LoRA r=16 all-linear, int4 g64", "IA3 (k, v, down)", "prompt tuning, 20 tokens",
-           "BitFit (added biases)", "bottleneck adapters (Pfeiffer, 64)", "freeze lower 15 of 30 layers"]
+METHODS = [
+    "full fine-tuning",
+    "LoRA r=16 all-linear",
+    "QLoRA r=16 all-linear, int4 g64",
+    "QA-LoRA r=16 all-linear, int4 g64",
+    "IA3 (k, v, down)",
+    "prompt tuning, 20 tokens",
+    "BitFit (added biases)",
+    "bottleneck adapters (Pfeiffer, 64)",
+    "freeze lower 15 of 30 layers",
+]
 
 
 def train(model, rows: torch.Tensor, lr: float, batch: int) -> None:
@@ -121,7 +130,7 @@ def train(model, rows: torch.Tensor, lr: float, batch: int) -> None:
     opt = torch.optim.AdamW(params, lr=lr)
     model.train()
     for step in range(len(rows) // batch):
-        x = rows[step * batch:(step + 1) * batch]
+        x = rows[step * batch : (step + 1) * batch]
         loss = model(input_ids=x, labels=x).loss
         loss.backward()
         opt.step()
@@ -149,8 +158,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--eval-rows", type=int, default=32)
     parser.add_argument("--methods", default="all", help="semicolon-separated subset of: " + "; ".join(METHODS))
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (two single-thread runs can share "
-                                                                "the 2 cores, each writing its rows)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="torch threads (two single-thread runs can share the 2 cores, each writing its rows)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     names = METHODS if args.methods == "all" else [m.strip() for m in args.methods.split(";")]
@@ -160,8 +173,13 @@ def main() -> None:
     passages = kjv_passages()
     train_rows = blocks(tok, passages[:lo], args.steps * args.batch)
     eval_rows = blocks(tok, passages[lo:hi], args.eval_rows)
-    settings = {"steps": args.steps, "batch": args.batch, "block": BLOCK, "eval_rows": args.eval_rows,
-                "threads": args.threads}
+    settings = {
+        "steps": args.steps,
+        "batch": args.batch,
+        "block": BLOCK,
+        "eval_rows": args.eval_rows,
+        "threads": args.threads,
+    }
     md = ""
     for name in names:
         torch.manual_seed(0)
@@ -169,9 +187,17 @@ def main() -> None:
         trainable = trainable_count(model)
         before = held_out_perplexity(model, eval_rows)
         _, peak, secs = peak_memory_of(lambda m=model, lr=lr: train(m, train_rows, lr, args.batch))
-        row = {"method": name, "trainable": trainable, "trainable %": round(100 * trainable / BASE_PARAMETERS, 3),
-               "lr": lr, "weights MiB": weights_mib(model), "peak MiB": round(peak / 2**20), "s/step": round(secs / args.steps, 2),
-               "ppl before": round(before, 3), "ppl after": round(held_out_perplexity(model, eval_rows), 3)}
+        row = {
+            "method": name,
+            "trainable": trainable,
+            "trainable %": round(100 * trainable / BASE_PARAMETERS, 3),
+            "lr": lr,
+            "weights MiB": weights_mib(model),
+            "peak MiB": round(peak / 2**20),
+            "s/step": round(secs / args.steps, 2),
+            "ppl before": round(before, 3),
+            "ppl after": round(held_out_perplexity(model, eval_rows), 3),
+        }
         if "QLoRA" in name or "QA-LoRA" in name:
             # a QA-LoRA delta folds into the minima whatever the re-quantization method: one merge suffices
             methods = ("refit",) if "QA-LoRA" in name else ("refit", "rtn")
@@ -200,20 +226,35 @@ def save_row(row: dict, settings: dict) -> str:
 
 def markdown(settings: dict, rows: list[dict]) -> str:
     keys = ["method", "trainable", "trainable %", "lr", "weights MiB", "peak MiB", "s/step", "ppl before", "ppl after"]
-    lines = [f"SmolLM2-135M-Instruct fp32, {settings['steps']} steps x {settings['batch']} x {settings['block']} KJV "
-             f"training tokens, AdamW (constant lr); held-out perplexity on {settings['eval_rows']} x "
-             f"{settings['block']} KJV evaluation tokens; weights MiB: the model's parameters and buffers (packed for "
-             "the 4-bit bases, adapters included); peak MiB: resident memory of the training loop above the "
-             f"loaded model; {settings['threads']} CPU thread(s) per run.", "",
-             "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines = [
+        f"SmolLM2-135M-Instruct fp32, {settings['steps']} steps x {settings['batch']} x {settings['block']} KJV "
+        f"training tokens, AdamW (constant lr); held-out perplexity on {settings['eval_rows']} x "
+        f"{settings['block']} KJV evaluation tokens; weights MiB: the model's parameters and buffers (packed for "
+        "the 4-bit bases, adapters included); peak MiB: resident memory of the training loop above the "
+        f"loaded model; {settings['threads']} CPU thread(s) per run.",
+        "",
+        "| " + " | ".join(keys) + " |",
+        "|" + "---|" * len(keys),
+    ]
     lines += ["| " + " | ".join(str(r.get(k, "-")) for k in keys) + " |" for r in rows]
     merged = [r for r in rows if "merged ppl (refit)" in r]
     if merged:
-        keys = ["method", "ppl after", "merged ppl (refit)", "merged vs unmerged (refit)", "merged ppl (rtn)",
-                "merged vs unmerged (rtn)"]
-        lines += ["", "LoRA merged into the 4-bit base (`merge_and_unload`): re-quantized with the module's scheme by "
-                  "`refit` (default) or a fresh round-to-nearest grid (`rtn`, the naive merge).", "",
-                  "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        keys = [
+            "method",
+            "ppl after",
+            "merged ppl (refit)",
+            "merged vs unmerged (refit)",
+            "merged ppl (rtn)",
+            "merged vs unmerged (rtn)",
+        ]
+        lines += [
+            "",
+            "LoRA merged into the 4-bit base (`merge_and_unload`): re-quantized with the module's scheme by "
+            "`refit` (default) or a fresh round-to-nearest grid (`rtn`, the naive merge).",
+            "",
+            "| " + " | ".join(keys) + " |",
+            "|" + "---|" * len(keys),
+        ]
         lines += ["| " + " | ".join(str(r.get(k, "-")) for k in keys) + " |" for r in merged]
     return "\n".join(lines) + "\n"
 

@@ -43,14 +43,15 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch
+from distillation import BLOCK, Rows, blocks  # noqa: E402  (the same KJV rows as the distillation benchmark)
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 from transformers.utils import logging as hf_logging
 
 import hf_efficiency  # noqa: F401  (registers the quantizer)
-from hf_efficiency.data import KJV_SPLITS, bundled_model_path, kjv_passages, load_text, token_windows
+from hf_efficiency.data import load_text, token_windows
+from hf_efficiency.demo import KJV_SPLITS, bundled_model_path, kjv_passages
 from hf_efficiency.evaluate import perplexity
-from hf_efficiency.quant.qat import convert_qat, prepare_qat
-from distillation import BLOCK, Rows, blocks  # noqa: E402  (the same KJV rows as the distillation benchmark)
+from hf_efficiency.quant.modules.qat import convert_qat, prepare_qat
 
 RESULTS = Path(ROOT) / "benchmarks" / "results"
 WORK = Path(os.environ.get("HF_EFFICIENCY_BENCH_DIR", "/tmp/hf_efficiency_qat_bench"))
@@ -58,15 +59,29 @@ SCHEMES = {
     "w3-g64": {"quantization": {"method": "rtn", "bits": 3, "group_size": 64, "symmetric": False}},
     "w2-g32": {"quantization": {"method": "rtn", "bits": 2, "group_size": 32, "symmetric": False}},
 }
-EXPERIMENTS = ("fp32", "ptq-w3-g64", "qat-w3-g64", "finetune", "finetune+ptq-w3-g64", "ptq-w2-g32", "qat-w2-g32",
-               "finetune+ptq-w2-g32")
+EXPERIMENTS = (
+    "fp32",
+    "ptq-w3-g64",
+    "qat-w3-g64",
+    "finetune",
+    "finetune+ptq-w3-g64",
+    "ptq-w2-g32",
+    "qat-w2-g32",
+    "finetune+ptq-w2-g32",
+)
 
 
 class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.settings = {"steps": args.steps, "batch": args.batch, "block": BLOCK, "lr": args.lr,
-                         "eval_windows": args.eval_windows, "eval_window": args.eval_window}
+        self.settings = {
+            "steps": args.steps,
+            "batch": args.batch,
+            "block": BLOCK,
+            "lr": args.lr,
+            "eval_windows": args.eval_windows,
+            "eval_window": args.eval_window,
+        }
         self.json_path = Path(args.results)
         self.results: dict = {}
         if self.json_path.is_file():
@@ -79,21 +94,34 @@ class Bench:
         self.tok = AutoTokenizer.from_pretrained(self.path)
         lo, _ = KJV_SPLITS["evaluation"]
         self.train_rows = blocks(self.tok, kjv_passages()[:lo], args.steps * args.batch, seed=0)
-        self.eval_windows = token_windows(self.tok, load_text("kjv", "evaluation"), args.eval_window,
-                                          args.eval_windows * args.eval_window)
+        self.eval_windows = token_windows(
+            self.tok, load_text("kjv", "evaluation"), args.eval_window, args.eval_windows * args.eval_window
+        )
 
     def record(self, name: str, row: dict) -> None:
         self.results[name] = row
         self.json_path.parent.mkdir(parents=True, exist_ok=True)
-        self.json_path.write_text(json.dumps({"model": "SmolLM2-135M-Instruct (fp32)", "settings": self.settings,
-                                              "torch_threads": torch.get_num_threads(),
-                                              "experiments": self.results}, indent=2))
+        self.json_path.write_text(
+            json.dumps(
+                {
+                    "model": "SmolLM2-135M-Instruct (fp32)",
+                    "settings": self.settings,
+                    "torch_threads": torch.get_num_threads(),
+                    "experiments": self.results,
+                },
+                indent=2,
+            )
+        )
         print(f"{name}: {row}", flush=True)
 
     def evaluate(self, model) -> dict:
         t0 = time.perf_counter()
         r = perplexity(model, self.eval_windows, batch_size=4, progress=False)
-        return {"ppl": round(r["perplexity"], 3), "nll": round(r["nll"], 5), "eval_s": round(time.perf_counter() - t0, 1)}
+        return {
+            "ppl": round(r["perplexity"], 3),
+            "nll": round(r["nll"], 5),
+            "eval_s": round(time.perf_counter() - t0, 1),
+        }
 
     def float_model(self):
         return AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32)
@@ -101,18 +129,34 @@ class Bench:
     def train(self, model, name: str, lr: float | None = None) -> dict:
         a = self.args
         args = TrainingArguments(
-            output_dir=str(WORK / name), per_device_train_batch_size=a.batch, max_steps=a.steps,
+            output_dir=str(WORK / name),
+            per_device_train_batch_size=a.batch,
+            max_steps=a.steps,
             learning_rate=lr or a.lr,
-            lr_scheduler_type="cosine", warmup_steps=max(1, a.steps // 10), weight_decay=0.0, optim="adamw_torch",
-            report_to=[], save_strategy="no", use_cpu=True, logging_steps=max(1, a.steps // 10), seed=0,
-            disable_tqdm=True, dataloader_num_workers=0)
+            lr_scheduler_type="cosine",
+            warmup_steps=max(1, a.steps // 10),
+            weight_decay=0.0,
+            optim="adamw_torch",
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+            logging_steps=max(1, a.steps // 10),
+            seed=0,
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+        )
         trainer = Trainer(model=model, args=args, train_dataset=Rows(self.train_rows))
         t0 = time.perf_counter()
         trainer.train()
         wall = time.perf_counter() - t0
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         model.eval()
-        return {"steps": a.steps, "train_s": round(wall, 1), "train_loss_first": losses[0], "train_loss_last": losses[-1]}
+        return {
+            "steps": a.steps,
+            "train_s": round(wall, 1),
+            "train_loss_first": losses[0],
+            "train_loss_last": losses[-1],
+        }
 
     def run(self, name: str) -> None:
         if name in self.results:
@@ -138,7 +182,9 @@ class Bench:
         elif kind == "finetune+ptq":
             stamp = WORK / "finetuned" / "bench_settings.json"
             if not stamp.is_file() or json.loads(stamp.read_text()) != self.settings:
-                raise SystemExit(f"{name} quantizes the fine-tuned model: run 'finetune' first (with the same settings)")
+                raise SystemExit(
+                    f"{name} quantizes the fine-tuned model: run 'finetune' first (with the same settings)"
+                )
             model = AutoModelForCausalLM.from_pretrained(WORK / "finetuned", efficiency_config=SCHEMES[scheme])
             row = self.evaluate(model)
         elif kind == "qat":
@@ -176,8 +222,10 @@ def summary(results: dict, settings: dict) -> dict:
         ptq, qat = results.get(f"ptq-{s}"), results.get(f"qat-{s}")
         if not (fp and ptq and qat):
             continue
-        row = {"recovered": recovered(ptq["ppl"], qat["ppl"], fp["ppl"]),
-               "recovered_nll": recovered(ptq["nll"], qat["nll"], fp["nll"])}
+        row = {
+            "recovered": recovered(ptq["ppl"], qat["ppl"], fp["ppl"]),
+            "recovered_nll": recovered(ptq["nll"], qat["nll"], fp["nll"]),
+        }
         if ft:
             row["recovered_vs_finetuned"] = recovered(ptq["ppl"], qat["ppl"], ft["ppl"])
             row["recovered_nll_vs_finetuned"] = recovered(ptq["nll"], qat["nll"], ft["nll"])
@@ -194,16 +242,21 @@ def summary(results: dict, settings: dict) -> dict:
 def markdown(results: dict, settings: dict) -> str:
     r, s = results, settings
     lines = [
-        (f"SmolLM2-135M-Instruct, fp32, 2 CPU threads. Training: {s['steps']} steps x {s['batch']} rows x "
-         f"{s['block']} tokens of the KJV train slice ({s['steps'] * s['batch'] * s['block']:,} tokens), AdamW lr "
-         f"{s['lr']:g}, cosine after 10 % warmup, stock `transformers.Trainer`; the same rows, order and schedule "
-         f"for QAT and the float fine-tuning controls. Held-out perplexity: {s['eval_windows']} x {s['eval_window']} "
-         "tokens of the KJV evaluation slice. QAT is evaluated after `convert_qat` (packed `QuantLinear` model). "
-         "recovered = (ppl_PTQ - ppl_QAT) / (ppl_PTQ - ppl_ref), ref = fp32, or the float model fine-tuned at the "
-         "same lr / at the best control lr; (NLL) = the same on log-perplexity. Train s: wall time on 2 cores "
-         "shared with other jobs (contention varied)."), "",
-        ("| model | bits | group | train s | held-out perplexity | recovered vs fp32 | recovered vs fine-tuned float "
-         "(same lr / best lr) | recovered (NLL) vs fp32 / fine-tuned (same / best) |"),
+        (
+            f"SmolLM2-135M-Instruct, fp32, 2 CPU threads. Training: {s['steps']} steps x {s['batch']} rows x "
+            f"{s['block']} tokens of the KJV train slice ({s['steps'] * s['batch'] * s['block']:,} tokens), AdamW lr "
+            f"{s['lr']:g}, cosine after 10 % warmup, stock `transformers.Trainer`; the same rows, order and schedule "
+            f"for QAT and the float fine-tuning controls. Held-out perplexity: {s['eval_windows']} x {s['eval_window']} "
+            "tokens of the KJV evaluation slice. QAT is evaluated after `convert_qat` (packed `QuantLinear` model). "
+            "recovered = (ppl_PTQ - ppl_QAT) / (ppl_PTQ - ppl_ref), ref = fp32, or the float model fine-tuned at the "
+            "same lr / at the best control lr; (NLL) = the same on log-perplexity. Train s: wall time on 2 cores "
+            "shared with other jobs (contention varied)."
+        ),
+        "",
+        (
+            "| model | bits | group | train s | held-out perplexity | recovered vs fp32 | recovered vs fine-tuned float "
+            "(same lr / best lr) | recovered (NLL) vs fp32 / fine-tuned (same / best) |"
+        ),
         "|---|---|---|---:|---:|---:|---:|---:|",
     ]
 
@@ -229,9 +282,11 @@ def markdown(results: dict, settings: dict) -> str:
             def pct(key: str, x: dict = x) -> str:
                 return f"{x[key]:.1%}" if key in x else "-"
 
-            extra = (f"**{x['recovered']:.1%}** | {pct('recovered_vs_finetuned')} / {pct('recovered_vs_best_finetuned')}"
-                     f" | {pct('recovered_nll')} / {pct('recovered_nll_vs_finetuned')} / "
-                     f"{pct('recovered_nll_vs_best_finetuned')}")
+            extra = (
+                f"**{x['recovered']:.1%}** | {pct('recovered_vs_finetuned')} / {pct('recovered_vs_best_finetuned')}"
+                f" | {pct('recovered_nll')} / {pct('recovered_nll_vs_finetuned')} / "
+                f"{pct('recovered_nll_vs_best_finetuned')}"
+            )
         row("**QAT** (`prepare_qat` -> Trainer -> `convert_qat`)", f"qat-{s_name}", bits, group, extra)
     return "\n".join(lines) + "\n"
 
@@ -251,8 +306,13 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--eval-window", type=int, default=512)
-    parser.add_argument("--control-lrs", type=float, nargs="*", default=[1e-5, 3e-5, 1e-4],
-                        help="more learning rates for the float fine-tuning control")
+    parser.add_argument(
+        "--control-lrs",
+        type=float,
+        nargs="*",
+        default=[1e-5, 3e-5, 1e-4],
+        help="more learning rates for the float fine-tuning control",
+    )
     parser.add_argument("--only", nargs="*", default=None, help=f"a subset of {', '.join(EXPERIMENTS)}, finetune@LR")
     parser.add_argument("--results", default=str(RESULTS / "qat.json"), help="JSON file (the .md is written beside it)")
     parser.add_argument("--fresh", action="store_true", help="redo the --only experiments (all without it)")

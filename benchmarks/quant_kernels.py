@@ -37,9 +37,9 @@ sys.path.insert(0, ROOT)
 import torch
 import torch.nn.functional as F
 
-from hf_efficiency.quant import cpu_kernel
-from hf_efficiency.quant.linear import QuantLinear
-from hf_efficiency.quant.packing import unpack
+from hf_efficiency.quant.core.packing import unpack
+from hf_efficiency.quant.kernels import cpu as cpu_kernel
+from hf_efficiency.quant.modules.linear import QuantLinear
 
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]
 WORKING_SET = 160 * 2**20
@@ -91,6 +91,7 @@ def make_paths(out_f: int, in_f: int, compile_: bool):
             lin = torch.nn.Linear(in_f, out_f, bias=False, dtype=dtype)
             lin.weight.data.copy_(base.weight.data)
             return (lambda x: F.linear(x, lin.weight)), module_bytes(lin)
+
         return build
 
     def ours(bits, group, sym, env=None):
@@ -100,6 +101,7 @@ def make_paths(out_f: int, in_f: int, compile_: bool):
                 lay = cpu_kernel.layout(m)
                 return (lambda x: cpu_kernel.forward(m, x, lay)), module_bytes(m)
             return (lambda x: F.linear(x, torch_dequant(m))), module_bytes(m)
+
         return build
 
     def torch_int8pack():
@@ -115,8 +117,9 @@ def make_paths(out_f: int, in_f: int, compile_: bool):
         scale = m.weight_scale.float()
         zero = m.weight_min.float() + 8 * scale
         sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
-        return (lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 128, sz)), \
-            packed.numel() * packed.element_size() + sz.numel() * 2
+        return (
+            lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 128, sz)
+        ), packed.numel() * packed.element_size() + sz.numel() * 2
 
     def fbgemm():
         lin = torch.nn.Linear(in_f, out_f, bias=False)
@@ -156,7 +159,7 @@ def make_paths(out_f: int, in_f: int, compile_: bool):
 
 
 def torch_dequant(m):
-    from hf_efficiency.quant.scheme import dequantize_codes
+    from hf_efficiency.quant.core.scheme import dequantize_codes
 
     codes = unpack(m.weight, m.bits, m.in_features)
     return dequantize_codes(codes, m.weight_scale, m.weight_min, m.bits, m.group_size, torch.float32)
@@ -196,31 +199,51 @@ def main() -> None:
                     with torch.no_grad():
                         t = median_time([(lambda f=f: f(x)) for f in fns], repeats)
                 except Exception as e:  # noqa: BLE001
-                    results.append({"shape": f"{out_f}x{in_f}", "path": name, "rows": m,
-                                    "error": f"{type(e).__name__}: {e}"[:120]})
+                    results.append(
+                        {"shape": f"{out_f}x{in_f}", "path": name, "rows": m, "error": f"{type(e).__name__}: {e}"[:120]}
+                    )
                     continue
                 gbs = (nbytes + x.numel() * x.element_size()) / t / 1e9
-                results.append({"shape": f"{out_f}x{in_f}", "path": name, "rows": m, "us": t * 1e6,
-                                "weight_bytes": nbytes, "GB/s": gbs, "bandwidth_share": gbs * 1e9 / bw,
-                                "exact": exact})
+                results.append(
+                    {
+                        "shape": f"{out_f}x{in_f}",
+                        "path": name,
+                        "rows": m,
+                        "us": t * 1e6,
+                        "weight_bytes": nbytes,
+                        "GB/s": gbs,
+                        "bandwidth_share": gbs * 1e9 / bw,
+                        "exact": exact,
+                    }
+                )
                 print(f"{out_f}x{in_f} M={m:<4} {name:<22} {t * 1e6:9.1f} us  {gbs:6.1f} GB/s")
     fp = {(r["shape"], r["rows"]): r["us"] for r in results if r["path"] == "fp32" and "us" in r}
-    lines = [f"Read bandwidth (sum of 512 MiB float32, {args.threads} threads): **{bw / 1e9:.1f} GB/s**.", "",
-             "| shape (out x in) | rows | path | median us | weight MB | GB/s | share of bandwidth | vs fp32 |",
-             "|---|---:|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Read bandwidth (sum of 512 MiB float32, {args.threads} threads): **{bw / 1e9:.1f} GB/s**.",
+        "",
+        "| shape (out x in) | rows | path | median us | weight MB | GB/s | share of bandwidth | vs fp32 |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['shape']} | {r.get('rows', '')} | {r['path']} | unavailable: {r['error']} | | | | |")
             continue
         speed = fp[(r["shape"], r["rows"])] / r["us"]
         mark = "" if r["exact"] else " (activations quantized)"
-        lines.append(f"| {r['shape']} | {r['rows']} | {r['path']}{mark} | {r['us']:.1f} | {r['weight_bytes'] / 1e6:.2f} | "
-                     f"{r['GB/s']:.1f} | {100 * r['bandwidth_share']:.0f} % | {speed:.2f}x |")
+        lines.append(
+            f"| {r['shape']} | {r['rows']} | {r['path']}{mark} | {r['us']:.1f} | {r['weight_bytes'] / 1e6:.2f} | "
+            f"{r['GB/s']:.1f} | {100 * r['bandwidth_share']:.0f} % | {speed:.2f}x |"
+        )
     table = "\n".join(lines)
     res = os.path.join(ROOT, "benchmarks", "results")
     with open(os.path.join(res, "quant_kernels.md"), "w") as fh:
-        fh.write("# Quantized matmul paths on this CPU\n\n`PYTHONPATH=. python benchmarks/quant_kernels.py "
-                 + " ".join(sys.argv[1:]) + "`\n\n" + table + "\n")
+        fh.write(
+            "# Quantized matmul paths on this CPU\n\n`PYTHONPATH=. python benchmarks/quant_kernels.py "
+            + " ".join(sys.argv[1:])
+            + "`\n\n"
+            + table
+            + "\n"
+        )
     with open(os.path.join(res, "quant_kernels.json"), "w") as fh:
         json.dump({"bandwidth_bytes_per_s": bw, "threads": args.threads, "results": results}, fh, indent=2)
 

@@ -29,9 +29,10 @@ import torch  # noqa: E402
 
 import hf_efficiency  # noqa: E402,F401
 from hf_efficiency import EfficiencyConfig  # noqa: E402
-from hf_efficiency.data import load_text, resolve_model_path, token_windows  # noqa: E402
+from hf_efficiency.data import load_text, token_windows  # noqa: E402
+from hf_efficiency.demo import resolve_model_path  # noqa: E402
 from hf_efficiency.evaluate import decode_speed, disk_bytes, perplexity, weight_bytes  # noqa: E402
-from hf_efficiency.quant.linear import QuantLinear  # noqa: E402
+from hf_efficiency.quant.modules.linear import QuantLinear  # noqa: E402
 
 W8 = {"bits": 8, "group_size": None, "symmetric": True}
 CAL = {"calibration": {"dataset": "kjv", "samples": 32, "sequence_length": 512}}
@@ -46,8 +47,16 @@ SCHEMES: dict[str, dict | None] = {
     "fp32": None,
     "rtn-w8-channel": {"quantization": {"method": "rtn", **W8}},
     "w8a8-dynamic": {"quantization": {"method": "rtn", **W8}, "activations": {"mode": "dynamic"}},
-    "w8a8-dynamic-smoothquant0.5": {"quantization": {"method": "rtn", **W8}, "activations": {"mode": "dynamic", "smoothquant": 0.5}, **CAL},
-    "w8a8-dynamic-smoothquant0.8": {"quantization": {"method": "rtn", **W8}, "activations": {"mode": "dynamic", "smoothquant": 0.8}, **CAL},
+    "w8a8-dynamic-smoothquant0.5": {
+        "quantization": {"method": "rtn", **W8},
+        "activations": {"mode": "dynamic", "smoothquant": 0.5},
+        **CAL,
+    },
+    "w8a8-dynamic-smoothquant0.8": {
+        "quantization": {"method": "rtn", **W8},
+        "activations": {"mode": "dynamic", "smoothquant": 0.8},
+        **CAL,
+    },
     "w8a8-static-p99.99": {"quantization": {"method": "rtn", **W8}, "activations": {"mode": "static"}, **CAL},
     "rtn-w4-g128": q("rtn", 4, 128),
     "rtn-w4-g128-clip": q("rtn", 4, 128, clip="mse"),
@@ -103,7 +112,10 @@ def _describe(cfg: dict | None) -> dict:
         extra.append(f"auto mixed {qz['bits_choices']} -> {qz['target_bits']} bits")
     act = cfg.get("activations")
     if act:
-        extra.append(f"int8 activations {act['mode']}" + (f", SmoothQuant {act['smoothquant']}" if act.get("smoothquant") else ""))
+        extra.append(
+            f"int8 activations {act['mode']}"
+            + (f", SmoothQuant {act['smoothquant']}" if act.get("smoothquant") else "")
+        )
     method = qz["method"]
     return {"method": method, "bits": qz["bits"], "group": qz["group_size"] or "channel", "extra": ", ".join(extra)}
 
@@ -125,15 +137,24 @@ def write_tables(rows: list[dict], meta: dict, out: str) -> str:
     for r in rows:
         has_q = "quantized_bytes" in r
         lines.append(
-            "| " + " | ".join([
-                r["scheme"], r["method"], str(r["bits"]), str(r["group"]), r["extra"] or "-",
-                f"{r['perplexity']:.3f}", f"{r.get('delta_pct', 0):+.2f}%",
-                f"{r['bits_per_weight']:.3f}" if has_q else "32",
-                f"{r['quantized_bytes'] / 2**20:.2f}" if has_q else "-",
-                f"{r['memory_vs_predicted_pct']:+.2f}%" if has_q else "-",
-                f"{r['tokens_per_s']:.2f}" if "tokens_per_s" in r else "-",
-                f"{r['load_quantize_s']:.1f}",
-            ]) + " |"
+            "| "
+            + " | ".join(
+                [
+                    r["scheme"],
+                    r["method"],
+                    str(r["bits"]),
+                    str(r["group"]),
+                    r["extra"] or "-",
+                    f"{r['perplexity']:.3f}",
+                    f"{r.get('delta_pct', 0):+.2f}%",
+                    f"{r['bits_per_weight']:.3f}" if has_q else "32",
+                    f"{r['quantized_bytes'] / 2**20:.2f}" if has_q else "-",
+                    f"{r['memory_vs_predicted_pct']:+.2f}%" if has_q else "-",
+                    f"{r['tokens_per_s']:.2f}" if "tokens_per_s" in r else "-",
+                    f"{r['load_quantize_s']:.1f}",
+                ]
+            )
+            + " |"
         )
     text = "\n".join(lines) + "\n"
     with open(out + ".md", "w") as fh:
@@ -166,9 +187,14 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(path)
     windows = token_windows(tok, load_text("kjv", "evaluation"), args.window, args.num_tokens)
     meta = {
-        "model": path, "threads": args.threads, "windows": windows.shape[0], "window": args.window,
+        "model": path,
+        "threads": args.threads,
+        "windows": windows.shape[0],
+        "window": args.window,
         "calibration": "32 windows x 512 tokens of the KJV calibration slice",
-        "speed_tokens": args.speed_tokens, "speed_runs": args.speed_runs, "torch": torch.__version__,
+        "speed_tokens": args.speed_tokens,
+        "speed_runs": args.speed_runs,
+        "torch": torch.__version__,
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     rows: list[dict] = []
@@ -210,8 +236,12 @@ def main() -> None:
                 module_bits=applied.module_bits,
             )
         if not args.no_speed:
-            row["tokens_per_s"] = decode_speed(model, tok, new_tokens=args.speed_tokens, runs=args.speed_runs)["tokens_per_s"]
-        rows = sorted([r for r in rows if r["scheme"] != name] + [row], key=lambda r: order.get(r["scheme"], len(order)))
+            row["tokens_per_s"] = decode_speed(model, tok, new_tokens=args.speed_tokens, runs=args.speed_runs)[
+                "tokens_per_s"
+            ]
+        rows = sorted(
+            [r for r in rows if r["scheme"] != name] + [row], key=lambda r: order.get(r["scheme"], len(order))
+        )
         print(json.dumps({k: v for k, v in row.items() if k != "module_bits"}), flush=True)
         write_tables(rows, meta, args.out)
         del model

@@ -1,7 +1,7 @@
 """Copy a generated table into README.md between its markers.
 
-    python benchmarks/readme_table.py            # quantization (benchmarks/results/quantization.md)
-    python benchmarks/readme_table.py memory     # memory (benchmarks/results/memory.md)
+python benchmarks/readme_table.py            # quantization (benchmarks/results/quantization.md)
+python benchmarks/readme_table.py memory     # memory (benchmarks/results/memory.md)
 """
 
 from __future__ import annotations

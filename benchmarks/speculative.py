@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from hf_efficiency import SpeculativeConfig  # noqa: E402
-from hf_efficiency.data import KJV_SPLITS, bundled_model_path, kjv_passages  # noqa: E402
+from hf_efficiency.demo import KJV_SPLITS, bundled_model_path, kjv_passages  # noqa: E402
 from hf_efficiency.speculative.drafts import draft_model_for  # noqa: E402
 from hf_efficiency.speculative.slots import left_pad  # noqa: E402
 
@@ -85,26 +85,40 @@ def main() -> None:
     singles, plain_s = [], []
     for p in prompts:
         out, secs = timed(lambda p=p: target.generate(p[None], **greedy))
-        singles.append(out[0, p.numel():])
+        singles.append(out[0, p.numel() :])
         plain_s.append(secs)
-    batches = [prompts[i:i + 4] for i in range(0, len(prompts), 4)]
+    batches = [prompts[i : i + 4] for i in range(0, len(prompts), 4)]
     padded = [left_pad(b, tok.pad_token_id or 0) for b in batches]
-    plain_b = sum(timed(lambda ids=ids, mask=mask: target.generate(ids, attention_mask=mask, **greedy))[1]
-                  for ids, mask in padded)
+    plain_b = sum(
+        timed(lambda ids=ids, mask=mask: target.generate(ids, attention_mask=mask, **greedy))[1] for ids, mask in padded
+    )
     plain_total = sum(plain_s)
     hf_n = min(args.hf_prompts, len(prompts))
-    rows = [{"draft": "none (plain greedy)", "identical_b1": f"{len(prompts)}/{len(prompts)}",
-             "identical_b4": "-", "acceptance": "-", "passes_per_token": 1.0,
-             "seconds_b1": round(plain_total, 2), "speedup_b1": 1.0, "seconds_b4": round(plain_b, 2),
-             "speedup_b4": 1.0, "hf_assisted_speedup": "-"}]
+    rows = [
+        {
+            "draft": "none (plain greedy)",
+            "identical_b1": f"{len(prompts)}/{len(prompts)}",
+            "identical_b4": "-",
+            "acceptance": "-",
+            "passes_per_token": 1.0,
+            "seconds_b1": round(plain_total, 2),
+            "speedup_b1": 1.0,
+            "seconds_b4": round(plain_b, 2),
+            "speedup_b4": 1.0,
+            "hf_assisted_speedup": "-",
+        }
+    ]
     kinds = [k for k in args.drafts.split(",") if k]
     if args.distilled:
         kinds.append(f"distilled={args.distilled}")
     for entry in kinds:
         kind, _, schedule = entry.partition("@")
         label = entry
-        spec = SpeculativeConfig(num_draft_tokens=int(schedule.removeprefix("constant")), schedule="constant") \
-            if schedule.startswith("constant") else SpeculativeConfig()
+        spec = (
+            SpeculativeConfig(num_draft_tokens=int(schedule.removeprefix("constant")), schedule="constant")
+            if schedule.startswith("constant")
+            else SpeculativeConfig()
+        )
         if kind.startswith("distilled="):
             draft = AutoModelForCausalLM.from_pretrained(kind.split("=", 1)[1], dtype=torch.float32).eval()
             label = f"distilled ({draft.config.num_hidden_layers} layers)"
@@ -117,38 +131,51 @@ def main() -> None:
         secs1 = []
         for p, ref in zip(prompts, singles):
             out, secs = timed(lambda p=p: target.generate(p[None], draft_model=draft, speculative=spec, **greedy))
-            same1 += bool(torch.equal(out[0, p.numel():], ref))
+            same1 += bool(torch.equal(out[0, p.numel() :], ref))
             s = target.last_speculative_stats
             drafted, accepted = drafted + s.drafted, accepted + s.accepted
             row_passes, tokens = row_passes + s.row_passes, tokens + s.new_tokens
             secs1.append(secs)
         secs4 = 0.0
         for i, (b, (ids, mask)) in enumerate(zip(batches, padded)):
-            out, secs = timed(lambda ids=ids, mask=mask: target.generate(ids, attention_mask=mask, draft_model=draft,
-                                                                         speculative=spec, **greedy))
+            out, secs = timed(
+                lambda ids=ids, mask=mask: target.generate(
+                    ids, attention_mask=mask, draft_model=draft, speculative=spec, **greedy
+                )
+            )
             secs4 += secs
-            same4 += sum(bool(torch.equal(out[r, ids.shape[1]:], singles[4 * i + r])) for r in range(len(b)))
+            same4 += sum(bool(torch.equal(out[r, ids.shape[1] :], singles[4 * i + r])) for r in range(len(b)))
         hf_speed = "-"
         hf_kwargs = hf_assisted_kwargs(kind, draft if not isinstance(draft, str) else None)
         if hf_kwargs is not None and not schedule:
             hf_secs = sum(timed(lambda p=p: target.generate(p[None], **hf_kwargs, **greedy))[1] for p in prompts[:hf_n])
             hf_speed = round(sum(plain_s[:hf_n]) / hf_secs, 3)
         total1 = sum(secs1)
-        rows.append({"draft": label, "identical_b1": f"{same1}/{len(prompts)}", "identical_b4": f"{same4}/{len(prompts)}",
-                     "acceptance": round(accepted / max(drafted, 1), 3),
-                     "passes_per_token": round(row_passes / max(tokens, 1), 3),
-                     "seconds_b1": round(total1, 2), "speedup_b1": round(plain_total / total1, 3),
-                     "seconds_b4": round(secs4, 2), "speedup_b4": round(plain_b / secs4, 3),
-                     "ours_speedup_on_hf_prompts": round(sum(plain_s[:hf_n]) / sum(secs1[:hf_n]), 3),
-                     "hf_assisted_speedup": hf_speed})
+        rows.append(
+            {
+                "draft": label,
+                "identical_b1": f"{same1}/{len(prompts)}",
+                "identical_b4": f"{same4}/{len(prompts)}",
+                "acceptance": round(accepted / max(drafted, 1), 3),
+                "passes_per_token": round(row_passes / max(tokens, 1), 3),
+                "seconds_b1": round(total1, 2),
+                "speedup_b1": round(plain_total / total1, 3),
+                "seconds_b4": round(secs4, 2),
+                "speedup_b4": round(plain_b / secs4, 3),
+                "ours_speedup_on_hf_prompts": round(sum(plain_s[:hf_n]) / sum(secs1[:hf_n]), 3),
+                "hf_assisted_speedup": hf_speed,
+            }
+        )
         print(rows[-1], flush=True)
         if not isinstance(draft, str):
             del draft
 
-    header = (f"SmolLM2-135M fp32 target on {args.threads} CPU threads, greedy, {len(prompts)} KJV prompts of "
-              f"{args.prompt_tokens} tokens, {new} new tokens each; batch 4 = the same prompts left-padded in "
-              f"groups of 4. Speedups are wall-clock against plain greedy in the same run; transformers' assisted "
-              f"generation was timed on the first {hf_n} prompts (our speedup on those prompts beside it).")
+    header = (
+        f"SmolLM2-135M fp32 target on {args.threads} CPU threads, greedy, {len(prompts)} KJV prompts of "
+        f"{args.prompt_tokens} tokens, {new} new tokens each; batch 4 = the same prompts left-padded in "
+        f"groups of 4. Speedups are wall-clock against plain greedy in the same run; transformers' assisted "
+        f"generation was timed on the first {hf_n} prompts (our speedup on those prompts beside it)."
+    )
     keys = list(rows[1].keys()) if len(rows) > 1 else list(rows[0].keys())
     md = [header, "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     md += ["| " + " | ".join(str(r.get(k, "-")) for k in keys) + " |" for r in rows]

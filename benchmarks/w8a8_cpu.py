@@ -3,7 +3,7 @@
 For the SmolLM2-135M linear shapes (in -> out: 576->576 q/o, 576->192 k/v, 576->1536 gate/up,
 1536->576 down) and token counts m in (1, 16, 512), times against fp32 ``F.linear``:
 
-* every :func:`hf_efficiency.quant.activation.int8_linear` path (``int_mm``, ``onednn``,
+* every :func:`hf_efficiency.quant.core.activation.int8_linear` path (``int_mm``, ``onednn``,
   ``dequant``), each *including* the per-token activation quantization of the float input;
 * ``int_mm[k,n]``: the int_mm path with a contiguous ``[k, n]`` weight instead of the free
   ``q_w.t()`` view (a layout check);
@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout
-from hf_efficiency.quant import activation as A  # noqa: E402
+from hf_efficiency.quant.core import activation as A  # noqa: E402
 
 SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576)]  # (in_features, out_features)
 TOKENS = (1, 16, 512)
@@ -142,7 +142,7 @@ def time_candidates(cands: dict, repeats: int, target_s: float = 2e-3, max_calls
     wall: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             fn, calls = cands[name], 0
             c0, t0 = time.process_time(), time.perf_counter()
@@ -158,8 +158,13 @@ def time_candidates(cands: dict, repeats: int, target_s: float = 2e-3, max_calls
     out = {}
     for name, ts in wall.items():
         q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
-        out[name] = {"median_ms": statistics.median(ts), "p25_ms": q[0], "p75_ms": q[2],
-                     "cpu_median_ms": statistics.median(cpu[name]), "samples": len(ts)}
+        out[name] = {
+            "median_ms": statistics.median(ts),
+            "p25_ms": q[0],
+            "p75_ms": q[2],
+            "cpu_median_ms": statistics.median(cpu[name]),
+            "samples": len(ts),
+        }
     return out
 
 
@@ -186,15 +191,25 @@ def run(threads: int, repeats: int) -> list[dict]:
             times = time_candidates(cands, repeats)
             base, cbase = times["fp32"]["median_ms"], times["fp32"]["cpu_median_ms"]
             for name, t in times.items():
-                row = {"threads": threads, "in": k, "out": n, "m": m, "path": name, **t,
-                       "ratio_vs_fp32": t["median_ms"] / base,
-                       "cpu_ratio_vs_fp32": t["cpu_median_ms"] / max(cbase, 1e-9)}
+                row = {
+                    "threads": threads,
+                    "in": k,
+                    "out": n,
+                    "m": m,
+                    "path": name,
+                    **t,
+                    "ratio_vs_fp32": t["median_ms"] / base,
+                    "cpu_ratio_vs_fp32": t["cpu_median_ms"] / max(cbase, 1e-9),
+                }
                 if name in errs:
                     row.update(errs[name], ref_max_abs=errs["_ref_max_abs"])
                     row["exactness"] = exactness(errs[name])
                 rows.append(row)
-            print(f"  threads={threads} {k}->{n} m={m}: " + ", ".join(
-                f"{nm} {times[nm]['median_ms']:.3f}" for nm in cands), flush=True)
+            print(
+                f"  threads={threads} {k}->{n} m={m}: "
+                + ", ".join(f"{nm} {times[nm]['median_ms']:.3f}" for nm in cands),
+                flush=True,
+            )
     return rows
 
 
@@ -208,14 +223,24 @@ def recommend(rows: list[dict]) -> dict:
         gm_cpu = {nm: geomean([r["cpu_ratio_vs_fp32"] for r in sub if r["path"] == nm]) for nm in names}
         by_m = {}
         for m in TOKENS:
-            by_m[m] = {nm: geomean([r["ratio_vs_fp32"] for r in sub if r["path"] == nm and r["m"] == m])
-                       for nm in names}
-        exact_ok = [nm for nm in EXACT_PATHS if all(
-            r.get("exactness") in ("bit-exact", "fp32-rounding") for r in sub if r["path"] == nm)]
+            by_m[m] = {
+                nm: geomean([r["ratio_vs_fp32"] for r in sub if r["path"] == nm and r["m"] == m]) for nm in names
+            }
+        exact_ok = [
+            nm
+            for nm in EXACT_PATHS
+            if all(r.get("exactness") in ("bit-exact", "fp32-rounding") for r in sub if r["path"] == nm)
+        ]
         best = min(exact_ok, key=lambda nm: gm[nm])
         best_cpu = min(exact_ok, key=lambda nm: gm_cpu[nm])
-        out[th] = {"geomean_ratio": gm, "geomean_ratio_by_m": by_m, "geomean_cpu_ratio": gm_cpu,
-                   "exact_paths": exact_ok, "recommended": best, "recommended_by_cpu_time": best_cpu}
+        out[th] = {
+            "geomean_ratio": gm,
+            "geomean_ratio_by_m": by_m,
+            "geomean_cpu_ratio": gm_cpu,
+            "exact_paths": exact_ok,
+            "recommended": best,
+            "recommended_by_cpu_time": best_cpu,
+        }
     return out
 
 
@@ -234,8 +259,12 @@ def overall_recommendation(rec: dict, meta: dict) -> dict:
     """
     oversubscribed = meta["loadavg_start"][0] >= (meta["cpu_count"] or 1)
     th = min(rec) if oversubscribed or len(rec) == 1 else max(rec)
-    return {"threads": th, "path": rec[th]["recommended"], "oversubscribed": oversubscribed,
-            "geomean_ratio": rec[th]["geomean_ratio"][rec[th]["recommended"]]}
+    return {
+        "threads": th,
+        "path": rec[th]["recommended"],
+        "oversubscribed": oversubscribed,
+        "geomean_ratio": rec[th]["geomean_ratio"][rec[th]["recommended"]],
+    }
 
 
 def markdown(rows: list[dict], rec: dict, meta: dict) -> str:
@@ -275,9 +304,13 @@ def markdown(rows: list[dict], rec: dict, meta: dict) -> str:
             lines.append(f"| geomean ratio | m={m} | " + " | ".join(f"{g[nm]:.2f}" for nm in names) + " |")
         gc = rec[th]["geomean_cpu_ratio"]
         lines.append("| geomean CPU-time ratio | all | " + " | ".join(f"{gc[nm]:.2f}" for nm in names) + " |")
-        lines += ["", f"Recommended CPU path at {th} thread(s): **{rec[th]['recommended']}** "
-                  f"(fastest wall-time geomean among exact paths {', '.join(rec[th]['exact_paths'])}; "
-                  f"by process CPU time: {rec[th]['recommended_by_cpu_time']}).", ""]
+        lines += [
+            "",
+            f"Recommended CPU path at {th} thread(s): **{rec[th]['recommended']}** "
+            f"(fastest wall-time geomean among exact paths {', '.join(rec[th]['exact_paths'])}; "
+            f"by process CPU time: {rec[th]['recommended_by_cpu_time']}).",
+            "",
+        ]
     # errors do not depend on threads: take the first thread count
     th0 = min(r["threads"] for r in rows)
     sub = [r for r in rows if r["threads"] == th0 and "max_abs_err_vs_ref" in r]
@@ -298,17 +331,26 @@ def markdown(rows: list[dict], rec: dict, meta: dict) -> str:
     ov = overall_recommendation(rec, meta)
     lines += ["## Recommendation", ""]
     if ov["oversubscribed"] and len(rec) > 1:
-        lines += [f"The machine was oversubscribed (load average {meta['loadavg_start'][0]} >= "
-                  f"{meta['cpu_count']} cores): multi-thread medians may then time OpenMP parallel regions "
-                  "waiting for a worker thread that has no core (it shows as medians at multiples of the "
-                  "~8 ms scheduler slice), i.e. contention rather than kernel speed. The ranking uses the "
-                  f"{ov['threads']}-thread run.", ""]
+        lines += [
+            f"The machine was oversubscribed (load average {meta['loadavg_start'][0]} >= "
+            f"{meta['cpu_count']} cores): multi-thread medians may then time OpenMP parallel regions "
+            "waiting for a worker thread that has no core (it shows as medians at multiples of the "
+            "~8 ms scheduler slice), i.e. contention rather than kernel speed. The ranking uses the "
+            f"{ov['threads']}-thread run.",
+            "",
+        ]
     if ov["oversubscribed"] and ov["threads"] > 1:
-        lines += [f"WARNING: the machine was oversubscribed (load average {meta['loadavg_start'][0]} >= "
-                  f"{meta['cpu_count']} cores) and only multi-thread runs were made; OpenMP contention may "
-                  "dominate these timings. Rerun with `--threads 1 2`.", ""]
-    lines += [f"**CPU default: `{ov['path']}`** (exact; geomean time ratio vs fp32 {ov['geomean_ratio']:.2f} "
-              f"at {ov['threads']} thread(s)).", ""]
+        lines += [
+            f"WARNING: the machine was oversubscribed (load average {meta['loadavg_start'][0]} >= "
+            f"{meta['cpu_count']} cores) and only multi-thread runs were made; OpenMP contention may "
+            "dominate these timings. Rerun with `--threads 1 2`.",
+            "",
+        ]
+    lines += [
+        f"**CPU default: `{ov['path']}`** (exact; geomean time ratio vs fp32 {ov['geomean_ratio']:.2f} "
+        f"at {ov['threads']} thread(s)).",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -344,17 +386,29 @@ def main() -> None:
     with open(os.path.join(args.out, "w8a8_cpu.md"), "w") as f:
         f.write(md)
     with open(os.path.join(args.out, "w8a8_cpu.json"), "w") as f:
-        json.dump({"meta": meta, "recommendation": {str(k): v for k, v in rec.items()},
-                   "overall_recommendation": overall_recommendation(rec, meta), "rows": rows}, f, indent=1)
+        json.dump(
+            {
+                "meta": meta,
+                "recommendation": {str(k): v for k, v in rec.items()},
+                "overall_recommendation": overall_recommendation(rec, meta),
+                "rows": rows,
+            },
+            f,
+            indent=1,
+        )
     print(md)
     for th, r in rec.items():
-        print(f"fastest exact path at {th} thread(s): {r['recommended']} "
-              f"(geomean ratio vs fp32 {r['geomean_ratio'][r['recommended']]:.2f})")
+        print(
+            f"fastest exact path at {th} thread(s): {r['recommended']} "
+            f"(geomean ratio vs fp32 {r['geomean_ratio'][r['recommended']]:.2f})"
+        )
     ov = overall_recommendation(rec, meta)
     if ov["oversubscribed"] and ov["threads"] > 1:
         print("WARNING: oversubscribed machine and no 1-thread run: rerun with --threads 1 2")
-    print(f"recommended CPU path: {ov['path']} (ranked on the {ov['threads']}-thread run"
-          f"{', machine oversubscribed' if ov['oversubscribed'] else ''})")
+    print(
+        f"recommended CPU path: {ov['path']} (ranked on the {ov['threads']}-thread run"
+        f"{', machine oversubscribed' if ov['oversubscribed'] else ''})"
+    )
 
 
 if __name__ == "__main__":

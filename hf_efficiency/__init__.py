@@ -8,6 +8,7 @@ decoding, `hf_efficiency.speculative`).
 
 __version__ = "0.1.0"
 
+from .attention import QuantizedKVCache  # noqa: E402
 from .config import (  # noqa: E402
     FORMAT_VERSION,
     QUANT_METHOD,
@@ -19,18 +20,24 @@ from .config import (  # noqa: E402
     SpeculativeConfig,
     SpeculativeSpec,
 )
-from .attention import QuantizedKVCache  # noqa: E402
+from .integration.registry import register  # noqa: E402
 from .memory import MemoryBreakdown, MemoryMeasurement, TrainingSetup, estimate_memory, measure_memory  # noqa: E402
 from .peft import apply_peft  # noqa: E402
 from .quant import QuantLinear, quantize_weight  # noqa: E402
-from .quant.qat import convert_qat, prepare_qat  # noqa: E402
-from .registry import register  # noqa: E402
+from .quant.modules.qat import convert_qat, prepare_qat  # noqa: E402
 
 register()
 
 # Distillation names resolve on first use (they import transformers.Trainer).
-_DISTILL_EXPORTS = ("DistillationTrainer", "DistillationTrainingArguments", "MutualDistillationTrainer",
-                    "MutualDistillationTrainingArguments", "SnapshotCallback", "StudentEnsemble", "make_student")
+_DISTILL_EXPORTS = (
+    "DistillationTrainer",
+    "DistillationTrainingArguments",
+    "MutualDistillationTrainer",
+    "MutualDistillationTrainingArguments",
+    "SnapshotCallback",
+    "StudentEnsemble",
+    "make_student",
+)
 
 
 # Community-format readers (GGUF, GPTQ, AWQ, compressed-tensors), also on first use.

@@ -83,7 +83,10 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip", default="none", help="clip search: none or mse (default: none; see README)")
     p.add_argument("--scale-dtype", default="float16", help="float16, bfloat16 or float32 (default: float16)")
     p.add_argument(
-        "--outliers", type=float, default=0.0, help="fraction of weights per row kept in float16, e.g. 0.01 (default: 0)"
+        "--outliers",
+        type=float,
+        default=0.0,
+        help="fraction of weights per row kept in float16, e.g. 0.01 (default: 0)",
     )
     p.add_argument(
         "--module-bits",
@@ -106,7 +109,11 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration-samples", type=int, default=None, help="calibration windows (default: 32)")
     p.add_argument("--calibration-length", type=int, default=None, help="tokens per calibration window (default: 512)")
     p.add_argument(
-        "--skip", action="append", default=None, metavar="PATTERN", help="module name/pattern kept in float (repeatable)"
+        "--skip",
+        action="append",
+        default=None,
+        metavar="PATTERN",
+        help="module name/pattern kept in float (repeatable)",
     )
     p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default: 5GB)")
     p.add_argument("--eval", action="store_true", help="also evaluate the result (perplexity, bytes, tokens/s)")
@@ -131,17 +138,33 @@ def add_convert_parser(sub: Any) -> argparse.ArgumentParser:
 
 def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of `convert` (shared with `optimum-cli hf-efficiency convert`)."""
-    p.add_argument("source", nargs="?", default=None,
-                   help="a .gguf file or a compressed folder (default: the bundled SmolLM2-135M Q4_1 GGUF)")
+    p.add_argument(
+        "source",
+        nargs="?",
+        default=None,
+        help="a .gguf file or a compressed folder (default: the bundled SmolLM2-135M Q4_1 GGUF)",
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--gguf-file", default=None, help="GGUF file name inside SOURCE when SOURCE is a folder")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                   help="dtype of the tensors that stay float: embeddings, norms (default: float32)")
-    p.add_argument("--scale-dtype", default=None, choices=["float16", "bfloat16"],
-                   help="GGUF K-quants: round their scales to this dtype (smaller; nearest, error reported) "
-                   "instead of keeping them exactly in float32")
-    p.add_argument("--unsupported", default="error", choices=["error", "float"],
-                   help="GGUF tensors in a type we cannot store exactly: fail (default) or keep them float")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "float16", "bfloat16"],
+        help="dtype of the tensors that stay float: embeddings, norms (default: float32)",
+    )
+    p.add_argument(
+        "--scale-dtype",
+        default=None,
+        choices=["float16", "bfloat16"],
+        help="GGUF K-quants: round their scales to this dtype (smaller; nearest, error reported) "
+        "instead of keeping them exactly in float32",
+    )
+    p.add_argument(
+        "--unsupported",
+        default="error",
+        choices=["error", "float"],
+        help="GGUF tensors in a type we cannot store exactly: fail (default) or keep them float",
+    )
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default: 5GB)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run_convert, command="convert")
@@ -181,16 +204,31 @@ def add_estimate_arguments(p: argparse.ArgumentParser) -> None:
     from .memory.estimator import DEVICE_OVERHEAD_BYTES, MODES, OPTIMIZERS
     from .memory.training import TRAINING_METHODS
 
-    p.add_argument("model", nargs="?", default=None, help="local folder or Hub id (only config.json is read); default: bundled SmolLM2-135M")
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="local folder or Hub id (only config.json is read); default: bundled SmolLM2-135M",
+    )
     p.add_argument("--mode", choices=MODES, default="inference")
-    p.add_argument("--dtype", default="float32", help="weight dtype: float32, bfloat16, float16 or auto (default: float32)")
-    p.add_argument("--bits", type=int, choices=(8, 4, 3, 2), default=None, help="quantize the linear layers to this width")
-    p.add_argument("--group-size", type=_group_size, default=128, help="quantization group size or 'none' (default: 128)")
+    p.add_argument(
+        "--dtype", default="float32", help="weight dtype: float32, bfloat16, float16 or auto (default: float32)"
+    )
+    p.add_argument(
+        "--bits", type=int, choices=(8, 4, 3, 2), default=None, help="quantize the linear layers to this width"
+    )
+    p.add_argument(
+        "--group-size", type=_group_size, default=128, help="quantization group size or 'none' (default: 128)"
+    )
     p.add_argument("--symmetric", action="store_true", help="symmetric quantization (no minima stored)")
     p.add_argument("--outliers", type=float, default=0.0, help="fraction of weights kept in fp16 (default: 0)")
-    p.add_argument("--training", choices=TRAINING_METHODS, default="full", help="what trains in --mode training (default: full)")
+    p.add_argument(
+        "--training", choices=TRAINING_METHODS, default="full", help="what trains in --mode training (default: full)"
+    )
     p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj", help="comma-separated module names, or all-linear")
+    p.add_argument(
+        "--lora-targets", default="q_proj,k_proj,v_proj,o_proj", help="comma-separated module names, or all-linear"
+    )
     p.add_argument("--lora-dropout", type=float, default=0.0)
     p.add_argument("--adapter-size", type=int, default=64)
     p.add_argument("--freeze-layers", type=int, default=0)
@@ -198,16 +236,26 @@ def add_estimate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mixed-precision", choices=("bf16", "fp16"), default=None)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--sequence-length", type=int, default=512)
-    p.add_argument("--new-tokens", type=int, default=0, help="inference: generate this many tokens (default: one forward)")
+    p.add_argument(
+        "--new-tokens", type=int, default=0, help="inference: generate this many tokens (default: one forward)"
+    )
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--attn-implementation", default="sdpa")
     p.add_argument("--kv-cache-bits", type=int, choices=(8, 4, 2), default=None)
-    p.add_argument("--device", choices=tuple(DEVICE_OVERHEAD_BYTES), default="cuda", help="target device (default: cuda)")
+    p.add_argument(
+        "--device", choices=tuple(DEVICE_OVERHEAD_BYTES), default="cuda", help="target device (default: cuda)"
+    )
     p.add_argument("--overhead-bytes", type=int, default=None, help="override the device's runtime overhead")
     p.add_argument("--decimal", action="store_true", help="print GB/MB (powers of 1000) instead of GiB/MiB")
-    p.add_argument("--compare", action="store_true", help="also estimate fp32/bf16/int8/int4 inference and full/LoRA/QLoRA training")
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="also estimate fp32/bf16/int8/int4 inference and full/LoRA/QLoRA training",
+    )
     p.add_argument("--plot", default=None, metavar="PNG", help="write a stacked-bar chart of the compared scenarios")
-    p.add_argument("--measure", action="store_true", help="run the scenario with random weights and report its measured peak")
+    p.add_argument(
+        "--measure", action="store_true", help="run the scenario with random weights and report its measured peak"
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run_estimate, command="estimate")
 
@@ -216,22 +264,45 @@ def estimate_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """`estimate_memory` keyword arguments from parsed ``estimate`` arguments."""
     eff = None
     if args.bits is not None:
-        eff = {"quantization": {"bits": args.bits, "group_size": args.group_size, "symmetric": args.symmetric,
-                                "outliers": args.outliers}}
-    targets = args.lora_targets if args.lora_targets == "all-linear" else tuple(t for t in args.lora_targets.split(",") if t)
-    training = {"method": args.training, "lora_rank": args.lora_rank, "lora_targets": targets,
-                "lora_dropout": args.lora_dropout, "adapter_size": args.adapter_size, "freeze_layers": args.freeze_layers}
+        eff = {
+            "quantization": {
+                "bits": args.bits,
+                "group_size": args.group_size,
+                "symmetric": args.symmetric,
+                "outliers": args.outliers,
+            }
+        }
+    targets = (
+        args.lora_targets if args.lora_targets == "all-linear" else tuple(t for t in args.lora_targets.split(",") if t)
+    )
+    training = {
+        "method": args.training,
+        "lora_rank": args.lora_rank,
+        "lora_targets": targets,
+        "lora_dropout": args.lora_dropout,
+        "adapter_size": args.adapter_size,
+        "freeze_layers": args.freeze_layers,
+    }
     return dict(
-        mode=args.mode, dtype=args.dtype, efficiency_config=eff, training=training, optimizer=args.optimizer,
-        batch_size=args.batch_size, sequence_length=args.sequence_length, new_tokens=args.new_tokens,
-        gradient_checkpointing=args.gradient_checkpointing, attn_implementation=args.attn_implementation,
-        mixed_precision=args.mixed_precision, kv_cache_bits=args.kv_cache_bits, device=args.device,
+        mode=args.mode,
+        dtype=args.dtype,
+        efficiency_config=eff,
+        training=training,
+        optimizer=args.optimizer,
+        batch_size=args.batch_size,
+        sequence_length=args.sequence_length,
+        new_tokens=args.new_tokens,
+        gradient_checkpointing=args.gradient_checkpointing,
+        attn_implementation=args.attn_implementation,
+        mixed_precision=args.mixed_precision,
+        kv_cache_bits=args.kv_cache_bits,
+        device=args.device,
         overhead_bytes=args.overhead_bytes,
     )
 
 
 def run_estimate(args: argparse.Namespace) -> dict[str, Any]:
-    from .data import resolve_model_path
+    from .demo import resolve_model_path
     from .memory import estimate_memory, measure_memory, plot_breakdowns
     from .memory.scenarios import standard_breakdowns
 
@@ -240,14 +311,28 @@ def run_estimate(args: argparse.Namespace) -> dict[str, Any]:
     main = estimate_memory(model, label="requested", **kwargs)
     result: dict[str, Any] = {"model": model, "estimate": main.to_dict(), "_breakdowns": [main]}
     if args.compare or args.plot:
-        common = {k: kwargs[k] for k in ("batch_size", "sequence_length", "device", "optimizer", "overhead_bytes",
-                                         "attn_implementation", "gradient_checkpointing")}
+        common = {
+            k: kwargs[k]
+            for k in (
+                "batch_size",
+                "sequence_length",
+                "device",
+                "optimizer",
+                "overhead_bytes",
+                "attn_implementation",
+                "gradient_checkpointing",
+            )
+        }
         others = standard_breakdowns(model, **common)
         result["compare"] = [b.to_dict() for b in others]
         result["_breakdowns"] += others
     if args.plot:
-        result["plot"] = plot_breakdowns(result["_breakdowns"][1:], args.plot, title=f"{os.path.basename(model.rstrip('/'))}: "
-                                         f"batch {args.batch_size} x {args.sequence_length} tokens on {args.device}")
+        result["plot"] = plot_breakdowns(
+            result["_breakdowns"][1:],
+            args.plot,
+            title=f"{os.path.basename(model.rstrip('/'))}: "
+            f"batch {args.batch_size} x {args.sequence_length} tokens on {args.device}",
+        )
     if args.measure:
         measure_kwargs = {k: v for k, v in kwargs.items() if k not in ("kv_cache_bits", "overhead_bytes")}
         m = measure_memory(model, **{**measure_kwargs, "device": args.device}, isolate=True)
@@ -264,8 +349,12 @@ DISTILL_HELP = "distill a teacher into a smaller student (wraps integrations/run
 
 
 def add_distill_parser(sub: Any) -> argparse.ArgumentParser:
-    p = sub.add_parser("distill", help=DISTILL_HELP, description=DISTILL_HELP + ". Flags after `--` go to the "
-                       "script unchanged (any TrainingArguments / DistillationTrainingArguments flag).")
+    p = sub.add_parser(
+        "distill",
+        help=DISTILL_HELP,
+        description=DISTILL_HELP + ". Flags after `--` go to the "
+        "script unchanged (any TrainingArguments / DistillationTrainingArguments flag).",
+    )
     add_distill_arguments(p)
     return p
 
@@ -287,8 +376,12 @@ def add_distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--feature-weight", type=float, default=0.0)
     p.add_argument("--relation-weight", type=float, default=0.0)
-    p.add_argument("--cache-teacher", default=None, metavar="DIR",
-                   help="precompute top-k teacher log-probs into DIR once, then train without the teacher")
+    p.add_argument(
+        "--cache-teacher",
+        default=None,
+        metavar="DIR",
+        help="precompute top-k teacher log-probs into DIR once, then train without the teacher",
+    )
     p.add_argument("--top-k", type=int, default=32, help="log-probs kept per position in --cache-teacher")
     p.add_argument("--cache-only", action="store_true", help="stop after writing --cache-teacher")
     p.add_argument("--max-train-samples", type=int, default=None)
@@ -300,16 +393,46 @@ def add_distill_arguments(p: argparse.ArgumentParser) -> None:
 
 def distill_argv(args: argparse.Namespace) -> list[str]:
     """The ``run_clm_distill.py`` command line for parsed ``distill`` arguments."""
-    from .data import resolve_model_path
+    from .demo import resolve_model_path
 
-    argv = ["--teacher_model_name_or_path", resolve_model_path(args.teacher), "--dataset_name", args.dataset,
-            "--output_dir", args.output_dir, "--max_steps", str(args.max_steps), "--block_size", str(args.block_size),
-            "--per_device_train_batch_size", str(args.batch_size),
-            "--per_device_eval_batch_size", str(args.batch_size), "--learning_rate", str(args.learning_rate),
-            "--alpha", str(args.alpha), "--distill_loss", args.loss, "--temperature", str(args.temperature),
-            "--feature_weight", str(args.feature_weight), "--relation_weight", str(args.relation_weight),
-            "--do_train", "--do_eval", "--report_to", "none", "--logging_steps", "10", "--save_strategy", "no",
-            "--cache_teacher_top_k", str(args.top_k)]
+    argv = [
+        "--teacher_model_name_or_path",
+        resolve_model_path(args.teacher),
+        "--dataset_name",
+        args.dataset,
+        "--output_dir",
+        args.output_dir,
+        "--max_steps",
+        str(args.max_steps),
+        "--block_size",
+        str(args.block_size),
+        "--per_device_train_batch_size",
+        str(args.batch_size),
+        "--per_device_eval_batch_size",
+        str(args.batch_size),
+        "--learning_rate",
+        str(args.learning_rate),
+        "--alpha",
+        str(args.alpha),
+        "--distill_loss",
+        args.loss,
+        "--temperature",
+        str(args.temperature),
+        "--feature_weight",
+        str(args.feature_weight),
+        "--relation_weight",
+        str(args.relation_weight),
+        "--do_train",
+        "--do_eval",
+        "--report_to",
+        "none",
+        "--logging_steps",
+        "10",
+        "--save_strategy",
+        "no",
+        "--cache_teacher_top_k",
+        str(args.top_k),
+    ]
     if args.student:
         argv += ["--model_name_or_path", args.student]
     if args.student_layers:
@@ -337,19 +460,30 @@ GENERATE_HELP = "generate with speculative decoding and report acceptance, targe
 
 
 def add_generate_parser(sub: Any) -> argparse.ArgumentParser:
-    p = sub.add_parser("generate", help=GENERATE_HELP, description=GENERATE_HELP + ". With --compare it also runs "
-                       "plain decoding of the same prompt and reports the speedup and whether the outputs agree.")
+    p = sub.add_parser(
+        "generate",
+        help=GENERATE_HELP,
+        description=GENERATE_HELP + ". With --compare it also runs "
+        "plain decoding of the same prompt and reports the speedup and whether the outputs agree.",
+    )
     add_generate_arguments(p)
     return p
 
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, help="target model folder or Hub id (default: bundled SmolLM2)")
-    p.add_argument("--draft", default="int4",
-                   help="int8 | int4 | int3 | int2 (optionally hqq- / -gN) | bfloat16 | float16 | early-exit:K | "
-                        "ngram | a draft model folder or Hub id (default: int4)")
-    p.add_argument("--prompt", action="append", default=None,
-                   help="prompt text; repeat for a batch (default: \"The capital of France is\")")
+    p.add_argument(
+        "--draft",
+        default="int4",
+        help="int8 | int4 | int3 | int2 (optionally hqq- / -gN) | bfloat16 | float16 | early-exit:K | "
+        "ngram | a draft model folder or Hub id (default: int4)",
+    )
+    p.add_argument(
+        "--prompt",
+        action="append",
+        default=None,
+        help='prompt text; repeat for a batch (default: "The capital of France is")',
+    )
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--num-draft-tokens", type=int, default=4)
     p.add_argument("--schedule", choices=("adaptive", "constant"), default="adaptive")
@@ -369,13 +503,17 @@ def run_generate(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from .config import SpeculativeSpec
-    from .data import resolve_model_path
+    from .demo import resolve_model_path
     from .evaluate import DEFAULT_PROMPT
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    spec = SpeculativeSpec(draft=args.draft, num_draft_tokens=args.num_draft_tokens, schedule=args.schedule,
-                           max_draft_tokens=max(args.max_draft_tokens, args.num_draft_tokens))
+    spec = SpeculativeSpec(
+        draft=args.draft,
+        num_draft_tokens=args.num_draft_tokens,
+        schedule=args.schedule,
+        max_draft_tokens=max(args.max_draft_tokens, args.num_draft_tokens),
+    )
     path = resolve_model_path(args.model)
     model, tok = _load(path, dtype=getattr(torch, args.dtype))
     prompts = args.prompt or [DEFAULT_PROMPT]
@@ -393,17 +531,24 @@ def run_generate(args: argparse.Namespace) -> dict[str, Any]:
     stats = model.last_speculative_stats
     width = enc["input_ids"].shape[1]
     result: dict[str, Any] = {
-        "model": path, "draft": args.draft, "prompts": prompts,
+        "model": path,
+        "draft": args.draft,
+        "prompts": prompts,
         "outputs": tok.batch_decode(out[:, width:], skip_special_tokens=True),
-        "stats": stats.to_dict(), "seconds": round(seconds, 3),
-        "tokens_per_second": round(stats.new_tokens / seconds, 3)}
+        "stats": stats.to_dict(),
+        "seconds": round(seconds, 3),
+        "tokens_per_second": round(stats.new_tokens / seconds, 3),
+    }
     if args.compare:
         torch.manual_seed(args.seed)
         start = time.perf_counter()
         plain = model.generate(**enc, speculative=False, **gen)
         plain_seconds = time.perf_counter() - start
-        result.update(plain_seconds=round(plain_seconds, 3), speedup=round(plain_seconds / seconds, 3),
-                      plain_tokens_per_second=round((plain.shape[1] - width) * plain.shape[0] / plain_seconds, 3))
+        result.update(
+            plain_seconds=round(plain_seconds, 3),
+            speedup=round(plain_seconds / seconds, 3),
+            plain_tokens_per_second=round((plain.shape[1] - width) * plain.shape[0] / plain_seconds, 3),
+        )
         if not args.do_sample:
             result["identical_to_plain"] = bool(torch.equal(out, plain))
     return result
@@ -508,7 +653,7 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import GenerationConfig
 
     from .config import EfficiencyConfig
-    from .data import resolve_model_path
+    from .demo import resolve_model_path
     from .evaluate import disk_bytes, weight_bytes
     from .hub.model_card import save_model_card
 
@@ -548,7 +693,7 @@ def run_convert(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from transformers import AutoTokenizer, GenerationConfig
 
-    from .data import bundled_gguf_path
+    from .demo import bundled_gguf_path
     from .evaluate import disk_bytes, weight_bytes
     from .formats import detect_format, gguf_tokenizer, load_compressed
     from .hub.model_card import save_model_card
@@ -569,8 +714,10 @@ def run_convert(args: argparse.Namespace) -> dict[str, Any]:
         try:
             gguf_tokenizer(source, args.gguf_file).save_pretrained(args.out)
         except (OSError, ValueError, KeyError) as e:
-            logger.warning(f"{source}: transformers could not build a tokenizer from the GGUF metadata ({e}); "
-                           "the converted folder has none")
+            logger.warning(
+                f"{source}: transformers could not build a tokenizer from the GGUF metadata ({e}); "
+                "the converted folder has none"
+            )
     else:
         try:
             AutoTokenizer.from_pretrained(source).save_pretrained(args.out)
@@ -588,8 +735,9 @@ def run_convert(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": round(seconds, 2),
         "bytes": weight_bytes(model),
         "disk_bytes": disk_bytes(args.out),
-        "source_bytes": disk_bytes(source) if os.path.isdir(source) else os.path.getsize(
-            os.path.join(source, args.gguf_file) if args.gguf_file else source),
+        "source_bytes": disk_bytes(source)
+        if os.path.isdir(source)
+        else os.path.getsize(os.path.join(source, args.gguf_file) if args.gguf_file else source),
     }
     report = getattr(model, "hf_efficiency_gguf_report", None)
     if report is not None:
@@ -607,7 +755,7 @@ def _protocol(result) -> str:
 
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate a model folder or Hub id with the shared harness."""
-    from .data import resolve_model_path
+    from .demo import resolve_model_path
 
     source = resolve_model_path(args.model)
     model, tokenizer = _load(source)
@@ -680,7 +828,9 @@ def _print_distill(r: dict[str, Any]) -> None:
         return
     print(f"student saved to {r['output_dir']}")
     if "train_loss" in r:
-        print(f"train loss {r['train_loss']:.4f} over {r.get('train_samples')} rows in {r.get('train_runtime', 0):.1f} s")
+        print(
+            f"train loss {r['train_loss']:.4f} over {r.get('train_samples')} rows in {r.get('train_runtime', 0):.1f} s"
+        )
     if "perplexity" in r:
         print(f"held-out perplexity {r['perplexity']:.3f} (eval loss {r['eval_loss']:.4f})")
 
@@ -689,15 +839,21 @@ def _print_generate(r: dict[str, Any]) -> None:
     for prompt, text in zip(r["prompts"], r["outputs"]):
         print(f"{prompt!r} -> {text!r}")
     s = r["stats"]
-    print(f"draft {r['draft']}: acceptance {s['acceptance_rate']:.3f}, {s['mean_accepted_per_step']:.2f} accepted "
-          f"tokens per step, {s['target_passes_per_token']:.3f} target passes per token "
-          f"(mean draft length {s['mean_draft_length']})")
-    print(f"{s['new_tokens']} tokens in {r['seconds']} s ({r['tokens_per_second']} tokens/s; draft "
-          f"{s['draft_seconds']} s, target {s['target_seconds']} s)")
+    print(
+        f"draft {r['draft']}: acceptance {s['acceptance_rate']:.3f}, {s['mean_accepted_per_step']:.2f} accepted "
+        f"tokens per step, {s['target_passes_per_token']:.3f} target passes per token "
+        f"(mean draft length {s['mean_draft_length']})"
+    )
+    print(
+        f"{s['new_tokens']} tokens in {r['seconds']} s ({r['tokens_per_second']} tokens/s; draft "
+        f"{s['draft_seconds']} s, target {s['target_seconds']} s)"
+    )
     if "speedup" in r:
         same = r.get("identical_to_plain")
-        print(f"plain decoding: {r['plain_seconds']} s ({r['plain_tokens_per_second']} tokens/s); speedup "
-              f"{r['speedup']}x" + ("" if same is None else f"; identical to plain greedy: {same}"))
+        print(
+            f"plain decoding: {r['plain_seconds']} s ({r['plain_tokens_per_second']} tokens/s); speedup "
+            f"{r['speedup']}x" + ("" if same is None else f"; identical to plain greedy: {same}")
+        )
 
 
 def _print_eval(r: dict[str, Any]) -> None:
@@ -714,8 +870,14 @@ def _print_eval(r: dict[str, Any]) -> None:
         print(f"sample: {r['sample_prompt']!r} -> {r['sample']!r}")
 
 
-COMMANDS = {"quantize": run_quantize, "convert": run_convert, "eval": run_eval, "estimate": run_estimate, "distill": run_distill,
-            "generate": run_generate}
+COMMANDS = {
+    "quantize": run_quantize,
+    "convert": run_convert,
+    "eval": run_eval,
+    "estimate": run_estimate,
+    "distill": run_distill,
+    "generate": run_generate,
+}
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -186,7 +186,11 @@ class QuantizationSpec(Section):
             ):
                 _fail(s, "modules_to_not_convert", self.modules_to_not_convert, "None or a list of strings")
             self.modules_to_not_convert = list(self.modules_to_not_convert)
-        if isinstance(self.outliers, bool) or not isinstance(self.outliers, (int, float)) or not 0 <= self.outliers <= 0.1:
+        if (
+            isinstance(self.outliers, bool)
+            or not isinstance(self.outliers, (int, float))
+            or not 0 <= self.outliers <= 0.1
+        ):
             _fail(s, "outliers", self.outliers, "a fraction in [0, 0.1] (0.01 = 1 %)")
         self.outliers = float(self.outliers)
         if self.module_bits is not None:
@@ -195,8 +199,10 @@ class QuantizationSpec(Section):
             ):
                 _fail(s, "module_bits", self.module_bits, "None or a dict {module pattern: bits in 8, 4, 3, 2}")
             self.module_bits = dict(self.module_bits)
-        if not isinstance(self.bits_choices, (list, tuple)) or not self.bits_choices or not all(
-            not isinstance(b, bool) and b in self.BITS for b in self.bits_choices
+        if (
+            not isinstance(self.bits_choices, (list, tuple))
+            or not self.bits_choices
+            or not all(not isinstance(b, bool) and b in self.BITS for b in self.bits_choices)
         ):
             _fail(s, "bits_choices", self.bits_choices, "a non-empty list of 8, 4, 3, 2")
         self.bits_choices = sorted(set(self.bits_choices))
@@ -205,15 +211,28 @@ class QuantizationSpec(Section):
             or not isinstance(self.target_bits, (int, float))
             or not min(self.bits_choices) <= self.target_bits <= max(self.bits_choices)
         ):
-            _fail(s, "target_bits", self.target_bits, f"None or a number in [{min(self.bits_choices)}, {max(self.bits_choices)}] (bits_choices)")
+            _fail(
+                s,
+                "target_bits",
+                self.target_bits,
+                f"None or a number in [{min(self.bits_choices)}, {max(self.bits_choices)}] (bits_choices)",
+            )
         if isinstance(self.awq_grid, bool) or not isinstance(self.awq_grid, int) or not 2 <= self.awq_grid <= 100:
             _fail(s, "awq_grid", self.awq_grid, "an integer in [2, 100]")
         for key in ("awq_clip", "gptq_act_order", "hqq_optimize_scale"):
             if not isinstance(getattr(self, key), bool):
                 _fail(s, key, getattr(self, key), "True, False")
-        if not isinstance(self.gptq_damp, (int, float)) or isinstance(self.gptq_damp, bool) or not 0 < self.gptq_damp < 1:
+        if (
+            not isinstance(self.gptq_damp, (int, float))
+            or isinstance(self.gptq_damp, bool)
+            or not 0 < self.gptq_damp < 1
+        ):
             _fail(s, "gptq_damp", self.gptq_damp, "a float in (0, 1)")
-        if isinstance(self.gptq_block_size, bool) or not isinstance(self.gptq_block_size, int) or self.gptq_block_size < 1:
+        if (
+            isinstance(self.gptq_block_size, bool)
+            or not isinstance(self.gptq_block_size, int)
+            or self.gptq_block_size < 1
+        ):
             _fail(s, "gptq_block_size", self.gptq_block_size, "a positive integer")
         if isinstance(self.hqq_iters, bool) or not isinstance(self.hqq_iters, int) or not 1 <= self.hqq_iters <= 1000:
             _fail(s, "hqq_iters", self.hqq_iters, "an integer in [1, 1000]")
@@ -249,10 +268,15 @@ class QuantizationSpec(Section):
         (with the ``module_bits`` width)."""
         if self.module_formats and name in self.module_formats:
             return dict(self.module_formats[name])
-        from .quant.mixed import bits_for_module
+        from .quant.core.mixed import bits_for_module
 
-        return {"bits": bits_for_module(name, self), "group_size": self.group_size, "symmetric": self.symmetric,
-                "scale_dtype": self.scale_dtype, "act_order": False}
+        return {
+            "bits": bits_for_module(name, self),
+            "group_size": self.group_size,
+            "symmetric": self.symmetric,
+            "scale_dtype": self.scale_dtype,
+            "act_order": False,
+        }
 
     @property
     def needs_calibration(self) -> bool:
@@ -290,7 +314,12 @@ class CalibrationSpec(Section):
         s = self.section_name
         if isinstance(self.dataset, (list, tuple)):
             if not all(isinstance(t, str) for t in self.dataset):
-                _fail(s, "dataset", self.dataset, "'kjv', a file path, 'datasets:NAME[:CONFIG]:SPLIT' or a list of strings")
+                _fail(
+                    s,
+                    "dataset",
+                    self.dataset,
+                    "'kjv', a file path, 'datasets:NAME[:CONFIG]:SPLIT' or a list of strings",
+                )
             if not any(t.strip() for t in self.dataset):
                 raise ValueError("calibration.dataset is empty: give at least one non-empty text")
             self.dataset = list(self.dataset)
@@ -334,10 +363,16 @@ class ActivationSpec(Section):
             _fail(s, "bits", self.bits, "8")
         if self.mode not in self.MODES:
             _fail(s, "mode", self.mode, ", ".join(self.MODES))
-        if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) or not 50 < self.percentile <= 100:
+        if (
+            isinstance(self.percentile, bool)
+            or not isinstance(self.percentile, (int, float))
+            or not 50 < self.percentile <= 100
+        ):
             _fail(s, "percentile", self.percentile, "a number in (50, 100]")
         if self.smoothquant is not None and (
-            isinstance(self.smoothquant, bool) or not isinstance(self.smoothquant, (int, float)) or not 0 < self.smoothquant < 1
+            isinstance(self.smoothquant, bool)
+            or not isinstance(self.smoothquant, (int, float))
+            or not 0 < self.smoothquant < 1
         ):
             _fail(s, "smoothquant", self.smoothquant, "None or a float in (0, 1)")
 
@@ -392,8 +427,13 @@ class SpeculativeSpec(Section):
     def validate(self) -> None:
         s = self.section_name
         if not isinstance(self.draft, str) or not self.draft.strip():
-            _fail(s, "draft", self.draft, "'int8', 'int4', 'int3', 'int2' (optionally 'hqq-' and '-gN'), "
-                  "'bfloat16', 'float16', 'early-exit:K', 'ngram', or a model path / Hub id")
+            _fail(
+                s,
+                "draft",
+                self.draft,
+                "'int8', 'int4', 'int3', 'int2' (optionally 'hqq-' and '-gN'), "
+                "'bfloat16', 'float16', 'early-exit:K', 'ngram', or a model path / Hub id",
+            )
         if self.draft.startswith("early-exit"):
             m = EARLY_EXIT_PATTERN.match(self.draft)
             if m is None or int(m.group(1)) < 1:
@@ -408,8 +448,12 @@ class SpeculativeSpec(Section):
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 128:
                 _fail(s, key, value, f"an integer in [{low}, 128]")
         if self.max_draft_tokens < self.num_draft_tokens:
-            _fail(s, "max_draft_tokens", self.max_draft_tokens,
-                  f"an integer >= num_draft_tokens ({self.num_draft_tokens})")
+            _fail(
+                s,
+                "max_draft_tokens",
+                self.max_draft_tokens,
+                f"an integer >= num_draft_tokens ({self.num_draft_tokens})",
+            )
 
 
 #: Issue 6 names it SpeculativeConfig; both names are the same section class.
@@ -445,15 +489,28 @@ class AttentionSpec(Section):
 
     def validate(self) -> None:
         s = self.section_name
-        if self.implementation is not None and (not isinstance(self.implementation, str) or "flash" in self.implementation
-                                                and self.implementation.startswith("hf_efficiency")):
-            _fail(s, "implementation", self.implementation, "None or an attn_implementation name such as "
-                  "'hf_efficiency_blockwise', 'sdpa' or 'eager' (transformers takes any name containing 'flash' "
-                  "for a flash-attn kernel, so hf-efficiency's exact block-wise attention is 'hf_efficiency_blockwise')")
+        if self.implementation is not None and (
+            not isinstance(self.implementation, str)
+            or "flash" in self.implementation
+            and self.implementation.startswith("hf_efficiency")
+        ):
+            _fail(
+                s,
+                "implementation",
+                self.implementation,
+                "None or an attn_implementation name such as "
+                "'hf_efficiency_blockwise', 'sdpa' or 'eager' (transformers takes any name containing 'flash' "
+                "for a flash-attn kernel, so hf-efficiency's exact block-wise attention is 'hf_efficiency_blockwise')",
+            )
         if self.kv_cache_bits is not None and self.kv_cache_bits not in (8, 4, 2):
             _fail(s, "kv_cache_bits", self.kv_cache_bits, "None, 8, 4 or 2")
-        for key, low in (("kv_group_size", 1), ("kv_residual_length", 0), ("lowrank_landmarks", 1),
-                         ("lowrank_window", 0), ("lowrank_sinks", 0)):
+        for key, low in (
+            ("kv_group_size", 1),
+            ("kv_residual_length", 0),
+            ("lowrank_landmarks", 1),
+            ("lowrank_window", 0),
+            ("lowrank_sinks", 0),
+        ):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 _fail(s, key, value, f"an integer >= {low}")
@@ -511,16 +568,22 @@ class PeftSpec(Section):
             _fail(s, "adapter_placement", self.adapter_placement, ", ".join(self.PLACEMENTS))
         if self.adapter_nonlinearity not in self.NONLINEARITIES:
             _fail(s, "adapter_nonlinearity", self.adapter_nonlinearity, ", ".join(self.NONLINEARITIES))
-        if (isinstance(self.adapter_init_scale, bool) or not isinstance(self.adapter_init_scale, (int, float))
-                or not 0 < self.adapter_init_scale <= 1):
+        if (
+            isinstance(self.adapter_init_scale, bool)
+            or not isinstance(self.adapter_init_scale, (int, float))
+            or not 0 < self.adapter_init_scale <= 1
+        ):
             _fail(s, "adapter_init_scale", self.adapter_init_scale, "a number in (0, 1]")
         self.adapter_init_scale = float(self.adapter_init_scale)
         for key in ("bitfit_targets", "trainable_modules"):
             value = getattr(self, key)
             if value is None:
                 continue
-            if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value or not all(
-                isinstance(p, str) and p for p in value
+            if (
+                isinstance(value, str)
+                or not isinstance(value, (list, tuple))
+                or not value
+                or not all(isinstance(p, str) and p for p in value)
             ):
                 _fail(s, key, value, "None or a non-empty list of module-name patterns")
             for pattern in value:

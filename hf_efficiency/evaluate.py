@@ -31,8 +31,7 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4,
-               progress: bool = True) -> dict[str, Any]:
+def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = True) -> dict[str, Any]:
     """Perplexity of ``model`` over ``windows`` ``[n, window]``, each window scored alone."""
     if windows.dim() != 2 or windows.shape[1] < 2:
         raise ValueError(f"windows must be [n_windows, window>=2], got {tuple(windows.shape)}")
@@ -41,20 +40,27 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4,
     total_nll, total_tokens = 0.0, 0
     try:
         with torch.inference_mode():
-            for start in tqdm(range(0, windows.shape[0], batch_size), disable=not progress,
-                              desc="perplexity", unit="batch"):
-                batch = windows[start:start + batch_size].to(device)
+            for start in tqdm(
+                range(0, windows.shape[0], batch_size), disable=not progress, desc="perplexity", unit="batch"
+            ):
+                batch = windows[start : start + batch_size].to(device)
                 logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
                 targets = batch[:, 1:]
-                nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                      targets.reshape(-1), reduction="sum")
+                nll = F.cross_entropy(
+                    logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
+                )
                 total_nll += float(nll)
                 total_tokens += targets.numel()
     finally:
         model.train(was_training)
     mean = total_nll / total_tokens
-    return {"perplexity": math.exp(mean), "nll": mean, "tokens": total_tokens,
-            "windows": int(windows.shape[0]), "window": int(windows.shape[1])}
+    return {
+        "perplexity": math.exp(mean),
+        "nll": mean,
+        "tokens": total_tokens,
+        "windows": int(windows.shape[0]),
+        "window": int(windows.shape[1]),
+    }
 
 
 def _own_tensors(module: nn.Module) -> list[torch.Tensor]:
@@ -80,8 +86,7 @@ def weight_bytes(model: nn.Module) -> dict[str, Any]:
     out = {"quantized": 0, "float_linear": 0, "other": 0}
     seen: set[tuple[str, int]] = set()
     for m in quant + [m for m in modules if id(m) not in quant_ids]:
-        kind = ("quantized" if id(m) in quant_ids
-                else "float_linear" if isinstance(m, nn.Linear) else "other")
+        kind = "quantized" if id(m) in quant_ids else "float_linear" if isinstance(m, nn.Linear) else "other"
         for t in _own_tensors(m):
             key = (str(t.device), t.data_ptr() or id(t))
             if key in seen:
@@ -89,9 +94,13 @@ def weight_bytes(model: nn.Module) -> dict[str, Any]:
             seen.add(key)
             out[kind] += t.numel() * t.element_size()
     qparams = sum(int(m.in_features) * int(m.out_features) for m in quant)
-    return {**out, "total": sum(out.values()), "quantized_modules": len(quant),
-            "quantized_params": qparams,
-            "bits_per_weight": 8 * out["quantized"] / qparams if qparams else None}
+    return {
+        **out,
+        "total": sum(out.values()),
+        "quantized_modules": len(quant),
+        "quantized_params": qparams,
+        "bits_per_weight": 8 * out["quantized"] / qparams if qparams else None,
+    }
 
 
 def disk_bytes(folder: str | os.PathLike) -> int:
@@ -102,22 +111,27 @@ def disk_bytes(folder: str | os.PathLike) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors") if f.is_file())
 
 
-def _generate(model: nn.Module, tokenizer: Any, prompt: str, new_tokens: int,
-              exact: bool) -> tuple[torch.Tensor, int]:
+def _generate(model: nn.Module, tokenizer: Any, prompt: str, new_tokens: int, exact: bool) -> tuple[torch.Tensor, int]:
     from transformers import GenerationConfig
 
     inputs = tokenizer(prompt, return_tensors="pt").to(_device(model))
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    cfg = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens if exact else 0,
-                           do_sample=False, eos_token_id=eos, pad_token_id=pad)
+    cfg = GenerationConfig(
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens if exact else 0,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=pad,
+    )
     with torch.inference_mode():
         out = model.generate(**inputs, generation_config=cfg)
     return out, inputs["input_ids"].shape[1]
 
 
-def decode_speed(model: nn.Module, tokenizer: Any, prompt: str = DEFAULT_PROMPT,
-                 new_tokens: int = 32, runs: int = 3, warmup: int = 1) -> dict[str, Any]:
+def decode_speed(
+    model: nn.Module, tokenizer: Any, prompt: str = DEFAULT_PROMPT, new_tokens: int = 32, runs: int = 3, warmup: int = 1
+) -> dict[str, Any]:
     """Greedy decode exactly ``new_tokens`` tokens ``runs`` times; median tokens/s.
 
     Timings (``time.perf_counter``) include the prompt's prefill.
@@ -135,12 +149,10 @@ def decode_speed(model: nn.Module, tokenizer: Any, prompt: str = DEFAULT_PROMPT,
             raise RuntimeError(f"generated {out.shape[1] - n_in} tokens, expected {new_tokens}")
         seconds.append(elapsed)
         rates.append(new_tokens / elapsed)
-    return {"tokens_per_s": statistics.median(rates), "runs": rates, "seconds": seconds,
-            "new_tokens": new_tokens}
+    return {"tokens_per_s": statistics.median(rates), "runs": rates, "seconds": seconds, "new_tokens": new_tokens}
 
 
-def generation_sample(model: nn.Module, tokenizer: Any, prompt: str = DEFAULT_PROMPT,
-                      max_new_tokens: int = 32) -> str:
+def generation_sample(model: nn.Module, tokenizer: Any, prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 32) -> str:
     """Greedy continuation of ``prompt`` (new text only, special tokens skipped)."""
     out, n_in = _generate(model, tokenizer, prompt, max_new_tokens, exact=False)
     return tokenizer.decode(out[0, n_in:], skip_special_tokens=True)
@@ -174,21 +186,37 @@ class EvalResult:
         """A one-row markdown table (``header=False``: only the row, for stacking)."""
         mb = lambda b: "-" if b is None else f"{b / 2**20:.1f}"  # noqa: E731
         bpw = self.bytes.get("bits_per_weight")
-        cells = [label or self.model or "model", f"{self.perplexity:.3f}",
-                 mb(self.bytes["total"]), "-" if bpw is None else f"{bpw:.2f}",
-                 mb(self.disk_bytes),
-                 "-" if self.tokens_per_s is None else f"{self.tokens_per_s:.2f}"]
+        cells = [
+            label or self.model or "model",
+            f"{self.perplexity:.3f}",
+            mb(self.bytes["total"]),
+            "-" if bpw is None else f"{bpw:.2f}",
+            mb(self.disk_bytes),
+            "-" if self.tokens_per_s is None else f"{self.tokens_per_s:.2f}",
+        ]
         row = "| " + " | ".join(cells) + " |"
         if not header:
             return row
-        return ("| model | perplexity | weights MiB | bits/weight (quantized) | disk MiB | "
-                "decode tok/s |\n|---|---|---|---|---|---|\n" + row)
+        return (
+            "| model | perplexity | weights MiB | bits/weight (quantized) | disk MiB | "
+            "decode tok/s |\n|---|---|---|---|---|---|\n" + row
+        )
 
 
-def evaluate(model: nn.Module, tokenizer: Any, *, text: Any = "kjv", window: int = 512,
-             num_tokens: int | None = 16384, batch_size: int = 4, speed: bool = True,
-             sample: bool = True, model_dir: str | os.PathLike | None = None,
-             progress: bool = True, prompt: str = DEFAULT_PROMPT) -> EvalResult:
+def evaluate(
+    model: nn.Module,
+    tokenizer: Any,
+    *,
+    text: Any = "kjv",
+    window: int = 512,
+    num_tokens: int | None = 16384,
+    batch_size: int = 4,
+    speed: bool = True,
+    sample: bool = True,
+    model_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    prompt: str = DEFAULT_PROMPT,
+) -> EvalResult:
     """Run the full protocol (see module docstring) and return an :class:`EvalResult`."""
     seconds: dict[str, float] = {}
     start = time.perf_counter()
@@ -202,15 +230,22 @@ def evaluate(model: nn.Module, tokenizer: Any, *, text: Any = "kjv", window: int
         seconds["decode"] = time.perf_counter() - start
     name = getattr(model, "name_or_path", None) or (os.fspath(model_dir) if model_dir else None)
     return EvalResult(
-        text_source=describe_text_source(text, "evaluation"), window=window,
-        num_tokens=num_tokens, n_windows=ppl["windows"], tokens=ppl["tokens"],
-        perplexity=ppl["perplexity"], nll=ppl["nll"], bytes=weight_bytes(model),
+        text_source=describe_text_source(text, "evaluation"),
+        window=window,
+        num_tokens=num_tokens,
+        n_windows=ppl["windows"],
+        tokens=ppl["tokens"],
+        perplexity=ppl["perplexity"],
+        nll=ppl["nll"],
+        bytes=weight_bytes(model),
         disk_bytes=disk_bytes(model_dir) if model_dir is not None else None,
-        tokens_per_s=decode["tokens_per_s"] if decode else None, decode=decode,
+        tokens_per_s=decode["tokens_per_s"] if decode else None,
+        decode=decode,
         sample_prompt=prompt if sample else None,
         sample=generation_sample(model, tokenizer, prompt) if sample else None,
-        model=str(name) if name else None, seconds=seconds)
+        model=str(name) if name else None,
+        seconds=seconds,
+    )
 
 
-__all__ = ["EvalResult", "decode_speed", "disk_bytes", "evaluate", "generation_sample",
-           "perplexity", "weight_bytes"]
+__all__ = ["EvalResult", "decode_speed", "disk_bytes", "evaluate", "generation_sample", "perplexity", "weight_bytes"]

@@ -19,8 +19,10 @@ def vocabulary_difference(a: Any, b: Any) -> str | None:
         return None
     differ = [tok for tok in av.keys() & bv.keys() if av[tok] != bv[tok]]
     only_a, only_b = len(av.keys() - bv.keys()), len(bv.keys() - av.keys())
-    return (f"{len(differ)} shared tokens have different ids, {only_a} tokens exist only in the first and "
-            f"{only_b} only in the second vocabulary (e.g. {sorted(differ)[:3] or sorted(av.keys() ^ bv.keys())[:3]})")
+    return (
+        f"{len(differ)} shared tokens have different ids, {only_a} tokens exist only in the first and "
+        f"{only_b} only in the second vocabulary (e.g. {sorted(differ)[:3] or sorted(av.keys() ^ bv.keys())[:3]})"
+    )
 
 
 def check_same_vocabulary(first: Any, second: Any, *, names: tuple[str, str], hint: str) -> None:

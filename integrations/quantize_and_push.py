@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_efficiency  # noqa: F401  (registers the plugin)
 from hf_efficiency import EfficiencyConfig
-from hf_efficiency.data import resolve_model_path
+from hf_efficiency.demo import resolve_model_path
 from hf_efficiency.evaluate import evaluate
 
 
@@ -38,8 +38,10 @@ def main(argv: list[str] | None = None) -> dict:
     model = AutoModelForCausalLM.from_pretrained(path, efficiency_config=cfg, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
     result = evaluate(model, tokenizer, text=args.text, num_tokens=args.num_tokens, window=args.window, speed=False)
-    model.hf_efficiency_metrics = {"perplexity": result.perplexity,
-                                   "protocol": f"{result.text_source}, {result.n_windows} x {result.window} tokens"}
+    model.hf_efficiency_metrics = {
+        "perplexity": result.perplexity,
+        "protocol": f"{result.text_source}, {result.n_windows} x {result.window} tokens",
+    }
     if args.out:
         model.save_pretrained(args.out)
         tokenizer.save_pretrained(args.out)

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
 
 import hf_efficiency
 from hf_efficiency import EfficiencyConfig, SpeculativeConfig
-from hf_efficiency.data import resolve_model_path
+from hf_efficiency.demo import resolve_model_path
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -49,13 +49,23 @@ def main(argv: list[str] | None = None) -> dict:
     model.eval()
     inputs = tokenizer(args.prompt, return_tensors="pt")
     streamer = TextStreamer(tokenizer, skip_prompt=True) if args.stream else None
-    out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer,
-                         return_dict_in_generate=True, **kwargs)
+    out = model.generate(
+        **inputs,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=False,
+        streamer=streamer,
+        return_dict_in_generate=True,
+        **kwargs,
+    )
     plain = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, speculative=False)
     stats = out.speculative_stats
-    result = {"hf_efficiency": hf_efficiency.__version__, "draft": args.draft,
-              "text": tokenizer.decode(out.sequences[0, inputs.input_ids.shape[1]:], skip_special_tokens=True),
-              "identical_to_plain_greedy": bool(torch.equal(out.sequences, plain)), **stats.to_dict()}
+    result = {
+        "hf_efficiency": hf_efficiency.__version__,
+        "draft": args.draft,
+        "text": tokenizer.decode(out.sequences[0, inputs.input_ids.shape[1] :], skip_special_tokens=True),
+        "identical_to_plain_greedy": bool(torch.equal(out.sequences, plain)),
+        **stats.to_dict(),
+    }
     print(json.dumps(result, indent=2))
     return result
 

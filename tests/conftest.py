@@ -27,10 +27,19 @@ def make_byte_tokenizer() -> PreTrainedTokenizerFast:
 def make_tiny_llama(seed: int = 0, tie: bool = True, **overrides) -> LlamaForCausalLM:
     """A 2-layer, 64-wide Llama over the byte vocabulary, deterministic for a seed."""
     torch.manual_seed(seed)
-    kwargs = dict(vocab_size=BYTE_VOCAB, hidden_size=64, intermediate_size=128,
-                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  max_position_embeddings=512, tie_word_embeddings=tie,
-                  bos_token_id=None, eos_token_id=256, pad_token_id=256)
+    kwargs = dict(
+        vocab_size=BYTE_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie,
+        bos_token_id=None,
+        eos_token_id=256,
+        pad_token_id=256,
+    )
     cfg = LlamaConfig(**{**kwargs, **overrides})
     return LlamaForCausalLM(cfg).eval()
 

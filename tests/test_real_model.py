@@ -18,7 +18,8 @@ TOKENS = 2048  # 4 windows of 512 tokens of the fixed KJV evaluation slice
 def bundled():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_efficiency.data import bundled_model_path, load_text, token_windows
+    from hf_efficiency.data import load_text, token_windows
+    from hf_efficiency.demo import bundled_model_path
 
     path = str(bundled_model_path())
     tok = AutoTokenizer.from_pretrained(path)
@@ -43,16 +44,22 @@ def test_cli_int8_within_half_percent_and_fresh_process_reload_is_identical(bund
 
     path, windows, fp_ppl = bundled
     out = tmp_path / "smollm2-int8"
-    assert main(["quantize", "--bits", "8", "--group-size", "none", "--symmetric", "--clip", "none", "--out", str(out)]) == 0
+    assert (
+        main(["quantize", "--bits", "8", "--group-size", "none", "--symmetric", "--clip", "none", "--out", str(out)])
+        == 0
+    )
     model, ppl = _ppl(str(out), windows)
     assert abs(ppl / fp_ppl - 1) < 0.005, (ppl, fp_ppl)
-    assert json.loads((out / "config.json").read_text())["quantization_config"]["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert (
+        json.loads((out / "config.json").read_text())["quantization_config"]["base_model"]
+        == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    )
     ids = windows[:1, :64]
     torch.save({"ids": ids, "logits": model(ids).logits}, tmp_path / "ref.pt")
     code = f"""
 import torch
 from transformers import AutoModelForCausalLM
-ref = torch.load({str(tmp_path / 'ref.pt')!r})
+ref = torch.load({str(tmp_path / "ref.pt")!r})
 m = AutoModelForCausalLM.from_pretrained({str(out)!r}, dtype=torch.float32)
 print("IDENTICAL" if torch.equal(m(ref["ids"]).logits, ref["logits"]) else "DIFFERENT")
 """
@@ -119,10 +126,15 @@ def test_w8a8_dynamic_close_to_fp32_and_smoothquant_closer(bundled):
     w8 = {"bits": 8, "group_size": None, "symmetric": True}
     model, plain = _ppl(path, windows, efficiency_config={"quantization": w8, "activations": {"mode": "dynamic"}})
     assert model.model.layers[0].mlp.down_proj.act_mode == "dynamic"
-    _, smooth = _ppl(path, windows, efficiency_config={
-        "quantization": w8, "activations": {"mode": "dynamic", "smoothquant": 0.5},
-        "calibration": {"dataset": "kjv", "samples": 8, "sequence_length": 512},
-    })
+    _, smooth = _ppl(
+        path,
+        windows,
+        efficiency_config={
+            "quantization": w8,
+            "activations": {"mode": "dynamic", "smoothquant": 0.5},
+            "calibration": {"dataset": "kjv", "samples": 8, "sequence_length": 512},
+        },
+    )
     # full evaluation slice (benchmarks/results/quantization.md): plain +4.3%, SmoothQuant 0.5 +1.7%
     assert abs(smooth / fp_ppl - 1) < abs(plain / fp_ppl - 1) < 0.06, (smooth, plain, fp_ppl)
 
@@ -131,8 +143,12 @@ def test_w8a8_dynamic_close_to_fp32_and_smoothquant_closer(bundled):
     "kwargs",
     [
         dict(mode="inference", batch_size=1, sequence_length=512),
-        dict(mode="inference", batch_size=1, sequence_length=512,
-             efficiency_config={"quantization": {"bits": 4, "group_size": 128}}),
+        dict(
+            mode="inference",
+            batch_size=1,
+            sequence_length=512,
+            efficiency_config={"quantization": {"bits": 4, "group_size": 128}},
+        ),
         dict(mode="training", batch_size=2, sequence_length=256),
         dict(mode="training", batch_size=2, sequence_length=256, training="lora"),
     ],
@@ -140,7 +156,7 @@ def test_w8a8_dynamic_close_to_fp32_and_smoothquant_closer(bundled):
 )
 def test_memory_estimate_within_15_percent_on_smollm2(kwargs):
     """The issue's acceptance scenarios: estimate (from config.json only) vs the measured CPU peak."""
-    from hf_efficiency.data import bundled_model_path
+    from hf_efficiency.demo import bundled_model_path
     from hf_efficiency.memory import estimate_memory, measure_memory
 
     path = str(bundled_model_path())
@@ -169,10 +185,21 @@ def test_distillation_on_real_model_recovers_a_pruned_student_faster_than_labels
         if name == "labels":
             ppl["init"] = perplexity(student, held_out, progress=False)["perplexity"]
         args = DistillationTrainingArguments(
-            output_dir=str(tmp_path / name), per_device_train_batch_size=4, max_steps=8, learning_rate=1e-3,
-            warmup_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True, alpha=alpha)
-        DistillationTrainer(model=student, args=args, train_dataset=train, data_collator=default_data_collator,
-                            teacher_model=teacher).train()
+            output_dir=str(tmp_path / name),
+            per_device_train_batch_size=4,
+            max_steps=8,
+            learning_rate=1e-3,
+            warmup_steps=1,
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+            seed=0,
+            disable_tqdm=True,
+            alpha=alpha,
+        )
+        DistillationTrainer(
+            model=student, args=args, train_dataset=train, data_collator=default_data_collator, teacher_model=teacher
+        ).train()
         ppl[name] = perplexity(student, held_out, progress=False)["perplexity"]
     assert torch.equal(teacher.model.layers[5].mlp.down_proj.weight, t_before)
     assert ppl["labels"] < ppl["init"] / 100, ppl
@@ -184,22 +211,22 @@ def test_speculative_greedy_identity_on_smollm2_every_draft_kind(bundled):
     (benchmarks/speculative.py runs the 20-prompt version with timings)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_efficiency.data import KJV_SPLITS, kjv_passages
+    from hf_efficiency.demo import KJV_SPLITS, kjv_passages
     from hf_efficiency.speculative import left_pad
 
     path, _, _ = bundled
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     lo, _ = KJV_SPLITS["evaluation"]
-    prompts = [tok(p, return_tensors="pt").input_ids[0, :n] for p, n in zip(kjv_passages()[lo:lo + 3], (20, 28, 36))]
+    prompts = [tok(p, return_tensors="pt").input_ids[0, :n] for p, n in zip(kjv_passages()[lo : lo + 3], (20, 28, 36))]
     greedy = {"max_new_tokens": 16, "min_new_tokens": 16, "do_sample": False}
-    refs = [model.generate(p[None], **greedy)[0, p.numel():] for p in prompts]
+    refs = [model.generate(p[None], **greedy)[0, p.numel() :] for p in prompts]
     ids, mask = left_pad(prompts, tok.pad_token_id)
     width = ids.shape[1]
     for draft in ("int4", "bfloat16", "early-exit:20", "ngram"):
         for p, ref in zip(prompts, refs):
             out = model.generate(p[None], draft_model=draft, **greedy)
-            assert torch.equal(out[0, p.numel():], ref), draft
+            assert torch.equal(out[0, p.numel() :], ref), draft
         out = model.generate(ids, attention_mask=mask, draft_model=draft, **greedy)
         for r in range(3):
             assert torch.equal(out[r, width:], refs[r]), (draft, r)
@@ -224,8 +251,10 @@ def test_blockwise_path_matches_eager_on_padded_gqa_batch_cached_decoding_and_ge
     path, windows, _ = bundled
     pad_id = AutoTokenizer.from_pretrained(path).pad_token_id
     monkeypatch.setenv("HF_EFFICIENCY_ATTENTION_PATH", "blockwise")
-    models = {impl: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=impl).eval()
-              for impl in ("eager", "sdpa", "hf_efficiency_blockwise")}
+    models = {
+        impl: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=impl).eval()
+        for impl in ("eager", "sdpa", "hf_efficiency_blockwise")
+    }
     ids, mask = _left_padded_pair(windows, pad_id)
     logits, cached = {}, {}
     with torch.no_grad():
@@ -233,8 +262,9 @@ def test_blockwise_path_matches_eager_on_padded_gqa_batch_cached_decoding_and_ge
             logits[impl] = model(ids, attention_mask=mask).logits
             cache = DynamicCache()  # prefill 80 tokens, then 16 single-token steps through the cache
             model(ids[:, :80], attention_mask=mask[:, :80], cache=cache)
-            steps = [model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache).logits
-                     for t in range(80, 96)]
+            steps = [
+                model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache).logits for t in range(80, 96)
+            ]
             cached[impl] = torch.cat(steps, dim=1)
     valid = mask.bool()
     scale = float(logits["eager"][valid].abs().max())
@@ -270,9 +300,9 @@ def test_int8_kv_cache_within_1_percent_at_2k_context_and_lowrank_error_falls_wi
         nll = 0.0
         with torch.no_grad():
             for s in range(0, 2048, 256):
-                logits = model(window[None, s:s + 256], cache=cache).logits[0]
-                target = window[s + 1:s + 257]
-                nll += float(torch.nn.functional.cross_entropy(logits[:target.numel()], target, reduction="sum"))
+                logits = model(window[None, s : s + 256], cache=cache).logits[0]
+                target = window[s + 1 : s + 257]
+                nll += float(torch.nn.functional.cross_entropy(logits[: target.numel()], target, reduction="sum"))
         ppl[name] = math.exp(nll / 2047)
         nbytes[name] = cache_nbytes(cache)
     assert abs(ppl["int8"] / ppl["float"] - 1) < 0.01, ppl
@@ -280,8 +310,12 @@ def test_int8_kv_cache_within_1_percent_at_2k_context_and_lowrank_error_falls_wi
 
     lowrank = {}
     for landmarks, win in ((16, 64), (64, 256), (128, 512)):
-        _, lowrank[win] = _ppl(path, windows, attn_implementation="hf_efficiency_lowrank",
-                               efficiency_config={"attention": {"lowrank_landmarks": landmarks, "lowrank_window": win}})
+        _, lowrank[win] = _ppl(
+            path,
+            windows,
+            attn_implementation="hf_efficiency_lowrank",
+            efficiency_config={"attention": {"lowrank_landmarks": landmarks, "lowrank_window": win}},
+        )
     assert abs(lowrank[512] / fp_ppl - 1) < 1e-4, (lowrank, fp_ppl)  # windows of 512 tokens: exact
     assert lowrank[64] > lowrank[256] > fp_ppl, (lowrank, fp_ppl)
 
@@ -290,9 +324,9 @@ def test_bundled_gguf_keeps_its_bits_matches_transformers_and_converts_round_tri
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_efficiency.cli import main
-    from hf_efficiency.data import bundled_gguf_path
+    from hf_efficiency.demo import bundled_gguf_path
     from hf_efficiency.formats import load_gguf
-    from hf_efficiency.quant.linear import QuantLinear
+    from hf_efficiency.quant.modules.linear import QuantLinear
 
     path, windows, _ = bundled
     ids = windows[:2, :128]
@@ -312,7 +346,9 @@ def test_bundled_gguf_keeps_its_bits_matches_transformers_and_converts_round_tri
     with torch.no_grad():
         assert torch.equal(again(ids).logits, ours)
     text = "In the beginning God created the heaven and the earth."
-    assert AutoTokenizer.from_pretrained(out)(text)["input_ids"] == AutoTokenizer.from_pretrained(path)(text)["input_ids"]
+    assert (
+        AutoTokenizer.from_pretrained(out)(text)["input_ids"] == AutoTokenizer.from_pretrained(path)(text)["input_ids"]
+    )
 
 
 def test_fused_cpu_kernel_matches_the_reference_path_on_smollm2(bundled, monkeypatch):

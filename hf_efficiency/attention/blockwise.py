@@ -19,8 +19,17 @@ import torch
 from torch import Tensor
 
 
-def _block_mask(mask: Tensor | None, causal: bool, window: int | None, q0: int, q1: int, k0: int, k1: int,
-                offset: int, device: torch.device) -> Tensor | None:
+def _block_mask(
+    mask: Tensor | None,
+    causal: bool,
+    window: int | None,
+    q0: int,
+    q1: int,
+    k0: int,
+    k1: int,
+    offset: int,
+    device: torch.device,
+) -> Tensor | None:
     """Boolean ``[b or 1, 1, q1-q0, k1-k0]`` (True = attend) for one block, or None when all is allowed."""
     allowed = None
     if causal or window is not None:
@@ -36,9 +45,19 @@ def _block_mask(mask: Tensor | None, causal: bool, window: int | None, q0: int, 
     return allowed
 
 
-def blockwise_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Tensor | None = None,
-                        causal: bool = True, scale: float | None = None, softcap: float | None = None,
-                        sliding_window: int | None = None, q_block: int = 256, k_block: int = 512) -> Tensor:
+def blockwise_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    mask: Tensor | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+    softcap: float | None = None,
+    sliding_window: int | None = None,
+    q_block: int = 256,
+    k_block: int = 512,
+) -> Tensor:
     """Exact softmax attention ``[b, h, q, d]`` without materializing the ``q x kv`` score matrix.
 
     ``mask``: optional boolean ``[b or 1, 1, q, kv]`` (True = attend), combined with ``causal`` (query
@@ -47,8 +66,10 @@ def blockwise_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Tens
     (Gemma-2 style). Fully masked query rows return zeros. Accumulates in float32.
     """
     if query.dim() != 4 or key.dim() != 4 or value.shape != key.shape:
-        raise ValueError(f"expected query [b, h, q, d] and key/value [b, h_kv, kv, d], got {tuple(query.shape)}, "
-                         f"{tuple(key.shape)}, {tuple(value.shape)}")
+        raise ValueError(
+            f"expected query [b, h, q, d] and key/value [b, h_kv, kv, d], got {tuple(query.shape)}, "
+            f"{tuple(key.shape)}, {tuple(value.shape)}"
+        )
     b, h, q, d = query.shape
     h_kv, kv = key.shape[1], key.shape[2]
     if h % h_kv:
@@ -89,6 +110,7 @@ def blockwise_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Tens
             l = l * correction + p.sum(dim=-1, keepdim=True)  # noqa: E741
             acc = acc * correction + torch.einsum("bhgqk,bhkd->bhgqd", p, value[:, :, k0:k1].float())
             m = m_new
-        out[:, :, :, q0:q1] = torch.where(l > 0, acc / l.clamp(min=torch.finfo(torch.float32).tiny),
-                                          torch.zeros_like(acc)).to(out_dtype)
+        out[:, :, :, q0:q1] = torch.where(
+            l > 0, acc / l.clamp(min=torch.finfo(torch.float32).tiny), torch.zeros_like(acc)
+        ).to(out_dtype)
     return out.reshape(b, h, q, -1)

@@ -29,8 +29,9 @@ def attention_path(softcap: float | None) -> str:
     """The path ``hf_efficiency_blockwise`` takes: ``HF_EFFICIENCY_ATTENTION_PATH`` (auto|sdpa|blockwise)."""
     forced = os.environ.get("HF_EFFICIENCY_ATTENTION_PATH", "auto")
     if forced not in ATTENTION_PATHS:
-        raise ValueError(f"HF_EFFICIENCY_ATTENTION_PATH={forced!r} is not allowed; allowed values: "
-                         f"{', '.join(ATTENTION_PATHS)}")
+        raise ValueError(
+            f"HF_EFFICIENCY_ATTENTION_PATH={forced!r} is not allowed; allowed values: {', '.join(ATTENTION_PATHS)}"
+        )
     if forced == "sdpa" and softcap is not None:
         raise ValueError("HF_EFFICIENCY_ATTENTION_PATH=sdpa cannot apply logit soft-capping; use auto or blockwise")
     if forced != "auto":
@@ -38,24 +39,35 @@ def attention_path(softcap: float | None) -> str:
     return "blockwise" if softcap is not None else "sdpa"
 
 
-def blockwise_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                            attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                            is_causal: bool | None = None, sliding_window: int | None = None,
-                            softcap: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+def blockwise_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
     """transformers attention-interface function: ``(out [b, q, h, d], None)``.
 
     ``attention_mask`` is the boolean 4-D mask of transformers' ``sdpa_mask`` (registered for this
     name), or ``None`` when the pattern is plainly causal.
     """
     if kwargs.get("output_attentions"):
-        raise ValueError(f"{BLOCKWISE} never forms the attention matrix; use attn_implementation='eager' for "
-                         "output_attentions=True")
+        raise ValueError(
+            f"{BLOCKWISE} never forms the attention matrix; use attn_implementation='eager' for output_attentions=True"
+        )
     path = attention_path(softcap)
     if path == "sdpa":
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     if dropout and module.training:
         raise ValueError(f"{BLOCKWISE}'s block-wise path has no attention dropout; set attention_dropout=0 or use sdpa")
     mask = attention_mask
@@ -64,8 +76,9 @@ def blockwise_attention_forward(module: nn.Module, query: torch.Tensor, key: tor
             mask = mask == 0
         mask = mask[..., : key.shape[2]]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    out = blockwise_attention(query, key, value, mask=mask, causal=causal, scale=scaling, softcap=softcap,
-                              sliding_window=sliding_window)
+    out = blockwise_attention(
+        query, key, value, mask=mask, causal=causal, scale=scaling, softcap=softcap, sliding_window=sliding_window
+    )
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -79,9 +92,17 @@ def lowrank_settings(module: nn.Module) -> dict[str, int]:
     return {"landmarks": spec.lowrank_landmarks, "window": spec.lowrank_window, "sinks": spec.lowrank_sinks}
 
 
-def lowrank_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                              attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                              softcap: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+def lowrank_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    softcap: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
     """transformers attention-interface function of ``hf_efficiency_lowrank`` (see `lowrank.py`)."""
     from .lowrank import lowrank_attention
 

@@ -126,8 +126,9 @@ class QuantizedKVCache(Cache):
     def __init__(self, bits: int = 8, group_size: int = 64, residual_length: int = 0) -> None:
         QuantizedKVLayer(bits, group_size, residual_length)  # validate now, not at the first forward
         self.bits, self.group_size, self.residual_length = bits, group_size, residual_length
-        super().__init__(layer_class_to_replicate=functools.partial(QuantizedKVLayer, bits, group_size,
-                                                                    residual_length))
+        super().__init__(
+            layer_class_to_replicate=functools.partial(QuantizedKVLayer, bits, group_size, residual_length)
+        )
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
@@ -142,8 +143,12 @@ def cache_nbytes(cache: Cache) -> int:
     ``transformers.Cache`` whose layers keep float tensors (``DynamicCache``, ``StaticCache``)."""
     if hasattr(cache, "nbytes"):
         return cache.nbytes()
-    return sum(t.numel() * t.element_size() for layer in cache.layers if layer.is_initialized
-               for t in (layer.keys, layer.values))
+    return sum(
+        t.numel() * t.element_size()
+        for layer in cache.layers
+        if layer.is_initialized
+        for t in (layer.keys, layer.values)
+    )
 
 
 def saved_kv_cache(model) -> QuantizedKVCache | None:
@@ -170,6 +175,8 @@ def cache_from_generate_kwargs(kwargs: dict) -> QuantizedKVCache | None:
     config = dict(kwargs.pop("cache_config", None) or {})
     unknown = sorted(set(config) - {"bits", "group_size", "residual_length"})
     if unknown:
-        raise ValueError(f"unknown cache_config key(s) {unknown} for cache_implementation={CACHE_IMPLEMENTATION!r}; "
-                         "allowed keys: bits, group_size, residual_length")
+        raise ValueError(
+            f"unknown cache_config key(s) {unknown} for cache_implementation={CACHE_IMPLEMENTATION!r}; "
+            "allowed keys: bits, group_size, residual_length"
+        )
     return QuantizedKVCache(**config)

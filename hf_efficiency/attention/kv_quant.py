@@ -41,8 +41,9 @@ def quantize_kv(x: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor, 
     return codes.contiguous(), scale.squeeze(-1).to(torch.float16), lo.squeeze(-1).to(torch.float16)
 
 
-def dequantize_kv(codes: Tensor, scale: Tensor, minimum: Tensor, bits: int, group_size: int,
-                  dtype: torch.dtype) -> Tensor:
+def dequantize_kv(
+    codes: Tensor, scale: Tensor, minimum: Tensor, bits: int, group_size: int, dtype: torch.dtype
+) -> Tensor:
     """The ``[b, h, t, d]`` states in ``dtype`` from `quantize_kv`'s output."""
     b, h, t, _ = codes.shape
     per_byte = 8 // bits
@@ -55,8 +56,9 @@ def dequantize_kv(codes: Tensor, scale: Tensor, minimum: Tensor, bits: int, grou
     return x.reshape(b, h, t, d).to(dtype)
 
 
-def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, bits: int | None, group_size: int,
-                       float_bytes: int = 2) -> int:
+def kv_bytes_per_token(
+    num_layers: int, num_kv_heads: int, head_dim: int, bits: int | None, group_size: int, float_bytes: int = 2
+) -> int:
     """Bytes one token occupies in the cache across all layers (keys and values): codes plus float16
     scale and minimum per group, or ``float_bytes`` per element for an unquantized cache (``bits=None``)."""
     per_state = head_dim * float_bytes if bits is None else head_dim * bits // 8 + 2 * 2 * (head_dim // group_size)

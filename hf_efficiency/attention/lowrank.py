@@ -19,8 +19,17 @@ import torch
 from torch import Tensor
 
 
-def lowrank_attention(query: Tensor, key: Tensor, value: Tensor, *, landmarks: int, window: int, sinks: int = 4,
-                      key_valid: Tensor | None = None, scale: float | None = None) -> Tensor:
+def lowrank_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    landmarks: int,
+    window: int,
+    sinks: int = 4,
+    key_valid: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
     """Causal attention ``[b, h, q, d]`` approximated beyond ``window`` with ``landmarks`` pooled rows.
 
     ``sinks``: the first positions, always attended exactly (language models put much of their attention
@@ -63,7 +72,7 @@ def lowrank_attention(query: Tensor, key: Tensor, value: Tensor, *, landmarks: i
         p0, p1 = max(s * seg, offset), min((s + 1) * seg, kv)
         if p0 >= p1:
             continue
-        qb = qg[:, :, :, p0 - offset:p1 - offset].float() * scale
+        qb = qg[:, :, :, p0 - offset : p1 - offset].float() * scale
         e0 = max(0, s - near) * seg  # exact keys: the sinks before e0, then [e0, p1)
         idx = torch.cat([torch.arange(min(sinks, e0), device=query.device), torch.arange(e0, p1, device=query.device)])
         scores = torch.einsum("bhgqd,bhkd->bhgqk", qb, kf[:, :, idx])
@@ -78,5 +87,5 @@ def lowrank_attention(query: Tensor, key: Tensor, value: Tensor, *, landmarks: i
         else:
             values = vf[:, :, idx]
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a fully padded query row gives zeros
-        out[:, :, :, p0 - offset:p1 - offset] = torch.einsum("bhgqk,bhkd->bhgqd", probs, values).to(query.dtype)
+        out[:, :, :, p0 - offset : p1 - offset] = torch.einsum("bhgqk,bhkd->bhgqd", probs, values).to(query.dtype)
     return out.reshape(b, h, q, -1)

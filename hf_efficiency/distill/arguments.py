@@ -25,8 +25,9 @@ def _parse_layer_map(value: Any) -> list[int] | None:
     try:
         out = [int(v) for v in value]
     except (TypeError, ValueError):
-        raise ValueError(f"feature_layer_map must be 'uniform' or comma-separated teacher layer indices, "
-                         f"got {value!r}") from None
+        raise ValueError(
+            f"feature_layer_map must be 'uniform' or comma-separated teacher layer indices, got {value!r}"
+        ) from None
     if any(v < 0 for v in out):
         raise ValueError(f"feature_layer_map holds hidden-state indices (0 = embeddings), got {out}")
     return out
@@ -57,16 +58,24 @@ class DistillationTrainingArguments(TrainingArguments):
     """
 
     teacher_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Teacher model path or Hub id, when no teacher_model object is passed."})
+        default=None, metadata={"help": "Teacher model path or Hub id, when no teacher_model object is passed."}
+    )
     teacher_model_init_kwargs: str | dict | None = field(
-        default=None, metadata={"help": "JSON dict of from_pretrained kwargs for the teacher "
-                                        "(e.g. an efficiency_config to run a quantized teacher)."})
+        default=None,
+        metadata={
+            "help": "JSON dict of from_pretrained kwargs for the teacher "
+            "(e.g. an efficiency_config to run a quantized teacher)."
+        },
+    )
     teacher_dtype: str = field(
-        default="auto", metadata={"help": f"Teacher precision, one of {list(TEACHER_DTYPES)}; "
-                                          "'auto' keeps the teacher's own dtype."})
+        default="auto",
+        metadata={"help": f"Teacher precision, one of {list(TEACHER_DTYPES)}; 'auto' keeps the teacher's own dtype."},
+    )
     # response-based
-    alpha: float = field(default=0.5, metadata={"help": "Weight of the response (logit) distillation loss; "
-                                                        "1 - alpha weighs the label loss."})
+    alpha: float = field(
+        default=0.5,
+        metadata={"help": "Weight of the response (logit) distillation loss; 1 - alpha weighs the label loss."},
+    )
     distill_loss: str = field(default="forward_kl", metadata={"help": f"One of {list(RESPONSE_LOSSES)}."})
     temperature: float = field(default=1.0, metadata={"help": "Softmax temperature; losses are scaled by T^2."})
     beta: float = field(default=0.5, metadata={"help": "Generalized JSD mixing (0 = forward KL, 1 = reverse KL)."})
@@ -74,24 +83,35 @@ class DistillationTrainingArguments(TrainingArguments):
     feature_weight: float = field(default=0.0, metadata={"help": "Weight of hidden-state matching."})
     feature_loss: str = field(default="mse", metadata={"help": f"One of {list(FEATURE_LOSSES)}."})
     feature_layer_map: str | None = field(
-        default=None, metadata={"help": "Teacher hidden-state index for each student layer, comma-separated "
-                                        "(0 = embeddings); default: the layers the student was copied from, "
-                                        "else uniform."})
-    attention_weight: float = field(default=0.0, metadata={"help": "Weight of attention-map matching (eager "
-                                                                   "attention on both models)."})
+        default=None,
+        metadata={
+            "help": "Teacher hidden-state index for each student layer, comma-separated "
+            "(0 = embeddings); default: the layers the student was copied from, "
+            "else uniform."
+        },
+    )
+    attention_weight: float = field(
+        default=0.0, metadata={"help": "Weight of attention-map matching (eager attention on both models)."}
+    )
     # relation-based
     relation_weight: float = field(default=0.0, metadata={"help": "Weight of the relation losses."})
-    relation_losses: str = field(default="rkd_distance,rkd_angle",
-                                 metadata={"help": f"Comma-separated subset of {list(RELATION_LOSSES)}."})
-    relation_layer: int = field(default=-1, metadata={"help": "Hidden-state index pooled for relations "
-                                                              "(-1 = last)."})
+    relation_losses: str = field(
+        default="rkd_distance,rkd_angle", metadata={"help": f"Comma-separated subset of {list(RELATION_LOSSES)}."}
+    )
+    relation_layer: int = field(default=-1, metadata={"help": "Hidden-state index pooled for relations (-1 = last)."})
     # offline teacher
     teacher_cache_dir: str | None = field(
-        default=None, metadata={"help": "Folder of precomputed top-k teacher log-probabilities "
-                                        "(hf_efficiency.distill.cache_teacher_logprobs); trains without a teacher."})
+        default=None,
+        metadata={
+            "help": "Folder of precomputed top-k teacher log-probabilities "
+            "(hf_efficiency.distill.cache_teacher_logprobs); trains without a teacher."
+        },
+    )
     # self-distillation snapshots
-    snapshot_strategy: str = field(default="no", metadata={"help": f"One of {list(SNAPSHOT_STRATEGIES)}: keep a "
-                                                                   "snapshot of the student for StudentEnsemble."})
+    snapshot_strategy: str = field(
+        default="no",
+        metadata={"help": f"One of {list(SNAPSHOT_STRATEGIES)}: keep a snapshot of the student for StudentEnsemble."},
+    )
     snapshot_steps: int = field(default=0, metadata={"help": "Snapshot every N steps (snapshot_strategy=steps)."})
     snapshot_keep_last: int | None = field(default=None, metadata={"help": "Keep only the last N snapshots."})
 
@@ -118,11 +138,15 @@ class DistillationTrainingArguments(TrainingArguments):
             except json.JSONDecodeError as e:
                 raise ValueError(f"teacher_model_init_kwargs is not valid JSON: {e}") from None
         if self.teacher_cache_dir and (self.feature_weight or self.attention_weight or self.relation_weight):
-            raise ValueError("A teacher cache holds only top-k log-probabilities: feature, attention and relation "
-                             "losses need the teacher model (set their weights to 0 or drop teacher_cache_dir)")
+            raise ValueError(
+                "A teacher cache holds only top-k log-probabilities: feature, attention and relation "
+                "losses need the teacher model (set their weights to 0 or drop teacher_cache_dir)"
+            )
         if self.teacher_cache_dir and self.distill_loss not in ("forward_kl", "soft_ce"):
-            raise ValueError(f"distill_loss={self.distill_loss!r} needs the full teacher distribution; from a "
-                             "top-k teacher cache only 'forward_kl' and 'soft_ce' are possible")
+            raise ValueError(
+                f"distill_loss={self.distill_loss!r} needs the full teacher distribution; from a "
+                "top-k teacher cache only 'forward_kl' and 'soft_ce' are possible"
+            )
 
     @property
     def relation_loss_names(self) -> list[str]:
@@ -145,13 +169,18 @@ class MutualDistillationTrainingArguments(TrainingArguments):
     """
 
     mutual_mode: str = field(default="dml", metadata={"help": f"One of {list(MUTUAL_MODES)}."})
-    mutual_weight: float = field(default=1.0, metadata={"help": "Weight of the peer KL added to each student's "
-                                                                "label loss (1 in deep mutual learning)."})
-    mutual_warmup_steps: int = field(default=0, metadata={"help": "Ramp mutual_weight linearly from 0 over "
-                                                                  "these steps."})
+    mutual_weight: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the peer KL added to each student's label loss (1 in deep mutual learning)."},
+    )
+    mutual_warmup_steps: int = field(
+        default=0, metadata={"help": "Ramp mutual_weight linearly from 0 over these steps."}
+    )
     temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the peer KL (x T^2)."})
-    exchange_steps: int = field(default=0, metadata={"help": "mode 'best': re-pick the teacher every N steps "
-                                                             "(0 = at each evaluation or epoch)."})
+    exchange_steps: int = field(
+        default=0,
+        metadata={"help": "mode 'best': re-pick the teacher every N steps (0 = at each evaluation or epoch)."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -283,8 +283,9 @@ class StudentEnsemble(PreTrainedModel, GenerationMixin):
     # -- construction ------------------------------------------------------------------------------
 
     @classmethod
-    def from_models(cls, models: Sequence[PreTrainedModel], weights: Sequence[float] | None = None,
-                    combine: str = "probs") -> StudentEnsemble:
+    def from_models(
+        cls, models: Sequence[PreTrainedModel], weights: Sequence[float] | None = None, combine: str = "probs"
+    ) -> StudentEnsemble:
         """Ensemble of already loaded causal LMs (weights: None = uniform, else normalized to sum 1).
 
         The models are used as they are (not copied): they are switched to eval mode and frozen.
@@ -294,16 +295,26 @@ class StudentEnsemble(PreTrainedModel, GenerationMixin):
             raise ValueError("an ensemble needs at least one member")
         for model in models:
             if not isinstance(model, PreTrainedModel):
-                raise TypeError(f"members must be transformers PreTrainedModels (merge peft adapters first), "
-                                f"got {type(model).__name__}")
-        config = StudentEnsembleConfig(member_configs=[m.config.to_dict() for m in models],
-                                       weights=normalize_weights(weights, len(models)), combine=combine)
+                raise TypeError(
+                    f"members must be transformers PreTrainedModels (merge peft adapters first), "
+                    f"got {type(model).__name__}"
+                )
+        config = StudentEnsembleConfig(
+            member_configs=[m.config.to_dict() for m in models],
+            weights=normalize_weights(weights, len(models)),
+            combine=combine,
+        )
         return cls(config, models=models)
 
     @classmethod
-    def from_snapshots(cls, folder: str | os.PathLike, last: int | None = None,
-                       weights: str | Sequence[float] | None = None, combine: str = "probs",
-                       **from_pretrained_kwargs: Any) -> StudentEnsemble:
+    def from_snapshots(
+        cls,
+        folder: str | os.PathLike,
+        last: int | None = None,
+        weights: str | Sequence[float] | None = None,
+        combine: str = "probs",
+        **from_pretrained_kwargs: Any,
+    ) -> StudentEnsemble:
         """Ensemble of the snapshots indexed in ``folder/snapshots.json`` (the ``last`` newest ones).
 
         ``weights``: None / ``"uniform"``; ``"linear"`` (proportional to 1..n, later snapshots weigh
@@ -334,14 +345,21 @@ class StudentEnsemble(PreTrainedModel, GenerationMixin):
             raise ValueError(f"unknown weights {weights!r}; expected 'uniform', 'linear', 'eval_loss' or a list")
         else:
             resolved = normalize_weights(weights, n)
-        models = [AutoModelForCausalLM.from_pretrained(os.path.join(folder, e["path"]), **from_pretrained_kwargs)
-                  for e in entries]
+        models = [
+            AutoModelForCausalLM.from_pretrained(os.path.join(folder, e["path"]), **from_pretrained_kwargs)
+            for e in entries
+        ]
         logger.info("Loaded a %d-snapshot ensemble from %s (weights %s)", n, folder, resolved)
         return cls.from_models(models, weights=resolved, combine=combine)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args: Any,
-                        config: StudentEnsembleConfig | None = None, **kwargs: Any) -> StudentEnsemble:
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *model_args: Any,
+        config: StudentEnsembleConfig | None = None,
+        **kwargs: Any,
+    ) -> StudentEnsemble:
         """Load an ensemble saved by :meth:`save_pretrained` (a local folder or a Hub repo id).
 
         Remaining ``kwargs`` (``dtype``, ``device_map``, ``attn_implementation`` ...) are passed to
@@ -357,8 +375,11 @@ class StudentEnsemble(PreTrainedModel, GenerationMixin):
         if not os.path.isdir(folder):
             from huggingface_hub import snapshot_download
 
-            allowed = {k: v for k, v in hub_kwargs.items() if k in ("cache_dir", "force_download",
-                                                                    "local_files_only", "revision", "token")}
+            allowed = {
+                k: v
+                for k, v in hub_kwargs.items()
+                if k in ("cache_dir", "force_download", "local_files_only", "revision", "token")
+            }
             folder = snapshot_download(repo_id=folder, **allowed)
         folder = os.path.join(folder, subfolder) if subfolder else folder
         if config is None:
@@ -377,8 +398,9 @@ class StudentEnsemble(PreTrainedModel, GenerationMixin):
         ensemble.name_or_path = str(pretrained_model_name_or_path)
         return ensemble
 
-    def save_pretrained(self, save_directory: str | os.PathLike, is_main_process: bool = True,
-                        push_to_hub: bool = False, **kwargs: Any) -> None:
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, is_main_process: bool = True, push_to_hub: bool = False, **kwargs: Any
+    ) -> None:
         """Write ``config.json`` (+ ``generation_config.json``) and each member under ``members/{k}``."""
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {save_directory!r} is a file, not a folder")
@@ -394,33 +416,67 @@ class StudentEnsemble(PreTrainedModel, GenerationMixin):
             if getattr(self, "generation_config", None) is not None:
                 self.generation_config.save_pretrained(save_directory)
         for k, member in enumerate(self.members):
-            member.save_pretrained(os.path.join(save_directory, MEMBERS_DIR, str(k)),
-                                   is_main_process=is_main_process, **kwargs)
+            member.save_pretrained(
+                os.path.join(save_directory, MEMBERS_DIR, str(k)), is_main_process=is_main_process, **kwargs
+            )
         if push_to_hub and is_main_process:
-            self._upload_folder(str(save_directory), repo_id or os.path.basename(os.path.abspath(save_directory)),
-                                commit_message=commit_message, token=token, private=private)
+            self._upload_folder(
+                str(save_directory),
+                repo_id or os.path.basename(os.path.abspath(save_directory)),
+                commit_message=commit_message,
+                token=token,
+                private=private,
+            )
 
-    def push_to_hub(self, repo_id: str, commit_message: str | None = None, commit_description: str | None = None,
-                    private: bool | None = None, token: str | bool | None = None, revision: str | None = None,
-                    create_pr: bool = False, **save_kwargs: Any) -> Any:
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        **save_kwargs: Any,
+    ) -> Any:
         """Save to a temporary folder and upload it (members included) with ``HfApi.upload_folder``."""
         save_kwargs.pop("tags", None)
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp, **save_kwargs)
-            return self._upload_folder(tmp, repo_id, commit_message=commit_message, token=token, private=private,
-                                       revision=revision, create_pr=create_pr, commit_description=commit_description)
+            return self._upload_folder(
+                tmp,
+                repo_id,
+                commit_message=commit_message,
+                token=token,
+                private=private,
+                revision=revision,
+                create_pr=create_pr,
+                commit_description=commit_description,
+            )
 
     @staticmethod
-    def _upload_folder(folder: str, repo_id: str, commit_message: str | None = None, token: Any = None,
-                       private: bool | None = None, revision: str | None = None, create_pr: bool = False,
-                       commit_description: str | None = None) -> Any:
+    def _upload_folder(
+        folder: str,
+        repo_id: str,
+        commit_message: str | None = None,
+        token: Any = None,
+        private: bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        commit_description: str | None = None,
+    ) -> Any:
         from huggingface_hub import HfApi
 
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-        return api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, create_pr=create_pr,
-                                 commit_message=commit_message or "Upload StudentEnsemble",
-                                 commit_description=commit_description)
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            revision=revision,
+            create_pr=create_pr,
+            commit_message=commit_message or "Upload StudentEnsemble",
+            commit_description=commit_description,
+        )
 
     # -- weights -----------------------------------------------------------------------------------
 
@@ -510,25 +566,40 @@ class StudentEnsemble(PreTrainedModel, GenerationMixin):
             member_kwargs = dict(kwargs)
             if not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
                 member_kwargs["logits_to_keep"] = logits_to_keep
-            outputs.append(member(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                  cache=member_cache, use_cache=use_cache, return_dict=True, **member_kwargs))
+            outputs.append(
+                member(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    cache=member_cache,
+                    use_cache=use_cache,
+                    return_dict=True,
+                    **member_kwargs,
+                )
+            )
         logits = self.combine_logits([out.logits for out in outputs])
 
         if cache is None and all(getattr(out, "cache", None) is not None for out in outputs):
             cache = EnsembleCache([out.cache for out in outputs])
         elif cache is not None:
-            cache.caches = [out.cache if getattr(out, "cache", None) is not None else c
-                            for out, c in zip(outputs, cache.caches)]
+            cache.caches = [
+                out.cache if getattr(out, "cache", None) is not None else c for out, c in zip(outputs, cache.caches)
+            ]
 
         loss = None
         if labels is not None:
-            loss = ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1],
-                                   num_items_in_batch=num_items_in_batch)
+            loss = ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1], num_items_in_batch=num_items_in_batch)
         output = CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
         return output if return_dict else output.to_tuple()
 
-    def _prepare_cache_for_generation(self, generation_config: GenerationConfig, model_kwargs: dict[str, Any],
-                                      generation_mode: Any, batch_size: int, max_cache_length: int) -> None:
+    def _prepare_cache_for_generation(
+        self,
+        generation_config: GenerationConfig,
+        model_kwargs: dict[str, Any],
+        generation_mode: Any,
+        batch_size: int,
+        max_cache_length: int,
+    ) -> None:
         """Put a fresh :class:`EnsembleCache` (one ``DynamicCache`` per member) in ``model_kwargs``."""
         user_cache = model_kwargs.get("cache")
         if user_cache is not None:
@@ -542,8 +613,9 @@ class StudentEnsemble(PreTrainedModel, GenerationMixin):
             return
         implementation = generation_config.cache_implementation
         if implementation not in (None, "dynamic", "offloaded"):
-            raise NotImplementedError(f"StudentEnsemble supports dynamic caches only, not "
-                                      f"cache_implementation={implementation!r}")
+            raise NotImplementedError(
+                f"StudentEnsemble supports dynamic caches only, not cache_implementation={implementation!r}"
+            )
         cache = EnsembleCache.for_models(self.members, offloading=implementation == "offloaded")
         if generation_config.is_assistant:
             cache.activate_past_recording()
@@ -552,8 +624,9 @@ class StudentEnsemble(PreTrainedModel, GenerationMixin):
     # -- weight fitting ----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def member_token_log_probs(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
-                               batch_size: int = 4) -> torch.Tensor:
+    def member_token_log_probs(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, batch_size: int = 4
+    ) -> torch.Tensor:
         """``[K, M]`` log-probabilities each member gives the true next token, over the M valid positions."""
         if input_ids.dim() != 2 or input_ids.shape[1] < 2:
             raise ValueError(f"input_ids must be [N, T>=2], got {tuple(input_ids.shape)}")
@@ -562,8 +635,8 @@ class StudentEnsemble(PreTrainedModel, GenerationMixin):
         device, vocab = self.device, self.config.vocab_size
         rows: list[list[torch.Tensor]] = [[] for _ in self.members]
         for start in range(0, input_ids.shape[0], batch_size):
-            ids = input_ids[start:start + batch_size].to(device)
-            mask = attention_mask[start:start + batch_size].to(device) if attention_mask is not None else None
+            ids = input_ids[start : start + batch_size].to(device)
+            mask = attention_mask[start : start + batch_size].to(device) if attention_mask is not None else None
             targets = ids[:, 1:]
             if mask is None:
                 valid, position_ids = torch.ones_like(targets, dtype=torch.bool), None
@@ -571,15 +644,21 @@ class StudentEnsemble(PreTrainedModel, GenerationMixin):
                 valid = (mask[:, 1:] > 0) & (mask[:, :-1] > 0)
                 position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)  # right or left padding
             for k, member in enumerate(self.members):
-                logits = member(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                                use_cache=False).logits[:, :-1, :vocab]
+                logits = member(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits[
+                    :, :-1, :vocab
+                ]
                 logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
                 rows[k].append(logp[valid])
         return torch.stack([torch.cat(r) for r in rows])
 
     @torch.no_grad()
-    def fit_weights(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
-                    steps: int = 50, batch_size: int = 4) -> list[float]:
+    def fit_weights(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        steps: int = 50,
+        batch_size: int = 4,
+    ) -> list[float]:
         """Fit mixture weights maximizing the likelihood of ``input_ids`` ``[N, T]`` by EM (``combine="probs"``).
 
         Each member's probability of every true next token is computed once; then, ``steps`` times,
@@ -587,8 +666,9 @@ class StudentEnsemble(PreTrainedModel, GenerationMixin):
         on the ensemble and its config, and returned.
         """
         if self.config.combine != "probs":
-            raise ValueError(f"fit_weights fits mixture weights, which needs combine='probs' "
-                             f"(got {self.config.combine!r})")
+            raise ValueError(
+                f"fit_weights fits mixture weights, which needs combine='probs' (got {self.config.combine!r})"
+            )
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         log_p = self.member_token_log_probs(input_ids, attention_mask, batch_size=batch_size).double()

@@ -151,7 +151,7 @@ class _SoftTargetCrossEntropy(torch.autograd.Function):
     def forward(ctx, s: Tensor, t: Tensor, temperature: float, with_entropy: bool) -> Tensor:
         out = torch.empty(s.shape[0], dtype=torch.float32, device=s.device)
         for i in range(0, s.shape[0], _ROW_CHUNK):
-            sc, tc = s[i:i + _ROW_CHUNK].float(), t[i:i + _ROW_CHUNK].float()
+            sc, tc = s[i : i + _ROW_CHUNK].float(), t[i : i + _ROW_CHUNK].float()
             if temperature != 1.0:
                 sc, tc = sc / temperature, tc / temperature
             log_ps = F.log_softmax(sc, dim=-1)
@@ -160,7 +160,7 @@ class _SoftTargetCrossEntropy(torch.autograd.Function):
             row = -(pt * log_ps.clamp(min=torch.finfo(torch.float32).min)).sum(-1)
             if with_entropy:  # forward KL = soft CE - teacher entropy; p log p counts 0 where p == 0
                 row = row + torch.where(pt > 0, pt * log_pt, torch.zeros_like(pt)).sum(-1)
-            out[i:i + _ROW_CHUNK] = row
+            out[i : i + _ROW_CHUNK] = row
         ctx.save_for_backward(s, t)
         ctx.temperature = temperature
         return out
@@ -171,19 +171,24 @@ class _SoftTargetCrossEntropy(torch.autograd.Function):
         temp = ctx.temperature
         grad = torch.empty_like(s)
         for i in range(0, s.shape[0], _ROW_CHUNK):
-            sc, tc = s[i:i + _ROW_CHUNK].float(), t[i:i + _ROW_CHUNK].float()
+            sc, tc = s[i : i + _ROW_CHUNK].float(), t[i : i + _ROW_CHUNK].float()
             if temp != 1.0:
                 sc, tc = sc / temp, tc / temp
             g = F.softmax(sc, dim=-1).sub_(F.softmax(tc, dim=-1))
-            grad[i:i + _ROW_CHUNK] = g.mul_(grad_rows[i:i + _ROW_CHUNK, None] / temp).to(s.dtype)
+            grad[i : i + _ROW_CHUNK] = g.mul_(grad_rows[i : i + _ROW_CHUNK, None] / temp).to(s.dtype)
         return grad, None, None, None
 
 
-def _soft_target_loss(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, temperature: float,
-                      with_entropy: bool, num_items_in_batch: int | Tensor | None) -> Tensor:
+def _soft_target_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor,
+    temperature: float,
+    with_entropy: bool,
+    num_items_in_batch: int | Tensor | None,
+) -> Tensor:
     """Forward KL / soft CE on the valid rows only, with the chunked, memory-light autograd function."""
-    rows = _SoftTargetCrossEntropy.apply(student_logits[mask], teacher_logits[mask].detach(), temperature,
-                                         with_entropy)
+    rows = _SoftTargetCrossEntropy.apply(student_logits[mask], teacher_logits[mask].detach(), temperature, with_entropy)
     total = (rows * temperature**2).sum()
     return total / _token_count(mask, num_items_in_batch, total)
 
@@ -227,8 +232,9 @@ def response_loss(
     if loss == "jsd" and beta in (0.0, 1.0):
         loss = "forward_kl" if beta == 0.0 else "reverse_kl"
     if loss in ("forward_kl", "soft_ce"):
-        return _soft_target_loss(student_logits, teacher_logits, mask, temperature, loss == "forward_kl",
-                                 num_items_in_batch)
+        return _soft_target_loss(
+            student_logits, teacher_logits, mask, temperature, loss == "forward_kl", num_items_in_batch
+        )
     s = _masked_f32(student_logits, mask)
     t = _masked_f32(teacher_logits, mask)
     if loss == "mse":
@@ -264,9 +270,7 @@ def topk_response_loss(
     Indices at masked positions are ignored (may be padding such as -1).
     """
     if loss not in TOPK_LOSSES:
-        raise ValueError(
-            f"loss {loss!r} is not possible from a top-k teacher cache; only {TOPK_LOSSES} are supported"
-        )
+        raise ValueError(f"loss {loss!r} is not possible from a top-k teacher cache; only {TOPK_LOSSES} are supported")
     _check_temperature(temperature)
     if teacher_topk_logprobs.shape != teacher_topk_indices.shape:
         raise ValueError(
@@ -281,9 +285,7 @@ def topk_response_loss(
     mask = _check_mask(mask, student_logits, "logits")
     vocab = student_logits.shape[-1]
     keep = mask.unsqueeze(-1)
-    idx = torch.where(
-        keep, teacher_topk_indices.long(), torch.zeros((), dtype=torch.long, device=mask.device)
-    )
+    idx = torch.where(keep, teacher_topk_indices.long(), torch.zeros((), dtype=torch.long, device=mask.device))
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= vocab):
         raise ValueError(
             f"teacher top-k indices must lie in [0, {vocab}) (the student vocab size); "
@@ -381,9 +383,7 @@ def pool_hidden(hidden: Tensor, mask: Tensor | None = None) -> Tensor:
 
 def _check_batch(student: Tensor, teacher: Tensor, min_batch: int, name: str) -> None:
     if student.dim() != 2 or teacher.dim() != 2:
-        raise ValueError(
-            f"{name} expects [B, D] inputs, got {tuple(student.shape)} and {tuple(teacher.shape)}"
-        )
+        raise ValueError(f"{name} expects [B, D] inputs, got {tuple(student.shape)} and {tuple(teacher.shape)}")
     if student.shape[0] != teacher.shape[0]:
         raise ValueError(f"{name}: batch sizes differ ({student.shape[0]} vs {teacher.shape[0]})")
     if student.shape[0] < min_batch:
@@ -431,9 +431,7 @@ def rkd_angle_loss(student: Tensor, teacher: Tensor) -> Tensor:
     return F.smooth_l1_loss(_angles(student.float()), _angles(teacher.float()), beta=1.0)
 
 
-def token_similarity_loss(
-    student_hidden: Tensor, teacher_hidden: Tensor, mask: Tensor | None = None
-) -> Tensor:
+def token_similarity_loss(student_hidden: Tensor, teacher_hidden: Tensor, mask: Tensor | None = None) -> Tensor:
     """MSE between per-sequence token-by-token cosine-similarity matrices ``[B, T, T]``.
 
     Widths may differ; only pairs where both tokens are valid count (``mask`` ``[B, T]``, None = all).

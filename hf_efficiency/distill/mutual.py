@@ -43,11 +43,15 @@ class StudentGroup(nn.Module):
         self.students = nn.ModuleList(students)
         self.config = students[0].config
 
-    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, **kwargs: Any) -> list[Any]:
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> list[Any]:
         """Every student's output for the same inputs."""
-        return [s(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
-                for s in self.students]
+        return [s(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs) for s in self.students]
 
     def activation_checkpointing_enable(self, **kwargs: Any) -> None:
         for s in self.students:
@@ -77,13 +81,20 @@ class MutualDistillationTrainer(Trainer):
     loss_is_scaled_for_ga = True
     _tag_names: ClassVar[list[str]] = ["hf-efficiency", "mutual-distillation"]
 
-    def __init__(self, models: Sequence[PreTrainedModel], args: MutualDistillationTrainingArguments | None = None,
-                 *args_rest: Any, learning_rates: Sequence[float] | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        models: Sequence[PreTrainedModel],
+        args: MutualDistillationTrainingArguments | None = None,
+        *args_rest: Any,
+        learning_rates: Sequence[float] | None = None,
+        **kwargs: Any,
+    ):
         if args is None:
             args = MutualDistillationTrainingArguments(output_dir="trainer_output")
         if not isinstance(args, MutualDistillationTrainingArguments):
-            raise TypeError("MutualDistillationTrainer needs MutualDistillationTrainingArguments, got "
-                            f"{type(args).__name__}")
+            raise TypeError(
+                f"MutualDistillationTrainer needs MutualDistillationTrainingArguments, got {type(args).__name__}"
+            )
         if learning_rates is not None and len(learning_rates) != len(models):
             raise ValueError(f"learning_rates has {len(learning_rates)} entries for {len(models)} students")
         group = models if isinstance(models, StudentGroup) else StudentGroup(list(models))
@@ -109,11 +120,15 @@ class MutualDistillationTrainer(Trainer):
             for k, st in enumerate(group.students):
                 lr = self.learning_rates[k] if self.learning_rates else self.args.learning_rate
                 for is_decay in (True, False):
-                    ps = [p for n, p in st.named_parameters()
-                          if p.requires_grad and (f"students.{k}.{n}" in decay) == is_decay]
+                    ps = [
+                        p
+                        for n, p in st.named_parameters()
+                        if p.requires_grad and (f"students.{k}.{n}" in decay) == is_decay
+                    ]
                     if ps:
-                        groups.append({"params": ps, "lr": lr,
-                                       "weight_decay": self.args.weight_decay if is_decay else 0.0})
+                        groups.append(
+                            {"params": ps, "lr": lr, "weight_decay": self.args.weight_decay if is_decay else 0.0}
+                        )
             cls, kw = self.get_optimizer_cls_and_kwargs(self.args, group)
             self.optimizer = cls(groups, **kw)
         return self.optimizer
@@ -122,14 +137,21 @@ class MutualDistillationTrainer(Trainer):
         """Clip each student's gradients on its own, as if it trained alone (one global norm over all
         students would shrink every student's step by the others' gradients); returns the largest
         pre-clip norm."""
-        norms = [torch.as_tensor(self.accelerator.clip_grad_norm_(st.parameters(), self.args.max_grad_norm))
-                 for st in self.students]
+        norms = [
+            torch.as_tensor(self.accelerator.clip_grad_norm_(st.parameters(), self.args.max_grad_norm))
+            for st in self.students
+        ]
         return torch.stack([n.float() for n in norms]).max()
 
     # ------------------------------------------------------------------ loss
 
-    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: torch.Tensor | int | None = None):
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
         labels = inputs.get("labels")
         if labels is None:
             raise ValueError("Mutual distillation trains on labels: the batch has no 'labels'")
@@ -163,8 +185,9 @@ class MutualDistillationTrainer(Trainer):
             else:
                 peers = []
             if peers:
-                kl = mutual_kl_loss(o.logits, peers, mask, temperature=a.temperature,
-                                    num_items_in_batch=num_items_in_batch)
+                kl = mutual_kl_loss(
+                    o.logits, peers, mask, temperature=a.temperature, num_items_in_batch=num_items_in_batch
+                )
                 total = total + ces[k] + w * kl
             else:
                 total = total + ces[k]
@@ -182,12 +205,17 @@ class MutualDistillationTrainer(Trainer):
     def _set_best(self, losses: list[float], source: str) -> None:
         best = int(torch.tensor(losses).argmin())
         if best != self.best_index:
-            logger.info("Mutual distillation: student %d (%s %s) now teaches the others", best, source,
-                        [round(x, 4) for x in losses])
+            logger.info(
+                "Mutual distillation: student %d (%s %s) now teaches the others",
+                best,
+                source,
+                [round(x, 4) for x in losses],
+            )
         self.best_index = best
 
-    def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
-                 metric_key_prefix: str = "eval") -> dict[str, float]:
+    def evaluate(
+        self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
         self._eval_ce.zero_()
         self._eval_n = 0
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
@@ -211,9 +239,12 @@ class MutualDistillationTrainer(Trainer):
             st.save_pretrained(student_dir(output_dir, k))
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(student_dir(output_dir, k))
-        Path(output_dir, MUTUAL_STATE).write_text(json.dumps(
-            {"num_students": len(self.students), "best_index": self.best_index,
-             "mode": self.args.mutual_mode}, indent=2))
+        Path(output_dir, MUTUAL_STATE).write_text(
+            json.dumps(
+                {"num_students": len(self.students), "best_index": self.best_index, "mode": self.args.mutual_mode},
+                indent=2,
+            )
+        )
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
@@ -224,8 +255,9 @@ class MutualDistillationTrainer(Trainer):
         if state["num_students"] != len(self.students):
             raise ValueError(f"Checkpoint has {state['num_students']} students; this run has {len(self.students)}")
         for k, st in enumerate(self.students):
-            loaded = AutoModelForCausalLM.from_pretrained(student_dir(resume_from_checkpoint, k),
-                                                          dtype=next(st.parameters()).dtype)
+            loaded = AutoModelForCausalLM.from_pretrained(
+                student_dir(resume_from_checkpoint, k), dtype=next(st.parameters()).dtype
+            )
             st.load_state_dict(loaded.state_dict())
         self.best_index = state.get("best_index")
         logger.info("Resumed %d students from %s", len(self.students), resume_from_checkpoint)

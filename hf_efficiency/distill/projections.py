@@ -39,8 +39,7 @@ class FeatureProjector(nn.Module):
         self.student_width = int(student_width)
         self.teacher_width = int(teacher_width)
         self.layer_map = [int(t) for t in layer_map]
-        self.maps = nn.ModuleList(nn.Linear(self.student_width, self.teacher_width, bias=False)
-                                  for _ in self.layer_map)
+        self.maps = nn.ModuleList(nn.Linear(self.student_width, self.teacher_width, bias=False) for _ in self.layer_map)
         for m in self.maps:
             with torch.no_grad():
                 if self.student_width == self.teacher_width:
@@ -52,20 +51,30 @@ class FeatureProjector(nn.Module):
     def forward(self, student_hidden: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, int]]:
         """``[(projected student layer i, teacher index)]`` for every matched layer."""
         if len(student_hidden) != len(self.layer_map) + 1:
-            raise ValueError(f"Expected {len(self.layer_map) + 1} student hidden states (embeddings + "
-                             f"{len(self.layer_map)} layers), got {len(student_hidden)}")
-        return [(proj(student_hidden[i + 1].to(proj.weight.dtype)), t)
-                for i, (proj, t) in enumerate(zip(self.maps, self.layer_map))]
+            raise ValueError(
+                f"Expected {len(self.layer_map) + 1} student hidden states (embeddings + "
+                f"{len(self.layer_map)} layers), got {len(student_hidden)}"
+            )
+        return [
+            (proj(student_hidden[i + 1].to(proj.weight.dtype)), t)
+            for i, (proj, t) in enumerate(zip(self.maps, self.layer_map))
+        ]
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write ``distill_projections.safetensors`` and ``distill_projections.json`` into ``folder``."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
-                  str(folder / PROJECTIONS_WEIGHTS), metadata={"format": "pt"})
-        (folder / PROJECTIONS_CONFIG).write_text(json.dumps(
-            {"student_width": self.student_width, "teacher_width": self.teacher_width,
-             "layer_map": self.layer_map}, indent=2))
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
+            str(folder / PROJECTIONS_WEIGHTS),
+            metadata={"format": "pt"},
+        )
+        (folder / PROJECTIONS_CONFIG).write_text(
+            json.dumps(
+                {"student_width": self.student_width, "teacher_width": self.teacher_width, "layer_map": self.layer_map},
+                indent=2,
+            )
+        )
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> FeatureProjector:
@@ -82,8 +91,10 @@ class FeatureProjector(nn.Module):
             return False
         cfg = json.loads((Path(folder) / PROJECTIONS_CONFIG).read_text())
         if cfg["layer_map"] != self.layer_map or cfg["teacher_width"] != self.teacher_width:
-            raise ValueError(f"Projections in {folder} map layers {cfg['layer_map']} to width "
-                             f"{cfg['teacher_width']}; this run maps {self.layer_map} to {self.teacher_width}")
+            raise ValueError(
+                f"Projections in {folder} map layers {cfg['layer_map']} to width "
+                f"{cfg['teacher_width']}; this run maps {self.layer_map} to {self.teacher_width}"
+            )
         state = load_file(str(path))
         self.load_state_dict({k: v.to(self.maps[0].weight.device) for k, v in state.items()})
         return True

@@ -40,7 +40,7 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from hf_efficiency.data import KJV_SPLITS, kjv_passages, resolve_model_path
+from hf_efficiency.demo import KJV_SPLITS, kjv_passages, resolve_model_path
 from hf_efficiency.distill import DistillationTrainer, DistillationTrainingArguments, make_student
 from hf_efficiency.distill.teacher_cache import CACHE_INDEX, cache_teacher_logprobs
 from hf_efficiency.distill.trainer import load_teacher
@@ -53,12 +53,15 @@ class ModelArguments:
     """The student."""
 
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Student checkpoint; default: built from the teacher by make_student."})
+        default=None, metadata={"help": "Student checkpoint; default: built from the teacher by make_student."}
+    )
     student_num_layers: int | None = field(
-        default=None, metadata={"help": "Layers of a student built from the teacher (default: a third)."})
+        default=None, metadata={"help": "Layers of a student built from the teacher (default: a third)."}
+    )
     student_layer_strategy: str = field(
-        default="uniform", metadata={"help": "Which teacher layers seed the student: uniform, every_other, "
-                                             "first, last."})
+        default="uniform",
+        metadata={"help": "Which teacher layers seed the student: uniform, every_other, first, last."},
+    )
     tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer (default: teacher's)."})
     dtype: str = field(default="auto", metadata={"help": "Student dtype: auto, float32, bfloat16, float16."})
 
@@ -72,14 +75,17 @@ class DataTrainingArguments:
     train_file: str | None = field(default=None, metadata={"help": "A .txt/.json/.csv training file."})
     validation_file: str | None = field(default=None, metadata={"help": "A .txt/.json/.csv validation file."})
     text_column_name: str = field(default="text", metadata={"help": "Column holding the text."})
-    block_size: int = field(default=256, metadata={"help": "Tokens per training row (texts are concatenated "
-                                                           "and split)."})
+    block_size: int = field(
+        default=256, metadata={"help": "Tokens per training row (texts are concatenated and split)."}
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation rows."})
-    validation_split_percentage: int = field(default=5, metadata={"help": "Held-out share when the dataset "
-                                                                          "has no validation split."})
-    cache_teacher_top_k: int = field(default=32, metadata={"help": "Top-k log-probs kept per position in "
-                                                                   "--teacher_cache_dir."})
+    validation_split_percentage: int = field(
+        default=5, metadata={"help": "Held-out share when the dataset has no validation split."}
+    )
+    cache_teacher_top_k: int = field(
+        default=32, metadata={"help": "Top-k log-probs kept per position in --teacher_cache_dir."}
+    )
     cache_teacher_only: bool = field(default=False, metadata={"help": "Build the teacher cache and exit."})
 
 
@@ -90,10 +96,12 @@ def load_raw_text(data_args: DataTrainingArguments) -> Any:
     if data_args.train_file is None and (data_args.dataset_name or "").lower() == "kjv":
         passages = kjv_passages()
         lo, hi = KJV_SPLITS["evaluation"]
-        return datasets.DatasetDict({
-            "train": datasets.Dataset.from_dict({data_args.text_column_name: passages[:lo]}),
-            "validation": datasets.Dataset.from_dict({data_args.text_column_name: passages[lo:hi]}),
-        })
+        return datasets.DatasetDict(
+            {
+                "train": datasets.Dataset.from_dict({data_args.text_column_name: passages[:lo]}),
+                "validation": datasets.Dataset.from_dict({data_args.text_column_name: passages[lo:hi]}),
+            }
+        )
     if data_args.train_file is not None:
         files = {"train": data_args.train_file}
         if data_args.validation_file is not None:
@@ -110,15 +118,18 @@ def load_raw_text(data_args: DataTrainingArguments) -> Any:
             split = base.train_test_split(test_size=pct / 100, seed=0, shuffle=False)
             raw = datasets.DatasetDict({"train": split["train"], "validation": split["test"]})
         else:
-            raw = datasets.DatasetDict({
-                "train": datasets.load_dataset(name, cfg, split=f"train[{pct}%:]"),
-                "validation": datasets.load_dataset(name, cfg, split=f"train[:{pct}%]"),
-            })
+            raw = datasets.DatasetDict(
+                {
+                    "train": datasets.load_dataset(name, cfg, split=f"train[{pct}%:]"),
+                    "validation": datasets.load_dataset(name, cfg, split=f"train[:{pct}%]"),
+                }
+            )
     return raw
 
 
-def tokenize_and_group(raw: Any, tokenizer: Any, data_args: DataTrainingArguments,
-                       training_args: DistillationTrainingArguments) -> Any:
+def tokenize_and_group(
+    raw: Any, tokenizer: Any, data_args: DataTrainingArguments, training_args: DistillationTrainingArguments
+) -> Any:
     """Tokenize, concatenate and split into ``block_size`` rows with ``labels = input_ids`` (run_clm.py)."""
     column = data_args.text_column_name
     block = data_args.block_size
@@ -130,13 +141,12 @@ def tokenize_and_group(raw: Any, tokenizer: Any, data_args: DataTrainingArgument
     def group(batch: dict[str, list]) -> dict[str, list]:
         joined = {k: list(chain(*batch[k])) for k in batch}
         total = (len(joined["input_ids"]) // block) * block
-        out = {k: [v[i:i + block] for i in range(0, total, block)] for k, v in joined.items()}
+        out = {k: [v[i : i + block] for i in range(0, total, block)] for k, v in joined.items()}
         out["labels"] = [list(x) for x in out["input_ids"]]
         return out
 
     with training_args.main_process_first(desc="tokenizing"):
-        tokenized = raw.map(tokenize, batched=True, remove_columns=raw["train"].column_names,
-                            desc="Tokenizing")
+        tokenized = raw.map(tokenize, batched=True, remove_columns=raw["train"].column_names, desc="Tokenizing")
         return tokenized.map(group, batched=True, batch_size=1000, desc=f"Grouping into blocks of {block}")
 
 
@@ -153,8 +163,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
 
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
-                        handlers=[logging.StreamHandler(sys.stdout)])
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
     log_level = training_args.get_process_log_level()
     logger.setLevel(log_level)
     transformers.utils.logging.set_verbosity(log_level)
@@ -165,8 +178,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         last_checkpoint = get_last_checkpoint(training_args.output_dir)
     teacher_path = training_args.teacher_model_name_or_path
     teacher_path = resolve_model_path(teacher_path) if teacher_path else None
-    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or teacher_path
-                                              or model_args.model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.tokenizer_name or teacher_path or model_args.model_name_or_path
+    )
 
     raw = load_raw_text(data_args)
     lm_data = tokenize_and_group(raw, tokenizer, data_args, training_args)
@@ -182,25 +196,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if teacher_path and (not cache_dir or need_cache or model_args.model_name_or_path is None):
         teacher, teacher_tokenizer = load_teacher(teacher_path, training_args)
     if model_args.model_name_or_path is not None:
-        student = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path,
-                                                       dtype=_dtype(model_args.dtype))
+        student = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=_dtype(model_args.dtype))
     else:
         if teacher is None:
-            raise ValueError("Pass --model_name_or_path (the student) or --teacher_model_name_or_path to build "
-                             "the student from the teacher")
+            raise ValueError(
+                "Pass --model_name_or_path (the student) or --teacher_model_name_or_path to build "
+                "the student from the teacher"
+            )
         layers = model_args.student_num_layers or max(1, round(teacher.config.num_hidden_layers / 3))
-        student = make_student(teacher, layers, strategy=model_args.student_layer_strategy,
-                               dtype=None if model_args.dtype == "auto" else _dtype(model_args.dtype))
-        logger.info("Student: %d of the teacher's %d layers (%s)", layers, teacher.config.num_hidden_layers,
-                    student.config.distilled_from_layers)
+        student = make_student(
+            teacher,
+            layers,
+            strategy=model_args.student_layer_strategy,
+            dtype=None if model_args.dtype == "auto" else _dtype(model_args.dtype),
+        )
+        logger.info(
+            "Student: %d of the teacher's %d layers (%s)",
+            layers,
+            teacher.config.num_hidden_layers,
+            student.config.distilled_from_layers,
+        )
 
     if need_cache:
         with training_args.main_process_first(desc="caching the teacher"):
             if not os.path.isfile(os.path.join(cache_dir, CACHE_INDEX)):
-                cache_teacher_logprobs(teacher.to(training_args.device), train_dataset, cache_dir,
-                                       top_k=data_args.cache_teacher_top_k,
-                                       batch_size=training_args.per_device_eval_batch_size,
-                                       teacher_name=teacher_path)
+                cache_teacher_logprobs(
+                    teacher.to(training_args.device),
+                    train_dataset,
+                    cache_dir,
+                    top_k=data_args.cache_teacher_top_k,
+                    batch_size=training_args.per_device_eval_batch_size,
+                    teacher_name=teacher_path,
+                )
     if data_args.cache_teacher_only:
         return {"teacher_cache_dir": cache_dir}
     if cache_dir:
@@ -208,10 +235,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         gc.collect()
 
     trainer = DistillationTrainer(
-        model=student, args=training_args,
+        model=student,
+        args=training_args,
         train_dataset=train_dataset if training_args.do_train else None,
         eval_dataset=eval_dataset if training_args.do_eval else None,
-        processing_class=tokenizer, data_collator=default_data_collator,
+        processing_class=tokenizer,
+        data_collator=default_data_collator,
         teacher_model=None if cache_dir else (teacher if teacher is not None else teacher_path),
         teacher_processing_class=None if cache_dir else teacher_tokenizer,
     )

@@ -87,8 +87,9 @@ class SnapshotCallback(TrainerCallback):
     Not for sharded training (FSDP / ZeRO-3), where rank 0 alone cannot see full weights.
     """
 
-    def __init__(self, every_n_steps: int | None = None, output_dir: str | None = None,
-                 keep_last: int | None = None) -> None:
+    def __init__(
+        self, every_n_steps: int | None = None, output_dir: str | None = None, keep_last: int | None = None
+    ) -> None:
         if every_n_steps is not None and (isinstance(every_n_steps, bool) or every_n_steps < 1):
             raise ValueError(f"every_n_steps must be a positive int or None, got {every_n_steps!r}")
         if keep_last is not None and (isinstance(keep_last, bool) or keep_last < 1):
@@ -101,18 +102,24 @@ class SnapshotCallback(TrainerCallback):
         """The folder holding the snapshots and ``snapshots.json``."""
         return self.output_dir or os.path.join(args.output_dir, "snapshots")
 
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                    **kwargs: Any) -> None:
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.every_n_steps is not None and state.global_step > 0 and state.global_step % self.every_n_steps == 0:
             self._snapshot(args, state, kwargs.get("model"), kwargs.get("processing_class"))
 
-    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                     **kwargs: Any) -> None:
+    def on_epoch_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if self.every_n_steps is None:
             self._snapshot(args, state, kwargs.get("model"), kwargs.get("processing_class"))
 
-    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                    metrics: dict[str, float] | None = None, **kwargs: Any) -> None:
+    def on_evaluate(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        metrics: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
         # The Trainer evaluates after on_step_end / on_epoch_end: attach that loss to the step's snapshot.
         if not state.is_world_process_zero or not metrics or "eval_loss" not in metrics:
             return
@@ -128,8 +135,9 @@ class SnapshotCallback(TrainerCallback):
         if changed:
             _write_index(folder, entries)
 
-    def _snapshot(self, args: TrainingArguments, state: TrainerState, model: nn.Module | None,
-                  processing_class: Any = None) -> None:
+    def _snapshot(
+        self, args: TrainingArguments, state: TrainerState, model: nn.Module | None, processing_class: Any = None
+    ) -> None:
         if not state.is_world_process_zero:
             return
         if model is None:
@@ -155,18 +163,20 @@ class SnapshotCallback(TrainerCallback):
             os.replace(tmp_path, path)  # a crash mid-save leaves no half-written snapshot behind
             logger.info("Saved snapshot %s (step %d)", path, state.global_step)
         if not any(entry["path"] == name for entry in entries):
-            entries.append({
-                "step": int(state.global_step),
-                "epoch": float(state.epoch) if state.epoch is not None else None,
-                "path": name,
-                "eval_loss": _latest_eval_loss(state.log_history, state.global_step),
-            })
+            entries.append(
+                {
+                    "step": int(state.global_step),
+                    "epoch": float(state.epoch) if state.epoch is not None else None,
+                    "path": name,
+                    "eval_loss": _latest_eval_loss(state.log_history, state.global_step),
+                }
+            )
             entries.sort(key=lambda e: e["step"])
         if self.keep_last is not None and len(entries) > self.keep_last:
             for old in entries[: len(entries) - self.keep_last]:
                 shutil.rmtree(os.path.join(folder, old["path"]), ignore_errors=True)
                 logger.info("Removed old snapshot %s", old["path"])
-            entries = entries[len(entries) - self.keep_last:]
+            entries = entries[len(entries) - self.keep_last :]
         _write_index(folder, entries)
 
 

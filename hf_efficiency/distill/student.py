@@ -37,8 +37,13 @@ PER_LAYER_CONFIG_LISTS = (
 LAYER_INDEX_CONFIG_LISTS = ("mlp_only_layers",)
 
 
-def select_layers(num_teacher_layers: int, num_layers: int | None = None, *,
-                  layers: Sequence[int] | None = None, strategy: str = "uniform") -> list[int]:
+def select_layers(
+    num_teacher_layers: int,
+    num_layers: int | None = None,
+    *,
+    layers: Sequence[int] | None = None,
+    strategy: str = "uniform",
+) -> list[int]:
     """The teacher layer indices (0-based, increasing) a student built by :func:`make_student` keeps."""
     total = int(num_teacher_layers)
     if total < 1:
@@ -92,8 +97,11 @@ def select_layers(num_teacher_layers: int, num_layers: int | None = None, *,
 
 def _decoder_layers_name(model: nn.Module, num_layers: int) -> str:
     """Qualified name of the ``nn.ModuleList`` holding the ``num_layers`` decoder layers."""
-    candidates = [name for name, module in model.named_modules()
-                  if isinstance(module, nn.ModuleList) and len(module) == num_layers and name]
+    candidates = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers and name
+    ]
     if not candidates:
         raise ValueError(f"could not find a ModuleList of {num_layers} decoder layers in {type(model).__name__}")
     preferred = [name for name in candidates if name.rsplit(".", 1)[-1] in ("layers", "h", "layer", "blocks")]
@@ -123,9 +131,14 @@ def _student_config(teacher_config: Any, chosen: list[int]) -> Any:
     return config
 
 
-def make_student(teacher: PreTrainedModel, num_layers: int | None = None, *,
-                 layers: Sequence[int] | None = None, strategy: str = "uniform",
-                 dtype: torch.dtype | str | None = None) -> PreTrainedModel:
+def make_student(
+    teacher: PreTrainedModel,
+    num_layers: int | None = None,
+    *,
+    layers: Sequence[int] | None = None,
+    strategy: str = "uniform",
+    dtype: torch.dtype | str | None = None,
+) -> PreTrainedModel:
     """A causal LM of ``teacher``'s class with fewer decoder layers, initialized from the teacher.
 
     Layers are chosen explicitly (``layers``: increasing, distinct, 0-based teacher indices) or by
@@ -137,8 +150,9 @@ def make_student(teacher: PreTrainedModel, num_layers: int | None = None, *,
     ``student.config.distilled_from_layers`` lists the chosen teacher layers.
     """
     if not isinstance(teacher, PreTrainedModel):
-        raise TypeError(f"teacher must be a transformers PreTrainedModel (merge peft adapters first), "
-                        f"got {type(teacher).__name__}")
+        raise TypeError(
+            f"teacher must be a transformers PreTrainedModel (merge peft adapters first), got {type(teacher).__name__}"
+        )
     config = teacher.config
     if config.get_text_config(decoder=True) is not config:
         raise NotImplementedError("make_student supports plain causal LMs (no nested text config)")
@@ -172,8 +186,9 @@ def make_student(teacher: PreTrainedModel, num_layers: int | None = None, *,
             if source is None:
                 raise ValueError(f"student parameter {name!r} has no counterpart {teacher_key(name)!r} in the teacher")
             if source.shape != param.shape:
-                raise ValueError(f"shape mismatch for {name!r}: student {tuple(param.shape)} vs teacher "
-                                 f"{tuple(source.shape)}")
+                raise ValueError(
+                    f"shape mismatch for {name!r}: student {tuple(param.shape)} vs teacher {tuple(source.shape)}"
+                )
             param.copy_(source.detach().to(param.dtype))
         for name, buffer in student.named_buffers():
             source = teacher_buffers.get(teacher_key(name))

@@ -45,9 +45,17 @@ def _row_ids(row: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def cache_teacher_logprobs(teacher: nn.Module, dataset: Sequence[Any], output_dir: str | os.PathLike, *,
-                           top_k: int = 32, batch_size: int = 8, shard_size: int = 1024,
-                           teacher_name: str | None = None, show_progress: bool = True) -> Path:
+def cache_teacher_logprobs(
+    teacher: nn.Module,
+    dataset: Sequence[Any],
+    output_dir: str | os.PathLike,
+    *,
+    top_k: int = 32,
+    batch_size: int = 8,
+    shard_size: int = 1024,
+    teacher_name: str | None = None,
+    show_progress: bool = True,
+) -> Path:
     """Run ``teacher`` once over ``dataset`` (rows with ``input_ids``, optional ``attention_mask``) and
     write each position's ``top_k`` log-probabilities (temperature 1, full-vocab softmax) and token ids.
 
@@ -71,22 +79,25 @@ def cache_teacher_logprobs(teacher: nn.Module, dataset: Sequence[Any], output_di
             rows = [dataset[i] for i in range(shard_start, min(n, shard_start + shard_size))]
             lps, idxs, lengths, hashes = [], [], [], []
             for b in range(0, len(rows), batch_size):
-                batch = rows[b:b + batch_size]
+                batch = rows[b : b + batch_size]
                 ids = [_row_ids(r) for r in batch]
-                masks = [torch.as_tensor(r["attention_mask"]).flatten().bool()
-                         if isinstance(r, dict) and "attention_mask" in r else torch.ones(len(i), dtype=torch.bool)
-                         for r, i in zip(batch, ids)]
+                masks = [
+                    torch.as_tensor(r["attention_mask"]).flatten().bool()
+                    if isinstance(r, dict) and "attention_mask" in r
+                    else torch.ones(len(i), dtype=torch.bool)
+                    for r, i in zip(batch, ids)
+                ]
                 width = max(len(i) for i in ids)
                 x = torch.zeros(len(ids), width, dtype=torch.long)
                 m = torch.zeros(len(ids), width, dtype=torch.long)
                 for r, (i, mk) in enumerate(zip(ids, masks)):
-                    x[r, :len(i)] = i
-                    m[r, :len(i)] = mk.long()
+                    x[r, : len(i)] = i
+                    m[r, : len(i)] = mk.long()
                 logits = teacher(input_ids=x.to(device), attention_mask=m.to(device)).logits.float()
                 top = torch.log_softmax(logits, dim=-1).topk(top_k, dim=-1)
                 for r, i in enumerate(ids):
-                    lps.append(top.values[r, :len(i)].half().cpu())
-                    idxs.append(top.indices[r, :len(i)].to(torch.int32).cpu())
+                    lps.append(top.values[r, : len(i)].half().cpu())
+                    idxs.append(top.indices[r, : len(i)].to(torch.int32).cpu())
                     lengths.append(len(i))
                     hashes.append(input_hash(i))
                 bar.update(len(batch))
@@ -94,19 +105,31 @@ def cache_teacher_logprobs(teacher: nn.Module, dataset: Sequence[Any], output_di
             lp = torch.zeros(len(lps), width, top_k, dtype=torch.float16)
             ix = torch.zeros(len(lps), width, top_k, dtype=torch.int32)
             for r, (a, b_) in enumerate(zip(lps, idxs)):
-                lp[r, :len(a)] = a
-                ix[r, :len(b_)] = b_
+                lp[r, : len(a)] = a
+                ix[r, : len(b_)] = b_
             name = f"teacher-{len(shards):05d}.safetensors"
-            save_file({"logprobs": lp, "indices": ix, "lengths": torch.tensor(lengths, dtype=torch.int64),
-                       "input_hash": torch.tensor(hashes, dtype=torch.int64)}, str(out / name),
-                      metadata={"format": "pt", "top_k": str(top_k)})
+            save_file(
+                {
+                    "logprobs": lp,
+                    "indices": ix,
+                    "lengths": torch.tensor(lengths, dtype=torch.int64),
+                    "input_hash": torch.tensor(hashes, dtype=torch.int64),
+                },
+                str(out / name),
+                metadata={"format": "pt", "top_k": str(top_k)},
+            )
             shards.append({"file": name, "start": shard_start, "rows": len(lps)})
     finally:
         bar.close()
         teacher.train(was_training)
-    index = {"format": CACHE_FORMAT, "teacher": teacher_name or getattr(getattr(teacher, "config", None),
-                                                                        "_name_or_path", None),
-             "top_k": top_k, "examples": n, "vocab_size": vocab or None, "shards": shards}
+    index = {
+        "format": CACHE_FORMAT,
+        "teacher": teacher_name or getattr(getattr(teacher, "config", None), "_name_or_path", None),
+        "top_k": top_k,
+        "examples": n,
+        "vocab_size": vocab or None,
+        "shards": shards,
+    }
     (out / CACHE_INDEX).write_text(json.dumps(index, indent=2))
     logger.info("Cached top-%d teacher log-probs for %d rows in %s", top_k, n, out)
     return out
@@ -119,9 +142,11 @@ class TeacherCache:
         self.folder = Path(folder)
         index_file = self.folder / CACHE_INDEX
         if not index_file.is_file():
-            raise FileNotFoundError(f"{self.folder} is not a teacher cache (no {CACHE_INDEX}); create one with "
-                                    "hf_efficiency.distill.cache_teacher_logprobs or `hf-efficiency distill "
-                                    "--cache-teacher DIR`")
+            raise FileNotFoundError(
+                f"{self.folder} is not a teacher cache (no {CACHE_INDEX}); create one with "
+                "hf_efficiency.distill.cache_teacher_logprobs or `hf-efficiency distill "
+                "--cache-teacher DIR`"
+            )
         self.index = json.loads(index_file.read_text())
         if self.index.get("format") != CACHE_FORMAT:
             raise ValueError(f"Unsupported teacher cache format {self.index.get('format')!r} in {self.folder}")
@@ -153,10 +178,12 @@ class TeacherCache:
         r = i - s["start"]
         length = int(lengths[r])
         if input_ids is not None and input_hash(input_ids) != int(hashes[r]):
-            raise ValueError(f"Row {i} of the dataset does not match the teacher cache in {self.folder}: the "
-                             "cache was computed for other inputs (different data, order or tokenization)")
-        lp = h.get_slice("logprobs")[r:r + 1, :length][0].float()
-        ix = h.get_slice("indices")[r:r + 1, :length][0].long()
+            raise ValueError(
+                f"Row {i} of the dataset does not match the teacher cache in {self.folder}: the "
+                "cache was computed for other inputs (different data, order or tokenization)"
+            )
+        lp = h.get_slice("logprobs")[r : r + 1, :length][0].float()
+        ix = h.get_slice("indices")[r : r + 1, :length][0].long()
         return lp, ix
 
 
@@ -167,8 +194,10 @@ class TeacherCacheDataset(torch.utils.data.Dataset):
         self.dataset = dataset
         self.cache = cache if isinstance(cache, TeacherCache) else TeacherCache(cache)
         if len(self.cache) != len(dataset):
-            raise ValueError(f"The teacher cache has {len(self.cache)} rows but the dataset has {len(dataset)}; "
-                             "recompute the cache for this dataset")
+            raise ValueError(
+                f"The teacher cache has {len(self.cache)} rows but the dataset has {len(dataset)}; "
+                "recompute the cache for this dataset"
+            )
 
     def __len__(self) -> int:
         return len(self.dataset)

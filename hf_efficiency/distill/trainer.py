@@ -16,7 +16,6 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer
 from transformers.utils import logging
 
-from ..data import resolve_model_path
 from ..vocab import check_same_vocabulary as same_vocabulary
 from ..vocab import tokenizer_of as _tokenizer_of
 from .arguments import DistillationTrainingArguments
@@ -43,9 +42,13 @@ _TEACHER_INPUTS = ("input_ids", "attention_mask", "position_ids", "inputs_embeds
 def check_same_vocabulary(student_tokenizer: Any, teacher_tokenizer: Any) -> None:
     """Raise ``ValueError`` when two tokenizers map tokens to different ids (logit distillation compares
     distributions position by position over one shared vocabulary)."""
-    same_vocabulary(student_tokenizer, teacher_tokenizer, names=("student", "teacher"),
-                    hint="Logit distillation needs one vocabulary: use a teacher and student from the same "
-                         "family, or pass teacher_processing_class=None if the ids are known to agree.")
+    same_vocabulary(
+        student_tokenizer,
+        teacher_tokenizer,
+        names=("student", "teacher"),
+        hint="Logit distillation needs one vocabulary: use a teacher and student from the same "
+        "family, or pass teacher_processing_class=None if the ids are known to agree.",
+    )
 
 
 def load_teacher(teacher: Any, args: DistillationTrainingArguments) -> tuple[nn.Module | None, Any]:
@@ -56,7 +59,7 @@ def load_teacher(teacher: Any, args: DistillationTrainingArguments) -> tuple[nn.
     tokenizer = None
     dtype = None if args.teacher_dtype == "auto" else getattr(torch, args.teacher_dtype)
     if isinstance(teacher, (str, os.PathLike)):
-        path = resolve_model_path(os.fspath(teacher))
+        path = os.fspath(teacher)
         kwargs = dict(args.teacher_model_init_kwargs or {})
         if dtype is not None:
             kwargs.setdefault("dtype", dtype)
@@ -111,10 +114,15 @@ class DistillationTrainer(Trainer):
     loss_is_scaled_for_ga = True
     _tag_names: ClassVar[list[str]] = ["hf-efficiency", "distillation"]
 
-    def __init__(self, model: PreTrainedModel | nn.Module | None = None,
-                 args: DistillationTrainingArguments | None = None, *args_rest: Any,
-                 teacher_model: PreTrainedModel | nn.Module | str | None = None,
-                 teacher_processing_class: Any = None, **kwargs: Any):
+    def __init__(
+        self,
+        model: PreTrainedModel | nn.Module | None = None,
+        args: DistillationTrainingArguments | None = None,
+        *args_rest: Any,
+        teacher_model: PreTrainedModel | nn.Module | str | None = None,
+        teacher_processing_class: Any = None,
+        **kwargs: Any,
+    ):
         if args is None:
             args = DistillationTrainingArguments(output_dir="trainer_output")
         if not isinstance(args, DistillationTrainingArguments):
@@ -130,8 +138,10 @@ class DistillationTrainer(Trainer):
         else:
             self.teacher, loaded_tokenizer = load_teacher(teacher_model, self.args)
             if self.teacher is None:
-                raise ValueError("DistillationTrainer needs a teacher: pass teacher_model=, set "
-                                 "args.teacher_model_name_or_path, or args.teacher_cache_dir")
+                raise ValueError(
+                    "DistillationTrainer needs a teacher: pass teacher_model=, set "
+                    "args.teacher_model_name_or_path, or args.teacher_cache_dir"
+                )
             if not hasattr(self.teacher, "hf_device_map"):
                 self.teacher.to(self.args.device)
             teacher_tok = teacher_processing_class if teacher_processing_class is not None else loaded_tokenizer
@@ -156,8 +166,10 @@ class DistillationTrainer(Trainer):
         tok = _tokenizer_of(self.processing_class)
         tv = getattr(self.teacher.config, "vocab_size", None)
         if tok is not None and tv is not None and len(tok) > tv:
-            raise ValueError(f"The tokenizer has {len(tok)} tokens but the teacher's vocabulary has only {tv}: "
-                             "the teacher cannot score every student token")
+            raise ValueError(
+                f"The tokenizer has {len(tok)} tokens but the teacher's vocabulary has only {tv}: "
+                "the teacher cannot score every student token"
+            )
 
     def _use_teacher_cache(self) -> None:
         if self.train_dataset is None:
@@ -176,8 +188,10 @@ class DistillationTrainer(Trainer):
         if explicit is None:
             return default_layer_map(scfg, lt)
         if len(explicit) != scfg.num_hidden_layers:
-            raise ValueError(f"feature_layer_map has {len(explicit)} entries; the student has "
-                             f"{scfg.num_hidden_layers} layers (one teacher hidden-state index per student layer)")
+            raise ValueError(
+                f"feature_layer_map has {len(explicit)} entries; the student has "
+                f"{scfg.num_hidden_layers} layers (one teacher hidden-state index per student layer)"
+            )
         if max(explicit) > lt:
             raise ValueError(f"feature_layer_map index {max(explicit)} exceeds the teacher's {lt} layers")
         return explicit
@@ -189,8 +203,12 @@ class DistillationTrainer(Trainer):
         sw = int(self._student.config.hidden_size)
         tw = int(self.teacher.config.hidden_size)
         proj = FeatureProjector(sw, tw, layer_map, trainable=sw != tw).to(self.args.device)
-        logger.info("Feature distillation: student layers 1..%d -> teacher hidden states %s (%s)",
-                    len(layer_map), layer_map, "learned projection" if sw != tw else "same width")
+        logger.info(
+            "Feature distillation: student layers 1..%d -> teacher hidden states %s (%s)",
+            len(layer_map),
+            layer_map,
+            "learned projection" if sw != tw else "same width",
+        )
         return proj
 
     def _set_signature_columns_if_needed(self) -> None:
@@ -209,8 +227,13 @@ class DistillationTrainer(Trainer):
 
     # ------------------------------------------------------------------ loss
 
-    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: torch.Tensor | int | None = None):
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
         inputs = dict(inputs)
         cached_lp = inputs.pop("teacher_topk_logprobs", None)
         cached_ix = inputs.pop("teacher_topk_indices", None)
@@ -245,25 +268,40 @@ class DistillationTrainer(Trainer):
         t_out = None
         if cached_lp is not None:
             parts["response"] = topk_response_loss(
-                outputs.logits, cached_lp.to(outputs.logits.device), cached_ix.to(outputs.logits.device), mask,
-                loss=a.distill_loss, temperature=a.temperature, num_items_in_batch=num_items_in_batch)
+                outputs.logits,
+                cached_lp.to(outputs.logits.device),
+                cached_ix.to(outputs.logits.device),
+                mask,
+                loss=a.distill_loss,
+                temperature=a.temperature,
+                num_items_in_batch=num_items_in_batch,
+            )
         elif a.alpha > 0 or need_hidden or need_attn:
             t_inputs = {k: v for k, v in inputs.items() if k in _TEACHER_INPUTS}
             with torch.no_grad():
                 t_out = self.teacher(**t_inputs, **{k: v for k, v in extra.items() if k != "num_items_in_batch"})
             if a.alpha > 0:
                 parts["response"] = response_loss(
-                    outputs.logits, t_out.logits, mask, loss=a.distill_loss, temperature=a.temperature,
-                    beta=a.beta, num_items_in_batch=num_items_in_batch)
+                    outputs.logits,
+                    t_out.logits,
+                    mask,
+                    loss=a.distill_loss,
+                    temperature=a.temperature,
+                    beta=a.beta,
+                    num_items_in_batch=num_items_in_batch,
+                )
         lm = outputs.loss if labels is not None else None
         if lm is not None:
             parts["lm"] = lm
         tok_mask = inputs["attention_mask"].bool() if inputs.get("attention_mask") is not None else None
         if a.feature_weight and t_out is not None:
             pairs = self.projector(outputs.hidden_states)
-            parts["feature"] = torch.stack([
-                hidden_state_loss(s, t_out.hidden_states[t].to(s.dtype), tok_mask, kind=a.feature_loss)
-                for s, t in pairs]).mean()
+            parts["feature"] = torch.stack(
+                [
+                    hidden_state_loss(s, t_out.hidden_states[t].to(s.dtype), tok_mask, kind=a.feature_loss)
+                    for s, t in pairs
+                ]
+            ).mean()
         if a.attention_weight and t_out is not None:
             parts["attention"] = self._attention_loss(outputs, t_out, tok_mask)
         if a.relation_weight and t_out is not None:
@@ -271,8 +309,11 @@ class DistillationTrainer(Trainer):
 
         # Token terms are normalized by the accumulated batch's label count; per-batch means are divided
         # by the number of micro-batches: together, GA over k micro-batches == one k-times larger batch.
-        ga = self.current_gradient_accumulation_steps if getattr(self, "current_gradient_accumulation_steps",
-                                                                 None) else 1
+        ga = (
+            self.current_gradient_accumulation_steps
+            if getattr(self, "current_gradient_accumulation_steps", None)
+            else 1
+        )
         if num_items_in_batch is None:
             token_scale = 1.0 / ga
         elif a.average_tokens_across_devices and self.accelerator.num_processes > 1:
@@ -285,8 +326,11 @@ class DistillationTrainer(Trainer):
             loss = loss + alpha * token_scale * parts["response"]
         if lm is not None and alpha < 1:
             loss = loss + (1 - alpha) * token_scale * lm.float()
-        for name, weight in (("feature", a.feature_weight), ("attention", a.attention_weight),
-                             ("relation", a.relation_weight)):
+        for name, weight in (
+            ("feature", a.feature_weight),
+            ("attention", a.attention_weight),
+            ("relation", a.relation_weight),
+        ):
             if name in parts:
                 loss = loss + weight * parts[name] / ga
         self._components.add(parts)
@@ -295,10 +339,15 @@ class DistillationTrainer(Trainer):
     def _attention_loss(self, outputs: Any, t_out: Any, tok_mask: torch.Tensor | None) -> torch.Tensor:
         s_att, t_att = outputs.attentions, t_out.attentions
         if not s_att or not t_att or s_att[0] is None or t_att[0] is None:
-            raise ValueError("Attention-map distillation needs attention probabilities from both models: load "
-                             "student and teacher with attn_implementation='eager'")
-        losses = [attention_map_loss(s_att[i], t_att[t - 1].to(s_att[i].dtype), tok_mask)
-                  for i, t in enumerate(self.layer_map) if t >= 1]
+            raise ValueError(
+                "Attention-map distillation needs attention probabilities from both models: load "
+                "student and teacher with attn_implementation='eager'"
+            )
+        losses = [
+            attention_map_loss(s_att[i], t_att[t - 1].to(s_att[i].dtype), tok_mask)
+            for i, t in enumerate(self.layer_map)
+            if t >= 1
+        ]
         return torch.stack(losses).mean()
 
     def _relation_loss(self, outputs: Any, t_out: Any, tok_mask: torch.Tensor | None) -> torch.Tensor:

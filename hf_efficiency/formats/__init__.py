@@ -33,8 +33,9 @@ def detect_format(path: str | os.PathLike, gguf_file: str | None = None) -> str 
     return None
 
 
-def load_compressed(path: str | os.PathLike, gguf_file: str | None = None, *, model_class=None,
-                    **from_pretrained_kwargs: Any):
+def load_compressed(
+    path: str | os.PathLike, gguf_file: str | None = None, *, model_class=None, **from_pretrained_kwargs: Any
+):
     """Load a community compressed checkpoint (GGUF file, or GPTQ / AWQ / compressed-tensors folder) into
     our quantized modules. Keyword arguments go to ``from_pretrained`` (``dtype``, ``device_map`` ...);
     GGUF also takes ``scale_dtype`` and ``unsupported`` (see :func:`read_gguf`)."""
@@ -57,5 +58,11 @@ def load_compressed(path: str | os.PathLike, gguf_file: str | None = None, *, mo
 
 
 __all__ = [
-    "FOLDER_FORMATS", "FormatError", "detect_format", "gguf_tokenizer", "load_compressed", "load_gguf", "read_gguf",
+    "FOLDER_FORMATS",
+    "FormatError",
+    "detect_format",
+    "gguf_tokenizer",
+    "load_compressed",
+    "load_gguf",
+    "read_gguf",
 ]

@@ -23,10 +23,10 @@ from torch import nn
 from transformers.utils import logging
 
 from ..config import EfficiencyConfig, QuantizationSpec
-from ..quant.checkpoint import CheckpointError
-from ..quant.linear import QuantLinear
-from ..quant.replace import replace_with_quant_linear
-from ..quant.scheme import QuantizedWeight
+from ..integration.checkpoint import CheckpointError
+from ..quant.core.scheme import QuantizedWeight
+from ..quant.modules.linear import QuantLinear
+from ..quant.modules.replace import replace_with_quant_linear
 
 logger = logging.get_logger(__name__)
 
@@ -150,8 +150,16 @@ def _is_quantized_key(model: nn.Module, name: str) -> bool:
         return False
 
 
-def load_model(config, state_dict: dict[str, torch.Tensor], qcfg: EfficiencyConfig, *, source: str,
-               model_class=None, check: bool = True, **from_pretrained_kwargs: Any):
+def load_model(
+    config,
+    state_dict: dict[str, torch.Tensor],
+    qcfg: EfficiencyConfig,
+    *,
+    source: str,
+    model_class=None,
+    check: bool = True,
+    **from_pretrained_kwargs: Any,
+):
     """Build the model from a reader's ``state_dict`` through ``from_pretrained`` (pre-quantized path).
 
     ``config`` must not carry a foreign ``quantization_config``; it is given ``qcfg``, plus the other

@@ -45,8 +45,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..quant.packing import STORAGE_BITS, packed_words, unpack
-from ..quant.scheme import QuantizedWeight, num_groups
+from ..quant.core.packing import STORAGE_BITS, packed_words, unpack
+from ..quant.core.scheme import QuantizedWeight, num_groups
 from .common import FormatError
 from .folder_tensors import FolderTensors, expect, model_linears
 from .gptq import _SCALE_DTYPES, Result, _Collector, act_order_perm, exact_weight
@@ -121,12 +121,16 @@ def read_compressed_tensors(folder, quantization_config: dict, model_config, mod
             continue
         for kind in ("input_activations", "output_activations"):
             if scheme.get(kind):
-                raise FormatError(f"{source}: module {name}: compressed-tensors {kind} quantization is not supported "
-                                  "(weight-only schemes are read)")
+                raise FormatError(
+                    f"{source}: module {name}: compressed-tensors {kind} quantization is not supported "
+                    "(weight-only schemes are read)"
+                )
         fmt = scheme.get("format") or global_format
         if fmt not in SUPPORTED_FORMATS:
-            raise FormatError(f"{source}: module {name}: compressed-tensors format {fmt!r} is not supported; "
-                              f"supported: {', '.join(SUPPORTED_FORMATS)}")
+            raise FormatError(
+                f"{source}: module {name}: compressed-tensors format {fmt!r} is not supported; "
+                f"supported: {', '.join(SUPPORTED_FORMATS)}"
+            )
         args = _weight_args(scheme["weights"], fmt, name, source)
         q, symmetric = _ct_module(tensors, name, linear, args, fmt)
         out.add(name, q, symmetric)
@@ -136,8 +140,10 @@ def read_compressed_tensors(folder, quantization_config: dict, model_config, mod
         out.bias(name)
     stray = [k for k in tensors if k not in out.consumed and k.rpartition(".")[2] in _MODULE_KEYS]
     if stray:
-        raise FormatError(f"{folder}: {tensors.where(stray[0])} is compressed but config_groups quantize no "
-                          "nn.Linear of that name (quantized embeddings or a config that disagrees with the tensors)")
+        raise FormatError(
+            f"{folder}: {tensors.where(stray[0])} is compressed but config_groups quantize no "
+            "nn.Linear of that name (quantized embeddings or a config that disagrees with the tensors)"
+        )
     return out.result()
 
 
@@ -149,28 +155,40 @@ def _weight_args(weights: dict, fmt: str, name: str, source: str) -> dict[str, A
         raise FormatError(f"{where}: compressed-tensors {kind} weights are not supported (integer weights only)")
     allowed = PACKED_BITS if fmt == "pack-quantized" else tuple(b for b in STORAGE_BITS if b <= 8)
     if isinstance(bits, bool) or bits not in allowed:
-        raise FormatError(f"{where}: {fmt} num_bits={bits!r} is not supported; supported: {', '.join(map(str, allowed))}")
+        raise FormatError(
+            f"{where}: {fmt} num_bits={bits!r} is not supported; supported: {', '.join(map(str, allowed))}"
+        )
     group_size = weights.get("group_size")
     strategy = weights.get("strategy")
     if strategy is None:
         strategy = "tensor" if group_size is None else ("channel" if group_size == -1 else "group")
     strategy = str(strategy).lower()
     if strategy not in _STRATEGIES:
-        raise FormatError(f"{where}: compressed-tensors weight strategy {strategy!r} is not supported; "
-                          f"supported: {', '.join(_STRATEGIES)}")
+        raise FormatError(
+            f"{where}: compressed-tensors weight strategy {strategy!r} is not supported; "
+            f"supported: {', '.join(_STRATEGIES)}"
+        )
     if strategy == "group" and (not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1):
         raise FormatError(f"{where}: group strategy with group_size={group_size!r}")
-    return {"bits": bits, "strategy": strategy, "group_size": group_size if strategy == "group" else None,
-            "symmetric": bool(weights.get("symmetric", True))}
+    return {
+        "bits": bits,
+        "strategy": strategy,
+        "group_size": group_size if strategy == "group" else None,
+        "symmetric": bool(weights.get("symmetric", True)),
+    }
 
 
-def _ct_module(tensors: FolderTensors, name: str, linear: nn.Linear, args: dict, fmt: str) -> tuple[QuantizedWeight, bool]:
+def _ct_module(
+    tensors: FolderTensors, name: str, linear: nn.Linear, args: dict, fmt: str
+) -> tuple[QuantizedWeight, bool]:
     n_in, n_out = linear.in_features, linear.out_features
     bits, strategy, group_size = args["bits"], args["strategy"], args["group_size"]
     groups = num_groups(n_in, group_size)
     half = 2 ** (bits - 1)
-    what = f" (compressed-tensors {fmt} int{bits}, {strategy}{'' if group_size is None else f' {group_size}'}, " \
-           f"{n_in} -> {n_out})"
+    what = (
+        f" (compressed-tensors {fmt} int{bits}, {strategy}{'' if group_size is None else f' {group_size}'}, "
+        f"{n_in} -> {n_out})"
+    )
     scale_shape = (1,) if strategy == "tensor" else (n_out, groups)
     key = f"{name}.weight_scale"
     if key in tensors and strategy == "tensor" and tensors.shape(key) in ((), (1, 1)):
@@ -213,28 +231,38 @@ def _ct_module(tensors: FolderTensors, name: str, linear: nn.Linear, args: dict,
     return exact_weight(codes, zeros, scale, bits, group_size, n_in, perm=perm)
 
 
-def _zero_points(tensors: FolderTensors, key: str, bits: int, n_out: int, groups: int, strategy: str,
-                 what: str) -> torch.Tensor:
+def _zero_points(
+    tensors: FolderTensors, key: str, bits: int, n_out: int, groups: int, strategy: str, what: str
+) -> torch.Tensor:
     """Signed zero points ``[out, G]`` (int32) from a packed (int32, along the output) or plain tensor."""
     half = 2 ** (bits - 1)
     shape, dtype = tensors.shape(key), tensors.dtype(key)
     if strategy == "tensor":
         if tuple(shape) not in ((1,), (), (1, 1)) or dtype not in (torch.int8, torch.int32):
-            raise FormatError(f"{tensors.folder}: {tensors.where(key)} has shape {list(shape)} dtype "
-                              f"{tensors.dtype_name(key)}, expected one int8 value{what}")
+            raise FormatError(
+                f"{tensors.folder}: {tensors.where(key)} has shape {list(shape)} dtype "
+                f"{tensors.dtype_name(key)}, expected one int8 value{what}"
+            )
         z = tensors.get(key).reshape(1, 1).to(torch.int32).expand(n_out, 1)
     elif dtype == torch.int32 and tuple(shape) == (-(-n_out * bits // 32), groups):
         z = unpack_dense(tensors.get(key).t().contiguous(), bits, n_out).t().to(torch.int32) - half
-    elif tuple(shape) == (n_out, groups) and dtype in (torch.int8, torch.int32, torch.float16, torch.bfloat16,
-                                                       torch.float32):
+    elif tuple(shape) == (n_out, groups) and dtype in (
+        torch.int8,
+        torch.int32,
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+    ):
         raw = tensors.get(key)
         z = raw.to(torch.int32)
         if raw.is_floating_point() and not torch.equal(z.to(raw.dtype), raw):
             raise FormatError(f"{tensors.folder}: {tensors.where(key)} holds non-integer zero points{what}")
     else:
-        raise FormatError(f"{tensors.folder}: {tensors.where(key)} has shape {list(shape)} dtype "
-                          f"{tensors.dtype_name(key)}, expected int32 {[-(-n_out * bits // 32), groups]} (packed) "
-                          f"or int8 {[n_out, groups]}{what}")
+        raise FormatError(
+            f"{tensors.folder}: {tensors.where(key)} has shape {list(shape)} dtype "
+            f"{tensors.dtype_name(key)}, expected int32 {[-(-n_out * bits // 32), groups]} (packed) "
+            f"or int8 {[n_out, groups]}{what}"
+        )
     if bool(((z < -half) | (z >= half)).any()):
         raise FormatError(f"{tensors.folder}: {tensors.where(key)} holds zero points outside int{bits}{what}")
     return z

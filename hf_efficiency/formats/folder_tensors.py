@@ -17,16 +17,25 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from ..quant.checkpoint import CheckpointError, read_header
+from ..integration.checkpoint import CheckpointError, read_header
 from .common import FormatError, concrete_class
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 _DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": getattr(torch, "float8_e4m3fn", None), "F8_E5M2": getattr(torch, "float8_e5m2", None),
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
+    "F8_E5M2": getattr(torch, "float8_e5m2", None),
 }
 
 
@@ -127,15 +136,19 @@ def model_linears(model_config, model_class=None) -> dict[str, nn.Linear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
-def expect(tensors: FolderTensors, name: str, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...],
-           what: str = "") -> None:
+def expect(
+    tensors: FolderTensors, name: str, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...], what: str = ""
+) -> None:
     """Raise `FormatError` unless tensor ``name`` exists with ``shape`` and one of ``dtypes``."""
     if name not in tensors:
         raise FormatError(f"{tensors.folder}: tensor {name!r} is missing{what}")
     got = tensors.shape(name)
     if tuple(got) != tuple(shape):
-        raise FormatError(f"{tensors.folder}: {tensors.where(name)} has shape {list(got)}, expected {list(shape)}{what}")
+        raise FormatError(
+            f"{tensors.folder}: {tensors.where(name)} has shape {list(got)}, expected {list(shape)}{what}"
+        )
     if tensors.dtype(name) not in dtypes:
         allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise FormatError(f"{tensors.folder}: {tensors.where(name)} has dtype {tensors.dtype_name(name)}, "
-                          f"expected {allowed}{what}")
+        raise FormatError(
+            f"{tensors.folder}: {tensors.where(name)} has dtype {tensors.dtype_name(name)}, expected {allowed}{what}"
+        )

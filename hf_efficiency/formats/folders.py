@@ -75,8 +75,10 @@ def read_folder(path: str | os.PathLike, config=None, model_class=None):
     method = _method(qc)
     if method not in READERS:
         found = "no quantization_config" if qc is None else f"quant_method {method!r}"
-        raise FormatError(f"{path}/config.json: {found} is not a supported checkpoint format; supported quant_method: "
-                          f"{', '.join(SUPPORTED_METHODS)}")
+        raise FormatError(
+            f"{path}/config.json: {found} is not a supported checkpoint format; supported quant_method: "
+            f"{', '.join(SUPPORTED_METHODS)}"
+        )
     if config is None:
         config = AutoConfig.from_pretrained(path)
     for attr in ("quantization_config", "compression_config"):
@@ -96,5 +98,6 @@ def load_folder(path: str | os.PathLike, model_class=None, **from_pretrained_kwa
     """
     config, state_dict, formats, float_linears = read_folder(path, model_class=model_class)
     qcfg = efficiency_config_for(formats, float_linears)
-    return load_model(config, state_dict, qcfg, source=os.fspath(path), model_class=model_class,
-                      **from_pretrained_kwargs)
+    return load_model(
+        config, state_dict, qcfg, source=os.fspath(path), model_class=model_class, **from_pretrained_kwargs
+    )

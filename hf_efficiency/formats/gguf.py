@@ -25,8 +25,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from ..quant.packing import pack
-from ..quant.scheme import QuantizedWeight
+from ..quant.core.packing import pack
+from ..quant.core.scheme import QuantizedWeight
 from .common import FormatError, concrete_class, efficiency_config_for, format_of, load_model, quantized_tensors
 from .gguf_blocks import BLOCK_FORMATS, BlockFormat, decode_blocks
 
@@ -142,9 +142,13 @@ def read_gguf(
     ``reader``: an already opened :func:`open_reader` of ``path`` (parsing the metadata takes seconds).
     """
     if unsupported not in UNSUPPORTED_CHOICES:
-        raise ValueError(f"unsupported={unsupported!r} is not allowed; allowed values: {', '.join(UNSUPPORTED_CHOICES)}")
+        raise ValueError(
+            f"unsupported={unsupported!r} is not allowed; allowed values: {', '.join(UNSUPPORTED_CHOICES)}"
+        )
     if scale_dtype not in SCALE_DTYPES:
-        raise ValueError(f"scale_dtype={scale_dtype!r} is not allowed; allowed values: None, float16, bfloat16, float32")
+        raise ValueError(
+            f"scale_dtype={scale_dtype!r} is not allowed; allowed values: None, float16, bfloat16, float32"
+        )
     _require_gguf()
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
@@ -220,8 +224,11 @@ def read_gguf(
         state_dict[name] = torch.from_numpy(np.array(result.weights, dtype=np.float32, copy=True))
         if linear is not None:
             float_linears.append(name[: -len(".weight")])
-    float_linears += [n[: -len(".weight")] for n in linears if n not in state_dict and n[: -len(".weight")]
-                      not in formats and n[: -len(".weight")] not in float_linears]
+    float_linears += [
+        n[: -len(".weight")]
+        for n in linears
+        if n not in state_dict and n[: -len(".weight")] not in formats and n[: -len(".weight")] not in float_linears
+    ]
     return state_dict, formats, sorted(set(float_linears)), report
 
 

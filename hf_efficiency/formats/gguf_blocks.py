@@ -56,7 +56,7 @@ class BlockFormat:
 
 def _f16(b: torch.Tensor, offset: int) -> torch.Tensor:
     """Float16 at byte ``offset`` of every block ``[N, bytes]`` -> float32 ``[N, 1]``."""
-    return b[:, offset:offset + 2].contiguous().view(torch.float16).float()
+    return b[:, offset : offset + 2].contiguous().view(torch.float16).float()
 
 
 def _nibbles(qs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,12 +118,15 @@ def _q2_k(b):
 def _q3_k_scales(sc: torch.Tensor) -> torch.Tensor:
     """The 16 six-bit scales of a Q3_K block from its 12 bytes (minus 32: signed)."""
     low, high = sc[:, 0:8], sc[:, 8:12]
-    s = torch.cat([
-        (low[:, 0:4] & 0xF) | ((high & 3) << 4),
-        (low[:, 4:8] & 0xF) | (((high >> 2) & 3) << 4),
-        (low[:, 0:4] >> 4) | (((high >> 4) & 3) << 4),
-        (low[:, 4:8] >> 4) | (((high >> 6) & 3) << 4),
-    ], 1)
+    s = torch.cat(
+        [
+            (low[:, 0:4] & 0xF) | ((high & 3) << 4),
+            (low[:, 4:8] & 0xF) | (((high >> 2) & 3) << 4),
+            (low[:, 0:4] >> 4) | (((high >> 4) & 3) << 4),
+            (low[:, 4:8] >> 4) | (((high >> 6) & 3) << 4),
+        ],
+        1,
+    )
     return s.float() - 32
 
 

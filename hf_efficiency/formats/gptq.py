@@ -53,8 +53,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..quant.packing import pack, packed_words, unpack
-from ..quant.scheme import QuantizedWeight, num_groups
+from ..quant.core.packing import pack, packed_words, unpack
+from ..quant.core.scheme import QuantizedWeight, num_groups
 from .common import FormatError, format_of, quantized_tensors
 from .folder_tensors import FolderTensors, expect, model_linears
 
@@ -77,7 +77,7 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """`pack` applied a block of rows at a time (bounded temporary memory)."""
     if codes.shape[0] <= _PACK_CHUNK:
         return pack(codes, bits)
-    return torch.cat([pack(codes[i:i + _PACK_CHUNK], bits) for i in range(0, codes.shape[0], _PACK_CHUNK)])
+    return torch.cat([pack(codes[i : i + _PACK_CHUNK], bits) for i in range(0, codes.shape[0], _PACK_CHUNK)])
 
 
 def act_order_perm(g_idx: torch.Tensor, group_size: int | None, groups: int, where: str) -> torch.Tensor | None:
@@ -96,14 +96,23 @@ def act_order_perm(g_idx: torch.Tensor, group_size: int | None, groups: int, whe
     perm = torch.argsort(g, stable=True)
     if not torch.equal(g[perm], expected):
         counts = torch.bincount(g, minlength=groups).tolist()
-        raise FormatError(f"{where}: act-order group index does not give every group {size} features "
-                          f"(group sizes {counts[:8]}{' ...' if len(counts) > 8 else ''})")
+        raise FormatError(
+            f"{where}: act-order group index does not give every group {size} features "
+            f"(group sizes {counts[:8]}{' ...' if len(counts) > 8 else ''})"
+        )
     return perm.to(torch.int32)
 
 
-def exact_weight(codes: torch.Tensor | None, zeros: torch.Tensor | None, scale: torch.Tensor, bits: int,
-                 group_size: int | None, in_features: int, perm: torch.Tensor | None = None,
-                 packed: torch.Tensor | None = None) -> tuple[QuantizedWeight, bool]:
+def exact_weight(
+    codes: torch.Tensor | None,
+    zeros: torch.Tensor | None,
+    scale: torch.Tensor,
+    bits: int,
+    group_size: int | None,
+    in_features: int,
+    perm: torch.Tensor | None = None,
+    packed: torch.Tensor | None = None,
+) -> tuple[QuantizedWeight, bool]:
     """Our `QuantizedWeight` for ``w = (u - zero[g]) * scale[g]`` and whether it is symmetric.
 
     ``codes``: unsigned codes ``[out, in]`` in original input order (or ``None`` with ``packed``:
@@ -159,8 +168,10 @@ class _Collector:
         if self.linears[name].bias is not None:
             self.state_dict[key] = bias  # transformers casts it to the requested dtype
         elif bool((bias != 0).any()):
-            raise FormatError(f"{self.tensors.folder}: {self.tensors.where(key)} is nonzero but the model's "
-                              f"{name} has no bias (config.json disagrees with the checkpoint)")
+            raise FormatError(
+                f"{self.tensors.folder}: {self.tensors.where(key)} is nonzero but the model's "
+                f"{name} has no bias (config.json disagrees with the checkpoint)"
+            )
 
     def result(self) -> Result:
         for key in self.tensors:
@@ -174,8 +185,10 @@ def _quantized_names(tensors: FolderTensors, linears: dict[str, nn.Linear], suff
     names = [k[: -len(suffix)] for k in tensors if k.endswith(suffix)]
     for name in names:
         if name not in linears:
-            raise FormatError(f"{tensors.folder}: {tensors.where(name + suffix)} belongs to no nn.Linear of the "
-                              f"model config.json describes")
+            raise FormatError(
+                f"{tensors.folder}: {tensors.where(name + suffix)} belongs to no nn.Linear of the "
+                f"model config.json describes"
+            )
     if not names:
         raise FormatError(f"{tensors.folder}: no tensor ending in {suffix!r}: not a quantized checkpoint of this kind")
     order = {n: i for i, n in enumerate(linears)}
@@ -224,7 +237,9 @@ def read_gptq(folder, quantization_config: dict, model_config, model_class=None)
         raise FormatError(f"{source}: GPTQ Marlin-format checkpoints (is_marlin_format=true) are not supported")
     fmt = str(qc.get("checkpoint_format") or qc.get("format") or "gptq").lower()
     if fmt not in GPTQ_FORMATS:
-        raise FormatError(f"{source}: GPTQ checkpoint_format={fmt!r} is not supported; supported: {', '.join(GPTQ_FORMATS)}")
+        raise FormatError(
+            f"{source}: GPTQ checkpoint_format={fmt!r} is not supported; supported: {', '.join(GPTQ_FORMATS)}"
+        )
     pack_dtype = str(qc.get("pack_dtype", "int32")).replace("torch.", "")
     if pack_dtype != "int32":
         raise FormatError(f"{source}: GPTQ pack_dtype={pack_dtype!r} is not supported; supported: int32")
@@ -237,8 +252,10 @@ def read_gptq(folder, quantization_config: dict, model_config, model_class=None)
         overrides = _gptq_overrides(dynamic, name) or {}
         bits = _int(overrides.get("bits", qc.get("bits")), "bits", source)
         if bits not in GPTQ_BITS:
-            raise FormatError(f"{source}: GPTQ bits={bits} (module {name}) is not supported; supported: "
-                              f"{', '.join(map(str, GPTQ_BITS))}")
+            raise FormatError(
+                f"{source}: GPTQ bits={bits} (module {name}) is not supported; supported: "
+                f"{', '.join(map(str, GPTQ_BITS))}"
+            )
         group_size = _group(overrides.get("group_size", qc.get("group_size", 128)), source)
         q, symmetric = _gptq_module(tensors, name, linears[name], bits, group_size, v1)
         out.add(name, q, symmetric)
@@ -247,8 +264,9 @@ def read_gptq(folder, quantization_config: dict, model_config, model_class=None)
     return out.result()
 
 
-def _gptq_module(tensors: FolderTensors, name: str, linear: nn.Linear, bits: int, group_size: int | None,
-                 v1: bool) -> tuple[QuantizedWeight, bool]:
+def _gptq_module(
+    tensors: FolderTensors, name: str, linear: nn.Linear, bits: int, group_size: int | None, v1: bool
+) -> tuple[QuantizedWeight, bool]:
     n_in, n_out = linear.in_features, linear.out_features
     groups = num_groups(n_in, group_size)
     what = f" (GPTQ {bits}-bit, group_size {group_size or -1}, {n_in} -> {n_out})"
@@ -258,8 +276,9 @@ def _gptq_module(tensors: FolderTensors, name: str, linear: nn.Linear, bits: int
     perm = None
     if f"{name}.g_idx" in tensors:
         expect(tensors, f"{name}.g_idx", (n_in,), _INDEX_DTYPES, what)
-        perm = act_order_perm(tensors.get(f"{name}.g_idx"), group_size, groups,
-                              f"{tensors.folder}: {tensors.where(name + '.g_idx')}")
+        perm = act_order_perm(
+            tensors.get(f"{name}.g_idx"), group_size, groups, f"{tensors.folder}: {tensors.where(name + '.g_idx')}"
+        )
     qweight_t = tensors.get(f"{name}.qweight").t().contiguous()  # [out, words]: our layout, input order
     zeros = unpack(tensors.get(f"{name}.qzeros"), bits, n_out).t().to(torch.int32)  # [out, G]
     if v1:
@@ -310,8 +329,10 @@ def read_awq(folder, quantization_config: dict, model_config, model_class=None) 
 def _awq_group(linear: nn.Linear, group_size: int | None, where: str) -> int:
     g = linear.in_features if group_size is None else group_size
     if linear.in_features % g or linear.out_features % 8:
-        raise FormatError(f"{where}: AWQ needs in_features % group_size == 0 and out_features % 8 == 0 "
-                          f"({linear.in_features} -> {linear.out_features}, group_size {g})")
+        raise FormatError(
+            f"{where}: AWQ needs in_features % group_size == 0 and out_features % 8 == 0 "
+            f"({linear.in_features} -> {linear.out_features}, group_size {g})"
+        )
     return g
 
 

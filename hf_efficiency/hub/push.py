@@ -1,4 +1,4 @@
-"""`push_to_hub` for models carrying an `EfficiencyConfig` (routed here by `hf_efficiency.registry`).
+"""`push_to_hub` for models carrying an `EfficiencyConfig` (routed here by `hf_efficiency.integration.registry`).
 
 Same signature and semantics as transformers' ``PushToHubMixin.push_to_hub``: create the repo
 (``exist_ok=True``), ``save_pretrained`` into a temporary folder, write our model card as

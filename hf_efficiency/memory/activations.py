@@ -28,8 +28,14 @@ from dataclasses import dataclass, field
 from .shapes import ModelShape
 
 ROLES = ("attn_in", "attn_out", "mlp_in", "mlp_out")
-ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention",
-                             "hf_efficiency_flash")
+ATTENTION_IMPLEMENTATIONS = (
+    "eager",
+    "sdpa",
+    "flash_attention_2",
+    "flash_attention_3",
+    "flex_attention",
+    "hf_efficiency_flash",
+)
 MATERIALIZES_SCORES = ("eager",)
 
 
@@ -80,8 +86,13 @@ def _lora_extra(t: LayerTraining, role: str, width: int, act_bytes: int, input_g
 
 def attention_needs_grad(t: LayerTraining) -> bool:
     """Whether the gradient flows through the layer's attention (its q, k, v need gradients)."""
-    return (t.grad_in or t.norm_trainable or t.weight_trainable["attn_in"] or t.lora_modules["attn_in"] > 0
-            or t.bias_trainable["attn_in"])
+    return (
+        t.grad_in
+        or t.norm_trainable
+        or t.weight_trainable["attn_in"]
+        or t.lora_modules["attn_in"] > 0
+        or t.bias_trainable["attn_in"]
+    )
 
 
 def layer_saved_bytes(
@@ -119,8 +130,13 @@ def layer_saved_bytes(
     elif _input_saved(t, "attn_out"):
         per_token += a * q
     per_token += _lora_extra(t, "attn_out", q, a, attn_in_grad)
-    mid_grad = (attn_in_grad or t.weight_trainable["attn_out"] or t.lora_modules["attn_out"] > 0
-                or t.bias_trainable["attn_out"] or (t.adapter_size > 0 and t.adapter_count > 1))
+    mid_grad = (
+        attn_in_grad
+        or t.weight_trainable["attn_out"]
+        or t.lora_modules["attn_out"] > 0
+        or t.bias_trainable["attn_out"]
+        or (t.adapter_size > 0 and t.adapter_count > 1)
+    )
     # post-attention norm
     if mid_grad:
         per_token += 4 * h
@@ -129,8 +145,13 @@ def layer_saved_bytes(
     if _input_saved(t, "mlp_in"):
         per_token += a * h
     per_token += _lora_extra(t, "mlp_in", h, a, mid_grad or t.norm_trainable)
-    mlp_grad = (mid_grad or t.norm_trainable or t.weight_trainable["mlp_in"] or t.lora_modules["mlp_in"] > 0
-                or t.bias_trainable["mlp_in"])
+    mlp_grad = (
+        mid_grad
+        or t.norm_trainable
+        or t.weight_trainable["mlp_in"]
+        or t.lora_modules["mlp_in"] > 0
+        or t.bias_trainable["mlp_in"]
+    )
     if mlp_grad:
         per_token += a * (3 * i if shape.gated_mlp else i)
     if _input_saved(t, "mlp_out"):
@@ -147,8 +168,16 @@ def checkpointed_layer_bytes(shape: ModelShape, seq: int, act_bytes: int) -> int
     return seq * shape.hidden_size * act_bytes
 
 
-def head_saved_bytes(shape: ModelShape, seq: int, act_bytes: int, *, grad: bool, norm_trainable: bool,
-                     lm_head_trainable: bool, attention_grad: bool = True) -> int:
+def head_saved_bytes(
+    shape: ModelShape,
+    seq: int,
+    act_bytes: int,
+    *,
+    grad: bool,
+    norm_trainable: bool,
+    lm_head_trainable: bool,
+    attention_grad: bool = True,
+) -> int:
     """Final norm and lm_head input, per sequence (the loss buffers are counted as logits), and the
     rotary cos/sin when the gradient flows through some layer's attention."""
     if not grad:
@@ -165,8 +194,9 @@ def training_logits_bytes(shape: ModelShape, seq: int, act_bytes: int) -> int:
     return 3 * seq * shape.vocab_size * 4
 
 
-def inference_layer_workspace(shape: ModelShape, seq: int, context: int, act_bytes: int,
-                              attn_implementation: str = "sdpa") -> int:
+def inference_layer_workspace(
+    shape: ModelShape, seq: int, context: int, act_bytes: int, attn_implementation: str = "sdpa"
+) -> int:
     """Widest point of one layer's forward without autograd, per sequence: the residual stream,
     and the larger of the attention block (q/k/v/output, plus the score and probability
     matrices for eager) and the MLP (gate, up and their product live together)."""

@@ -56,8 +56,12 @@ OPTIMIZERS = ("adamw", "adamw_foreach", "adam", "adamw_8bit", "sgd", "adafactor"
 MIXED_PRECISION = (None, "bf16", "fp16")
 KV_CACHE_BITS = (None, 8, 4, 2)
 _DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
 }
 #: bitsandbytes keeps 32-bit states for tensors under this many elements and quantizes the
 #: others block-wise (one fp32 absmax per 256 values).
@@ -175,19 +179,18 @@ def _unique_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 
 def _quantize_meta_model(model: nn.Module, efficiency_config) -> list[str]:
-    from ..quant.quantizer import EfficiencyHfQuantizer
-    from ..quant.replace import replace_with_quant_linear
+    from ..quant.modules.replace import modules_to_not_convert, replace_with_quant_linear
 
-    quantizer = EfficiencyHfQuantizer(efficiency_config)
+    spec = efficiency_config.quantization
     act = getattr(efficiency_config, "activations", None)
     return replace_with_quant_linear(
-        model, efficiency_config.quantization, quantizer._skip_list(model), None if act is None else act.mode
+        model, spec, modules_to_not_convert(model, spec), None if act is None else act.mode
     )
 
 
 def _kernel_cache_bytes(module: nn.Module, device: str, compute: torch.dtype) -> int:
     """Bytes of the kernel layout a quantized layer caches beside its packed weight."""
-    from ..quant.kernels import path_for
+    from ..quant.kernels.dispatch import path_for
 
     path = path_for(module, device, compute)
     n = module.in_features * module.out_features
@@ -196,14 +199,15 @@ def _kernel_cache_bytes(module: nn.Module, device: str, compute: torch.dtype) ->
     if path == "cuda_int4":
         return n // 2 + module.weight_scale.numel() * 2 * 2
     if path == "cpu_fused":
-        from ..quant.cpu_kernel import layout_bytes
+        from ..quant.kernels.cpu import layout_bytes
 
         return layout_bytes(module)
     return 0
 
 
-def _weights(model: nn.Module, quantized: list[str], spec, device: str, compute: torch.dtype,
-             mode: str) -> tuple[int, dict[str, int], int]:
+def _weights(
+    model: nn.Module, quantized: list[str], spec, device: str, compute: torch.dtype, mode: str
+) -> tuple[int, dict[str, int], int]:
     """(resident weight bytes, details, largest quantized matrix in elements)."""
     qnames = set(quantized)
     q_bytes = other = 0
@@ -341,7 +345,9 @@ def estimate_memory(
     setup = TrainingSetup.coerce(training) if mode == "training" else None
     if setup is not None:
         if setup.method == "qlora" and spec is None:
-            raise ValueError("training='qlora' needs a quantized base: pass efficiency_config with a quantization section")
+            raise ValueError(
+                "training='qlora' needs a quantized base: pass efficiency_config with a quantization section"
+            )
         if spec is not None and setup.method in ("full", "freeze"):
             raise ValueError(
                 f"training={setup.method!r} updates quantized weights, which have no gradients; "
@@ -362,10 +368,18 @@ def estimate_memory(
     if spec is not None and spec.target_bits is not None:
         notes.append(f"mixed precision: codes estimated at the target mean of {spec.target_bits} bits")
     out = MemoryBreakdown(
-        mode=mode, device=device, dtype=str(weight_dtype).replace("torch.", ""), batch_size=batch_size,
-        sequence_length=seq, parameters=params, trainable_parameters=0, label=label,
+        mode=mode,
+        device=device,
+        dtype=str(weight_dtype).replace("torch.", ""),
+        batch_size=batch_size,
+        sequence_length=seq,
+        parameters=params,
+        trainable_parameters=0,
+        label=label,
         overhead=DEVICE_OVERHEAD_BYTES.get(device, 0) if overhead_bytes is None else overhead_bytes,
-        weights=weights, details=details, notes=notes,
+        weights=weights,
+        details=details,
+        notes=notes,
     )
     # the CPU reference path of quantized layers dequantizes one weight per call
     dequant_ws = 3 * largest_q * 4 if quantized and device != "cuda" else 0
@@ -399,7 +413,7 @@ def estimate_memory(
     shapes = _trainable_shapes(meta, plan)
     out.optimizer_states = _optimizer_bytes(optimizer, shapes, state_bytes)
     if setup.uses_lora or setup.method == "adapters":  # adapter states follow the adapters' fp32
-        adapter_shapes = shapes[len(plan.trainable_numels):]
+        adapter_shapes = shapes[len(plan.trainable_numels) :]
         out.optimizer_states += _optimizer_bytes(optimizer, adapter_shapes, 4) - _optimizer_bytes(
             optimizer, adapter_shapes, state_bytes
         )
@@ -408,7 +422,8 @@ def estimate_memory(
         notes.append("mixed precision with 16-bit weights: fp32 master copy and fp32 optimizer states")
     elif mixed_precision is not None:
         linear_numel = sum(
-            m.in_features * m.out_features for _, m in meta.named_modules()
+            m.in_features * m.out_features
+            for _, m in meta.named_modules()
             if isinstance(m, nn.Linear) and m.weight.is_floating_point()
         )
         out.weight_copies = linear_numel * 2
@@ -424,14 +439,20 @@ def estimate_memory(
     else:
         per_seq = sum(layer_saved_bytes(shape, lt, seq, a, attn_implementation) for lt in plan.layers)
     per_seq += head_saved_bytes(
-        shape, seq, a, grad=plan.trainable_parameters > 0, norm_trainable=plan.final_norm_trainable,
-        lm_head_trainable=plan.lm_head_trainable, attention_grad=any(attention_needs_grad(lt) for lt in plan.layers),
+        shape,
+        seq,
+        a,
+        grad=plan.trainable_parameters > 0,
+        norm_trainable=plan.final_norm_trainable,
+        lm_head_trainable=plan.lm_head_trainable,
+        attention_grad=any(attention_needs_grad(lt) for lt in plan.layers),
     )
     out.activations = batch_size * per_seq
     out.logits = batch_size * training_logits_bytes(shape, seq, a)
-    out.workspace = _optimizer_step_bytes(
-        optimizer, device, plan.trainable_parameters, plan.largest_trainable, state_bytes
-    ) + dequant_ws
+    out.workspace = (
+        _optimizer_step_bytes(optimizer, device, plan.trainable_parameters, plan.largest_trainable, state_bytes)
+        + dequant_ws
+    )
     lm_head_grad = shape.vocab_size * shape.hidden_size * pbytes if plan.lm_head_trainable else 0
     peak_backward = out.activations + out.logits + lm_head_grad
     peak_step = out.gradients + out.workspace

@@ -135,7 +135,7 @@ def peak_memory_of(fn, device: str | torch.device = "cpu") -> tuple[Any, int, fl
 # --- model construction ---------------------------------------------------------------------
 def _fill_random(model: nn.Module) -> None:
     """Touch every quantized buffer (``torch.empty`` pages are not resident until written)."""
-    from ..quant.linear import QuantLinear
+    from ..quant.modules.linear import QuantLinear
 
     for m in model.modules():
         if isinstance(m, QuantLinear):
@@ -151,8 +151,15 @@ def _fill_random(model: nn.Module) -> None:
                     m.weight_outlier_value.zero_()
 
 
-def build_model(config, *, dtype: torch.dtype, efficiency_config=None, setup: TrainingSetup | None = None,
-                attn_implementation: str = "sdpa", device: str = "cpu") -> nn.Module:
+def build_model(
+    config,
+    *,
+    dtype: torch.dtype,
+    efficiency_config=None,
+    setup: TrainingSetup | None = None,
+    attn_implementation: str = "sdpa",
+    device: str = "cpu",
+) -> nn.Module:
     """A randomly initialized model in the scenario's layout (quantized, LoRA, frozen)."""
     from transformers import AutoModelForCausalLM
 
@@ -169,12 +176,13 @@ def build_model(config, *, dtype: torch.dtype, efficiency_config=None, setup: Tr
     if setup.uses_lora:
         from peft import LoraConfig, get_peft_model
 
-        from ..registry import _patch_peft
+        from ..integration.registry import _patch_peft
 
         _patch_peft()  # LoRA on QuantLinear (a no-op once peft knows it)
         targets = setup.lora_targets if isinstance(setup.lora_targets, str) else list(setup.lora_targets)
-        model = get_peft_model(model, LoraConfig(r=setup.lora_rank, target_modules=targets,
-                                                 lora_dropout=setup.lora_dropout))
+        model = get_peft_model(
+            model, LoraConfig(r=setup.lora_rank, target_modules=targets, lora_dropout=setup.lora_dropout)
+        )
     elif setup.method != "full":
         from ..peft.methods import apply_peft
 
@@ -184,8 +192,11 @@ def build_model(config, *, dtype: torch.dtype, efficiency_config=None, setup: Tr
         elif setup.method == "freeze":
             spec["freeze_layers"] = setup.freeze_layers
         else:
-            spec.update(adapter_size=setup.adapter_size, adapter_placement=setup.adapter_placement,
-                        adapter_nonlinearity=setup.adapter_nonlinearity)
+            spec.update(
+                adapter_size=setup.adapter_size,
+                adapter_placement=setup.adapter_placement,
+                adapter_nonlinearity=setup.adapter_nonlinearity,
+            )
         model = apply_peft(model, spec)
     return model
 
@@ -211,9 +222,20 @@ def _make_optimizer(name: str, params: list[nn.Parameter]) -> torch.optim.Optimi
 
 
 # --- scenarios ------------------------------------------------------------------------------
-def _run(model: nn.Module, mode: str, *, batch_size: int, seq: int, new_tokens: int, optimizer: str,
-         steps: int, device: torch.device, mixed_precision: str | None, gradient_checkpointing: bool,
-         peak: _Peak | None) -> None:
+def _run(
+    model: nn.Module,
+    mode: str,
+    *,
+    batch_size: int,
+    seq: int,
+    new_tokens: int,
+    optimizer: str,
+    steps: int,
+    device: torch.device,
+    mixed_precision: str | None,
+    gradient_checkpointing: bool,
+    peak: _Peak | None,
+) -> None:
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch_size, seq), device=device)
     if mode == "inference":
@@ -223,8 +245,14 @@ def _run(model: nn.Module, mode: str, *, batch_size: int, seq: int, new_tokens: 
             peak.reset()
         with torch.no_grad():
             if new_tokens:
-                model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                               pad_token_id=0, attention_mask=torch.ones_like(ids))
+                model.generate(
+                    ids,
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
+                    do_sample=False,
+                    pad_token_id=0,
+                    attention_mask=torch.ones_like(ids),
+                )
             else:
                 model(input_ids=ids, use_cache=True)
         return
@@ -289,33 +317,67 @@ def measure_memory(
 
     eff = None if efficiency_config is None else EfficiencyConfig.coerce(efficiency_config)
     setup = TrainingSetup.coerce(training) if mode == "training" else None
-    scenario = dict(mode=mode, dtype=str(dtype).replace("torch.", ""), batch_size=batch_size,
-                    sequence_length=sequence_length, new_tokens=new_tokens, optimizer=optimizer,
-                    gradient_checkpointing=gradient_checkpointing, attn_implementation=attn_implementation,
-                    mixed_precision=mixed_precision, device=device, steps=steps,
-                    pin_allocator=pin_allocator, efficiency_config=None if eff is None else eff.to_dict(),
-                    training=None if setup is None else asdict(setup))
+    scenario = dict(
+        mode=mode,
+        dtype=str(dtype).replace("torch.", ""),
+        batch_size=batch_size,
+        sequence_length=sequence_length,
+        new_tokens=new_tokens,
+        optimizer=optimizer,
+        gradient_checkpointing=gradient_checkpointing,
+        attn_implementation=attn_implementation,
+        mixed_precision=mixed_precision,
+        device=device,
+        steps=steps,
+        pin_allocator=pin_allocator,
+        efficiency_config=None if eff is None else eff.to_dict(),
+        training=None if setup is None else asdict(setup),
+    )
     if isolate:
         return _measure_in_subprocess(config, scenario)
     weight_dtype = resolve_dtype(dtype, config)
     dev = torch.device(device)
     peak = _Peak(dev)
     pinned = dev.type == "cpu" and pin_allocator and _pin_allocator()
-    run = dict(batch_size=batch_size, seq=sequence_length, new_tokens=new_tokens, optimizer=optimizer,
-               device=dev, mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing)
+    run = dict(
+        batch_size=batch_size,
+        seq=sequence_length,
+        new_tokens=new_tokens,
+        optimizer=optimizer,
+        device=dev,
+        mixed_precision=mixed_precision,
+        gradient_checkpointing=gradient_checkpointing,
+    )
     # warm-up on a one-layer copy: imports, kernels and allocator arenas are not the model's memory
-    warm = build_model(_tiny(config), dtype=weight_dtype, efficiency_config=eff, setup=setup,
-                       attn_implementation=attn_implementation, device=device)
-    _run(warm, mode, steps=2 if mode == "training" else 1, peak=None,
-         **{**run, "seq": min(sequence_length, 16), "new_tokens": min(new_tokens, 2)})
+    warm = build_model(
+        _tiny(config),
+        dtype=weight_dtype,
+        efficiency_config=eff,
+        setup=setup,
+        attn_implementation=attn_implementation,
+        device=device,
+    )
+    _run(
+        warm,
+        mode,
+        steps=2 if mode == "training" else 1,
+        peak=None,
+        **{**run, "seq": min(sequence_length, 16), "new_tokens": min(new_tokens, 2)},
+    )
     del warm
     _trim()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     baseline = peak.current()
     start = time.perf_counter()
-    built = build_model(config, dtype=weight_dtype, efficiency_config=eff, setup=setup,
-                        attn_implementation=attn_implementation, device=device)
+    built = build_model(
+        config,
+        dtype=weight_dtype,
+        efficiency_config=eff,
+        setup=setup,
+        attn_implementation=attn_implementation,
+        device=device,
+    )
     _trim()
     resident = peak.current() - baseline
     trainable = sum(p.numel() for p in built.parameters() if p.requires_grad)
@@ -327,8 +389,12 @@ def measure_memory(
     return MemoryMeasurement(
         device=device,
         method="cuda_max_memory_allocated" if dev.type == "cuda" else ("rss_vmhwm_pinned" if pinned else "rss_vmhwm"),
-        peak_bytes=top, resident_after_setup=resident, baseline_bytes=baseline, seconds=seconds,
-        scenario=scenario, trainable_parameters=trainable,
+        peak_bytes=top,
+        resident_after_setup=resident,
+        baseline_bytes=baseline,
+        seconds=seconds,
+        scenario=scenario,
+        trainable_parameters=trainable,
     )
 
 
@@ -353,11 +419,21 @@ def _main() -> None:
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     s = data["scenario"]
     result = measure_memory(
-        config, s["mode"], dtype=s["dtype"], efficiency_config=s["efficiency_config"],
-        training=s["training"] or "full", optimizer=s["optimizer"], batch_size=s["batch_size"],
-        sequence_length=s["sequence_length"], new_tokens=s["new_tokens"],
-        gradient_checkpointing=s["gradient_checkpointing"], attn_implementation=s["attn_implementation"],
-        mixed_precision=s["mixed_precision"], device=s["device"], steps=s["steps"], pin_allocator=s["pin_allocator"],
+        config,
+        s["mode"],
+        dtype=s["dtype"],
+        efficiency_config=s["efficiency_config"],
+        training=s["training"] or "full",
+        optimizer=s["optimizer"],
+        batch_size=s["batch_size"],
+        sequence_length=s["sequence_length"],
+        new_tokens=s["new_tokens"],
+        gradient_checkpointing=s["gradient_checkpointing"],
+        attn_implementation=s["attn_implementation"],
+        mixed_precision=s["mixed_precision"],
+        device=s["device"],
+        steps=s["steps"],
+        pin_allocator=s["pin_allocator"],
     )
     print(json.dumps(result.to_dict()))
 
@@ -383,4 +459,3 @@ def saved_activation_bytes(model: nn.Module, **inputs: Any) -> int:
         out = model(**inputs)
     del out
     return total
-

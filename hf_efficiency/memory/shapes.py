@@ -58,9 +58,7 @@ def load_config(source: Any, trust_remote_code: bool = False):
         data = dict(source)
         return AutoConfig.for_model(data.pop("model_type"), **data)
     if isinstance(source, (str, os.PathLike)):
-        from ..data import resolve_model_path
-
-        path = resolve_model_path(str(source)) if str(source).lower() in ("bundled", "smollm2") else str(source)
+        path = os.fspath(source)
         if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
             raise ValueError(f"{path} has no config.json; the estimator reads only the model's config")
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -95,8 +93,19 @@ def model_shape(config) -> ModelShape:
     if inter is None:
         inter = 4 * hidden
     act = str(_field(config, "hidden_act") or _field(config, "activation_function") or "")
-    gated = _field(config, "model_type") not in ("gpt2", "opt", "gpt_neox", "gpt_neo", "gptj", "bloom", "falcon",
-                                                 "phi", "codegen", "mpt", "starcoder2")
+    gated = _field(config, "model_type") not in (
+        "gpt2",
+        "opt",
+        "gpt_neox",
+        "gpt_neo",
+        "gptj",
+        "bloom",
+        "falcon",
+        "phi",
+        "codegen",
+        "mpt",
+        "starcoder2",
+    )
     if act.startswith("gelu") and _field(config, "model_type") in (None, ""):
         gated = False
     return ModelShape(

@@ -47,7 +47,9 @@ class TrainingSetup:
 
     def __post_init__(self) -> None:
         if self.method not in TRAINING_METHODS:
-            raise ValueError(f"training method {self.method!r} is not allowed; allowed values: {', '.join(TRAINING_METHODS)}")
+            raise ValueError(
+                f"training method {self.method!r} is not allowed; allowed values: {', '.join(TRAINING_METHODS)}"
+            )
         if isinstance(self.lora_targets, list):
             self.lora_targets = tuple(self.lora_targets)
         for key in ("lora_rank", "adapter_size"):
@@ -55,8 +57,10 @@ class TrainingSetup:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{key}={value!r} is not allowed; allowed values: integers >= 1")
         if self.adapter_placement not in ADAPTER_PLACEMENTS:
-            raise ValueError(f"adapter_placement={self.adapter_placement!r} is not allowed; allowed values: "
-                             f"{', '.join(ADAPTER_PLACEMENTS)}")
+            raise ValueError(
+                f"adapter_placement={self.adapter_placement!r} is not allowed; allowed values: "
+                f"{', '.join(ADAPTER_PLACEMENTS)}"
+            )
         if not isinstance(self.freeze_layers, int) or self.freeze_layers < 0:
             raise ValueError(f"freeze_layers={self.freeze_layers!r} is not allowed; allowed values: integers >= 0")
         if not 0.0 <= float(self.lora_dropout) < 1.0:
@@ -83,7 +87,9 @@ class TrainingSetup:
         if type(value).__name__ == "LoraConfig":
             targets = value.target_modules
             targets = targets if isinstance(targets, str) else tuple(sorted(targets or DEFAULT_LORA_TARGETS))
-            return cls(method="lora", lora_rank=int(value.r), lora_targets=targets, lora_dropout=float(value.lora_dropout))
+            return cls(
+                method="lora", lora_rank=int(value.r), lora_targets=targets, lora_dropout=float(value.lora_dropout)
+            )
         raise TypeError(
             f"training must be a TrainingSetup, one of {TRAINING_METHODS}, a dict or a peft LoraConfig; "
             f"got {type(value).__name__}"
@@ -142,7 +148,11 @@ def _linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def plan_training(
-    model: nn.Module, shape: ModelShape, setup: TrainingSetup, lm_head_name: str | None, tied: bool,
+    model: nn.Module,
+    shape: ModelShape,
+    setup: TrainingSetup,
+    lm_head_name: str | None,
+    tied: bool,
     dropout_mask_bytes: int = 1,
 ) -> TrainablePlan:
     """Mark what trains in ``model`` (a meta model, possibly with quantized linears)."""

@@ -25,8 +25,13 @@ from .methods import (
     trainable_parameters,
 )
 
-_LAZY = {"QuantLoraLinear": "lora", "dispatch_lora": "lora", "QuantIA3Linear": "ia3", "dispatch_ia3": "ia3",
-         "prepare_model_for_kbit_training": "kbit"}
+_LAZY = {
+    "QuantLoraLinear": "lora",
+    "dispatch_lora": "lora",
+    "QuantIA3Linear": "ia3",
+    "dispatch_ia3": "ia3",
+    "prepare_model_for_kbit_training": "kbit",
+}
 
 
 def __getattr__(name: str):

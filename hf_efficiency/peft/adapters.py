@@ -71,8 +71,9 @@ class BottleneckAdapter(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         x = h.to(self.down_weight.dtype)
-        delta = F.linear(_ACTIVATIONS[self.nonlinearity](F.linear(x, self.down_weight, self.down_bias)),
-                         self.up_weight, self.up_bias)
+        delta = F.linear(
+            _ACTIVATIONS[self.nonlinearity](F.linear(x, self.down_weight, self.down_bias)), self.up_weight, self.up_bias
+        )
         return h + delta.to(h.dtype)
 
     def extra_repr(self) -> str:
@@ -133,8 +134,14 @@ def add_adapters(model: nn.Module, spec: PeftSpec) -> list[str]:
     added = []
     for site in sites:
         module = model.get_submodule(site)
-        adapter = BottleneckAdapter(hidden, spec.adapter_size, spec.adapter_nonlinearity, spec.adapter_init_scale,
-                                    dtype=dtype, device=module_device(module))
+        adapter = BottleneckAdapter(
+            hidden,
+            spec.adapter_size,
+            spec.adapter_nonlinearity,
+            spec.adapter_init_scale,
+            dtype=dtype,
+            device=module_device(module),
+        )
         module.add_module(ADAPTER_NAME, adapter)
         module.register_forward_hook(adapter_hook)
         added += [f"{site}.{ADAPTER_NAME}.{n}" for n, _ in adapter.named_parameters()]
@@ -143,8 +150,12 @@ def add_adapters(model: nn.Module, spec: PeftSpec) -> list[str]:
 
 def adapter_trainable_names(model: nn.Module) -> list[str]:
     """Names of every adapter parameter of the model."""
-    return [f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, BottleneckAdapter)
-            for p, _ in m.named_parameters(recurse=False)]
+    return [
+        f"{n}.{p}"
+        for n, m in model.named_modules()
+        if isinstance(m, BottleneckAdapter)
+        for p, _ in m.named_parameters(recurse=False)
+    ]
 
 
 __all__ = ["BottleneckAdapter", "adapter_hook", "adapter_sites", "adapter_trainable_names", "add_adapters"]

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..config import PeftSpec
-from ..quant.mixed import module_matches
+from ..quant.core.mixed import module_matches
 from .freeze import decoder_layers, float_dtype, in_prefix, is_linear, module_device
 
 
@@ -23,6 +23,7 @@ def _own_bias(module: nn.Module) -> nn.Parameter | None:
 
 def bitfit_modules(model: nn.Module, spec: PeftSpec) -> list[str]:
     """Names of the modules whose bias BitFit trains (including linears that will get one)."""
+
     def usable(module: nn.Module) -> bool:
         return _own_bias(module) is not None or (spec.bitfit_add_missing and is_linear(module))
 

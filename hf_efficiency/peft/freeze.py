@@ -12,7 +12,7 @@ from torch import nn
 
 from ..config import PeftSpec
 from ..memory.shapes import decoder_layer_prefixes
-from ..quant.linear import QuantLinear
+from ..quant.modules.linear import QuantLinear
 
 
 def num_decoder_layers(model: nn.Module) -> int:
@@ -22,8 +22,9 @@ def num_decoder_layers(model: nn.Module) -> int:
         config = config.get_text_config()
     n = getattr(config, "num_hidden_layers", None)
     if n is None:
-        raise ValueError(f"{type(model).__name__} has no config.num_hidden_layers; peft methods need a transformers "
-                         "decoder model")
+        raise ValueError(
+            f"{type(model).__name__} has no config.num_hidden_layers; peft methods need a transformers decoder model"
+        )
     return n
 
 
@@ -89,8 +90,11 @@ def freeze_trainable_names(model: nn.Module, spec: PeftSpec) -> list[str]:
         if id(p) in frozen_ids or any(in_prefix(name, f) for f in frozen_prefixes) or not p.is_floating_point():
             continue
         names.append(name)
-    quantized = [n for n, m in model.named_modules()
-                 if isinstance(m, QuantLinear) and not any(in_prefix(n, f) for f in frozen_prefixes)]
+    quantized = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, QuantLinear) and not any(in_prefix(n, f) for f in frozen_prefixes)
+    ]
     if quantized:
         shown = ", ".join(quantized[:3]) + (", ..." if len(quantized) > 3 else "")
         raise ValueError(

@@ -16,16 +16,22 @@ from peft.tuners.ia3 import layer as ia3_layer
 from peft.tuners.ia3.config import IA3Config
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
-from ..quant.linear import QuantLinear
-from ..quant.requantize import requantize_linear
+from ..quant.core.requantize import requantize_linear
+from ..quant.modules.linear import QuantLinear
 from .lora import _snapshot, restore_pre_merge
 
 
 class QuantIA3Linear(ia3_layer.Linear):
     """peft's IA3 ``Linear`` over a `QuantLinear` (peft's ``IA3Layer`` accepts only float layer types)."""
 
-    def __init__(self, base_layer: torch.nn.Module, adapter_name: str, config: IA3Config,
-                 is_feedforward: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        base_layer: torch.nn.Module,
+        adapter_name: str,
+        config: IA3Config,
+        is_feedforward: bool = False,
+        **kwargs: Any,
+    ) -> None:
         torch.nn.Module.__init__(self)
         # IA3Layer.__init__, for a layer type it does not know
         self.base_layer = base_layer

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from ..quant.linear import QuantLinear
+from ..quant.modules.linear import QuantLinear
 
 
 def _peft_original():
@@ -24,13 +24,22 @@ def _peft_original():
     return getattr(current, "_hf_efficiency_original", current)
 
 
-def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = True,
-                                    gradient_checkpointing_kwargs: dict[str, Any] | None = None,
-                                    *args: Any, **kwargs: Any) -> nn.Module:
+def prepare_model_for_kbit_training(
+    model: nn.Module,
+    use_gradient_checkpointing: bool = True,
+    gradient_checkpointing_kwargs: dict[str, Any] | None = None,
+    *args: Any,
+    **kwargs: Any,
+) -> nn.Module:
     """peft's preparation (freeze the base, upcast float16/bfloat16 parameters), plus gradient
     checkpointing and input gradients for hf-efficiency's quantized layers."""
-    stored = [(p, p.dtype) for m in model.modules() if isinstance(m, QuantLinear)
-              for name, p in m.named_parameters(recurse=False) if name != "bias"]
+    stored = [
+        (p, p.dtype)
+        for m in model.modules()
+        if isinstance(m, QuantLinear)
+        for name, p in m.named_parameters(recurse=False)
+        if name != "bias"
+    ]
     model = _peft_original()(model, use_gradient_checkpointing, gradient_checkpointing_kwargs, *args, **kwargs)
     for p, dtype in stored:
         p.data = p.data.to(dtype)

@@ -27,17 +27,24 @@ from peft.tuners.lora import layer as lora_layer
 from peft.tuners.lora.config import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
-from ..quant.linear import QuantLinear
-from ..quant.requantize import REQUANTIZE_METHODS, requantize_linear
+from ..quant.core.requantize import REQUANTIZE_METHODS, requantize_linear
+from ..quant.modules.linear import QuantLinear
 
 #: LoRA options whose computation needs the base layer's float weight inside peft
-_UNSUPPORTED = ("use_dora", "lora_bias", "velora_config", "arrow_config", "use_bdlora", "mica", "kasa_config",
-                "monteclora_config")
+_UNSUPPORTED = (
+    "use_dora",
+    "lora_bias",
+    "velora_config",
+    "arrow_config",
+    "use_bdlora",
+    "mica",
+    "kasa_config",
+    "monteclora_config",
+)
 
 
 def _snapshot(module: QuantLinear) -> dict[str, torch.Tensor]:
-    return {name: t.detach().clone() for name, t in module.named_parameters(recurse=False)
-            if name.startswith("weight")}
+    return {name: t.detach().clone() for name, t in module.named_parameters(recurse=False) if name.startswith("weight")}
 
 
 def restore_pre_merge(layer) -> None:
@@ -65,9 +72,11 @@ class QuantLoraLinear(lora_layer.Linear):
     def __init__(self, base_layer: torch.nn.Module, adapter_name: str, config: LoraConfig, **kwargs: Any) -> None:
         on = [name for name in _UNSUPPORTED if getattr(config, name, None) not in (None, False, 0)]
         if on:
-            raise ValueError(f"LoRA on hf-efficiency's QuantLinear supports plain LoRA and rsLoRA; {', '.join(on)} "
-                             "need(s) the base layer's float weight. Dequantize the model first "
-                             "(from_pretrained(..., efficiency_config=..., dequantize=True)) to use it.")
+            raise ValueError(
+                f"LoRA on hf-efficiency's QuantLinear supports plain LoRA and rsLoRA; {', '.join(on)} "
+                "need(s) the base layer's float weight. Dequantize the model first "
+                "(from_pretrained(..., efficiency_config=..., dequantize=True)) to use it."
+            )
         super().__init__(base_layer, adapter_name, config=config, **kwargs)
         self._pre_merge: dict[str, torch.Tensor] | None = None
 
@@ -95,8 +104,12 @@ class QuantLoraLinear(lora_layer.Linear):
 
     def _folds_exactly(self, adapter: str) -> bool:
         base = self.get_base_layer()
-        return (adapter in self.lora_variant and base.weight_min is not None and base.group_size is not None
-                and self.qalora_group_size[adapter] % base.group_size == 0)
+        return (
+            adapter in self.lora_variant
+            and base.weight_min is not None
+            and base.group_size is not None
+            and self.qalora_group_size[adapter] % base.group_size == 0
+        )
 
     def _fold_into_minima(self, adapter: str) -> None:
         """Add a QA-LoRA delta to the group minima (and the kept outliers): the codes stay."""
@@ -118,8 +131,9 @@ class QuantLoraLinear(lora_layer.Linear):
         if not adapter_names:
             return
         if self.merge_method not in REQUANTIZE_METHODS:
-            raise ValueError(f"merge_method={self.merge_method!r} is not allowed; allowed values: "
-                             f"{', '.join(REQUANTIZE_METHODS)}")
+            raise ValueError(
+                f"merge_method={self.merge_method!r} is not allowed; allowed values: {', '.join(REQUANTIZE_METHODS)}"
+            )
         base = self.get_base_layer()
         exact = [a for a in adapter_names if self._folds_exactly(a)]
         rest = [a for a in adapter_names if a not in exact]

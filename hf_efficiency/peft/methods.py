@@ -26,8 +26,8 @@ from torch import nn
 from transformers.utils import logging
 
 from ..config import FORMAT_VERSION, QUANT_METHOD, EfficiencyConfig, PeftSpec
-from ..quant.linear import QuantLinear
-from ..quant.mixed import module_matches
+from ..quant.core.mixed import module_matches
+from ..quant.modules.linear import QuantLinear
 from .adapters import BottleneckAdapter, adapter_trainable_names, add_adapters
 from .bitfit import add_bitfit_biases, bitfit_trainable_names
 from .freeze import freeze_trainable_names
@@ -50,9 +50,7 @@ def peft_spec(model: nn.Module) -> PeftSpec | None:
     return getattr(model, SPEC_ATTR, None)
 
 
-def build_peft_structure(
-    model: nn.Module, spec: PeftSpec | dict[str, Any], expect_missing: bool = False
-) -> list[str]:
+def build_peft_structure(model: nn.Module, spec: PeftSpec | dict[str, Any], expect_missing: bool = False) -> list[str]:
     """Add the method's new parameters (adapters; zero biases for BitFit) to ``model`` without
     touching ``requires_grad``, and check that the method can train this model; returns the new
     names. Runs on the meta model inside ``from_pretrained``, where ``expect_missing`` (loading a base
@@ -162,8 +160,10 @@ def init_unloaded_peft_parameters(model: nn.Module, warn: bool = False) -> list[
                 p.zero_()
         done.append(name)
     if warn and done:
-        logger.warning(f"the checkpoint has no values for {len(done)} peft parameter(s) ({done[0]}, ...); "
-                       "they start as new (adapters = identity, added biases = 0)")
+        logger.warning(
+            f"the checkpoint has no values for {len(done)} peft parameter(s) ({done[0]}, ...); "
+            "they start as new (adapters = identity, added biases = 0)"
+        )
     return done
 
 
@@ -234,7 +234,9 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
 def print_trainable_parameters(model: nn.Module) -> None:
     """Print ``trainable params: ... || all params: ... || trainable%: ...`` (peft's format)."""
     trainable, total = trainable_parameters(model)
-    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / max(total, 1):.4f}")
+    print(
+        f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / max(total, 1):.4f}"
+    )
 
 
 def peft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -254,8 +256,11 @@ def save_peft_weights(model: nn.Module, save_directory: str | os.PathLike) -> No
         raise ValueError("this model carries no peft method; call apply_peft(model, spec) first")
     os.makedirs(save_directory, exist_ok=True)
     state = {n: t.to("cpu").contiguous() for n, t in peft_state_dict(model).items()}
-    save_file(state, os.path.join(save_directory, PEFT_WEIGHTS_NAME),
-              metadata={"format": "pt", "hf_efficiency_peft_method": spec.method})
+    save_file(
+        state,
+        os.path.join(save_directory, PEFT_WEIGHTS_NAME),
+        metadata={"format": "pt", "hf_efficiency_peft_method": spec.method},
+    )
     info = {
         "peft": spec.to_dict(),
         "format_version": FORMAT_VERSION,
@@ -282,8 +287,10 @@ def load_peft_weights(model: nn.Module, directory: str | os.PathLike) -> nn.Modu
         info = json.load(fh)
     version = info.get("format_version", 1)
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ValueError(f"{config_path} uses format version {version}; this hf-efficiency reads up to "
-                         f"{FORMAT_VERSION}: upgrade with `pip install -U hf-efficiency`")
+        raise ValueError(
+            f"{config_path} uses format version {version}; this hf-efficiency reads up to "
+            f"{FORMAT_VERSION}: upgrade with `pip install -U hf-efficiency`"
+        )
     apply_peft(model, info["peft"])
     state = load_file(weights_path)
     expected = peft_parameter_names(model)
@@ -297,7 +304,9 @@ def load_peft_weights(model: nn.Module, directory: str | os.PathLike) -> nn.Modu
         for name in expected:
             p, value = model.get_parameter(name), state[name]
             if tuple(p.shape) != tuple(value.shape):
-                raise ValueError(f"{weights_path}: {name} has shape {list(value.shape)}, the model's is {list(p.shape)}")
+                raise ValueError(
+                    f"{weights_path}: {name} has shape {list(value.shape)}, the model's is {list(p.shape)}"
+                )
             p.copy_(value.to(device=p.device, dtype=p.dtype))
     return model
 

@@ -44,8 +44,9 @@ class Drafter:
     def reset(self) -> None:
         pass
 
-    def propose(self, slots: Slots, k: int, *, warp: Warp | None, do_sample: bool,
-                generator: torch.Generator | None) -> Proposal:
+    def propose(
+        self, slots: Slots, k: int, *, warp: Warp | None, do_sample: bool, generator: torch.Generator | None
+    ) -> Proposal:
         raise NotImplementedError
 
     def rollback(self, length: int) -> None:
@@ -76,8 +77,9 @@ class ModelDrafter(Drafter):
 
         self.cache = DynamicCache(config=getattr(self.model, "config", None))
 
-    def propose(self, slots: Slots, k: int, *, warp: Warp | None, do_sample: bool,
-                generator: torch.Generator | None) -> Proposal:
+    def propose(
+        self, slots: Slots, k: int, *, warp: Warp | None, do_sample: bool, generator: torch.Generator | None
+    ) -> Proposal:
         if self.cache is None:
             self.reset()
         mask = slots.mask
@@ -100,8 +102,11 @@ class ModelDrafter(Drafter):
                 mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
                 logits = forward_slots(self.model, self.cache, tok, mask, keep=1)[:, -1]
         b = slots.ids.shape[0]
-        return Proposal(torch.cat(tokens, dim=1), torch.full((b,), k, dtype=torch.long, device=slots.ids.device),
-                        torch.stack(probs, dim=1) if do_sample else None)
+        return Proposal(
+            torch.cat(tokens, dim=1),
+            torch.full((b,), k, dtype=torch.long, device=slots.ids.device),
+            torch.stack(probs, dim=1) if do_sample else None,
+        )
 
     def rollback(self, length: int) -> None:
         if self.cache is not None:
@@ -125,8 +130,8 @@ class NgramDrafter(Drafter):
             tail = row[-n:]
             first, best = tail[0], []
             for start in range(size - n - 1, -1, -1):  # latest first; a match must have a token after it
-                if row[start] == first and row[start:start + n] == tail:
-                    cont = row[start + n:start + n + k]
+                if row[start] == first and row[start : start + n] == tail:
+                    cont = row[start + n : start + n + k]
                     if len(cont) == k:
                         return cont
                     if len(cont) > len(best):
@@ -135,8 +140,9 @@ class NgramDrafter(Drafter):
                 return best
         return []
 
-    def propose(self, slots: Slots, k: int, *, warp: Warp | None, do_sample: bool,
-                generator: torch.Generator | None) -> Proposal:
+    def propose(
+        self, slots: Slots, k: int, *, warp: Warp | None, do_sample: bool, generator: torch.Generator | None
+    ) -> Proposal:
         conts = [self.continuation(r, k) for r in slots.host]
         b, device = len(conts), slots.ids.device
         padded = [c + [0] * (k - len(c)) for c in conts]
@@ -151,6 +157,7 @@ class NgramDrafter(Drafter):
 
 # --- drafts built from the target -------------------------------------------------------------
 
+
 def _shallow(module: nn.Module) -> nn.Module:
     """A new module object sharing ``module``'s children, parameters and buffers."""
     clone = copy.copy(module)
@@ -164,14 +171,18 @@ def _decoder_layers(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
     """The base model, the attribute name of its decoder-layer list and the list."""
     base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
     if not isinstance(base, nn.Module):
-        raise ValueError(f"{type(model).__name__} has no base model attribute {model.base_model_prefix!r}; "
-                         "early-exit drafts need a decoder with a list of layers")
+        raise ValueError(
+            f"{type(model).__name__} has no base model attribute {model.base_model_prefix!r}; "
+            "early-exit drafts need a decoder with a list of layers"
+        )
     n = getattr(model.config, "num_hidden_layers", None)
     for name, child in base.named_children():
         if isinstance(child, nn.ModuleList) and (n is None or len(child) == n):
             return base, name, child
-    raise ValueError(f"could not find the decoder layers of {type(model).__name__} (an nn.ModuleList of "
-                     f"num_hidden_layers={n} modules in {type(base).__name__})")
+    raise ValueError(
+        f"could not find the decoder layers of {type(model).__name__} (an nn.ModuleList of "
+        f"num_hidden_layers={n} modules in {type(base).__name__})"
+    )
 
 
 def early_exit_model(target: nn.Module, num_layers: int) -> nn.Module:
@@ -229,10 +240,10 @@ def quantized_copy(target: nn.Module, spec: QuantizationSpec) -> nn.Module:
     """The target with its linears (all but ``lm_head`` unless ``spec.modules_to_not_convert`` says
     otherwise) replaced by `QuantLinear` modules quantized from its own weights; every other tensor
     (embeddings, norms, the head) is shared with the target."""
-    from ..quant.linear import QuantLinear, scale_dtype_of
+    from ..quant.core.mixed import bits_for_module
     from ..quant.methods import quantize_matrix
-    from ..quant.mixed import bits_for_module
-    from ..quant.replace import _set_submodule, linears_to_quantize
+    from ..quant.modules.linear import QuantLinear, scale_dtype_of
+    from ..quant.modules.replace import _set_submodule, linears_to_quantize
 
     if spec.needs_calibration:
         raise ValueError(f"a self-draft cannot use calibrated method {spec.method!r}; use rtn or hqq")
@@ -240,7 +251,9 @@ def quantized_copy(target: nn.Module, spec: QuantizationSpec) -> nn.Module:
     skip = list(spec.modules_to_not_convert) if spec.modules_to_not_convert is not None else ["lm_head"]
     for name in linears_to_quantize(draft, skip):
         linear = draft.get_submodule(name)
-        q = quantize_matrix(linear.weight, spec, bits_for_module(name, spec), scale_dtype=scale_dtype_of(spec.scale_dtype))
+        q = quantize_matrix(
+            linear.weight, spec, bits_for_module(name, spec), scale_dtype=scale_dtype_of(spec.scale_dtype)
+        )
         module = QuantLinear.from_quantized(linear, q, symmetric=spec.symmetric).to(linear.weight.device)
         module.requires_grad_(False)
         _set_submodule(draft, name, module)
@@ -253,6 +266,7 @@ def half_copy(target: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 # --- vocabulary checks and the entry point ----------------------------------------------------
+
 
 def _vocab_size(model: nn.Module) -> int:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -272,8 +286,10 @@ def check_draft_vocabulary(target: nn.Module, draft: nn.Module, tokenizer=None, 
         return
     vt, vd = _vocab_size(target), _vocab_size(draft)
     if vt != vd:
-        raise ValueError(f"the draft's vocabulary has {vd} ids and the target's {vt}. {hint} If both use the same "
-                         "tokenizer with a padded embedding, pass tokenizer= and draft_tokenizer= so it can be checked.")
+        raise ValueError(
+            f"the draft's vocabulary has {vd} ids and the target's {vt}. {hint} If both use the same "
+            "tokenizer with a padded embedding, pass tokenizer= and draft_tokenizer= so it can be checked."
+        )
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         a = getattr(target.config, key, None)
         b = getattr(draft.config, key, None)
@@ -301,9 +317,7 @@ def draft_model_for(target: nn.Module, name: str, **load_kwargs) -> nn.Module:
     else:
         from transformers import AutoModelForCausalLM
 
-        from ..data import resolve_model_path
-
-        path = resolve_model_path(os.fspath(name))
+        path = os.fspath(name)
         load_kwargs.setdefault("dtype", getattr(target, "dtype", None))
         model = AutoModelForCausalLM.from_pretrained(path, **load_kwargs).to(target.device).eval()
         check_draft_vocabulary(target, model)
@@ -311,8 +325,14 @@ def draft_model_for(target: nn.Module, name: str, **load_kwargs) -> nn.Module:
     return model
 
 
-def build_drafter(target: nn.Module, draft: str | nn.Module | Drafter, spec: SpeculativeSpec | None = None, *,
-                  tokenizer=None, draft_tokenizer=None) -> Drafter:
+def build_drafter(
+    target: nn.Module,
+    draft: str | nn.Module | Drafter,
+    spec: SpeculativeSpec | None = None,
+    *,
+    tokenizer=None,
+    draft_tokenizer=None,
+) -> Drafter:
     """A `Drafter` from a draft name (see `SpeculativeSpec.draft`), a model object or a `Drafter`."""
     spec = spec or SpeculativeSpec()
     vocab = _vocab_size(target)

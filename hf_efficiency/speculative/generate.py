@@ -48,7 +48,9 @@ def resolve_spec(model, speculative: Any) -> SpeculativeSpec:
         return SpeculativeSpec.from_dict(speculative)
     if speculative is None or speculative is True:
         return saved_spec(model) or SpeculativeSpec()
-    raise TypeError(f"speculative= must be a SpeculativeConfig, a dict, True or False, got {type(speculative).__name__}")
+    raise TypeError(
+        f"speculative= must be a SpeculativeConfig, a dict, True or False, got {type(speculative).__name__}"
+    )
 
 
 def wants_speculative(model, kwargs: dict[str, Any]) -> bool:
@@ -77,20 +79,28 @@ def prepare_generate_kwargs(model, args: tuple, kwargs: dict[str, Any]) -> dict[
     checks what transformers would otherwise let through silently."""
     kwargs = dict(kwargs)
     if kwargs.get("assistant_model") is not None:
-        raise ValueError("pass either assistant_model= (transformers' assisted generation) or draft_model= / "
-                         "speculative= (hf-efficiency's speculative decoding), not both")
+        raise ValueError(
+            "pass either assistant_model= (transformers' assisted generation) or draft_model= / "
+            "speculative= (hf-efficiency's speculative decoding), not both"
+        )
     if kwargs.get("custom_generate") is not None:
         raise ValueError("speculative decoding is itself a custom_generate; do not pass custom_generate= with it")
     inputs = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
-    if isinstance(inputs, torch.Tensor) and inputs.dim() == 2 and inputs.shape[0] > 1 \
-            and kwargs.get("attention_mask") is None:
+    if (
+        isinstance(inputs, torch.Tensor)
+        and inputs.dim() == 2
+        and inputs.shape[0] > 1
+        and kwargs.get("attention_mask") is None
+    ):
         gen = kwargs.get("generation_config") or model.generation_config
         pad = kwargs.get("pad_token_id", getattr(gen, "pad_token_id", None))
         pads = [pad] if isinstance(pad, int) else list(pad or [])
         if any(bool((inputs == p).any()) for p in pads):
-            raise ValueError(f"a batch of {inputs.shape[0]} prompts contains the pad token ({pad}) but no "
-                             "attention_mask was given: the rows have different lengths. Pass the tokenizer's "
-                             "attention_mask (tokenized with padding_side='left').")
+            raise ValueError(
+                f"a batch of {inputs.shape[0]} prompts contains the pad token ({pad}) but no "
+                "attention_mask was given: the rows have different lengths. Pass the tokenizer's "
+                "attention_mask (tokenized with padding_side='left')."
+            )
     for key in ("output_scores", "output_logits", "output_attentions", "output_hidden_states"):
         if kwargs.get(key):
             raise ValueError(f"{key}=True is not supported with speculative decoding")
@@ -103,10 +113,19 @@ def prepare_generate_kwargs(model, args: tuple, kwargs: dict[str, Any]) -> dict[
     return kwargs
 
 
-def speculative_decoding(model, input_ids: torch.Tensor, logits_processor=None, stopping_criteria=None,
-                         generation_config=None, draft_model=None, speculative: SpeculativeSpec | None = None,
-                         draft_tokenizer=None, speculative_streamer=None, speculative_tokenizer=None,
-                         **model_kwargs: Any):
+def speculative_decoding(
+    model,
+    input_ids: torch.Tensor,
+    logits_processor=None,
+    stopping_criteria=None,
+    generation_config=None,
+    draft_model=None,
+    speculative: SpeculativeSpec | None = None,
+    draft_tokenizer=None,
+    speculative_streamer=None,
+    speculative_tokenizer=None,
+    **model_kwargs: Any,
+):
     """transformers ``custom_generate`` callable: speculative decoding of ``model`` with the draft
     ``draft_model`` (or ``speculative.draft``)."""
     spec = speculative if isinstance(speculative, SpeculativeSpec) else resolve_spec(model, speculative)
@@ -120,11 +139,21 @@ def speculative_decoding(model, input_ids: torch.Tensor, logits_processor=None, 
     pad = getattr(cfg, "_pad_token_tensor", None)
     pad = int(pad) if pad is not None else cfg.pad_token_id
     sequences, stats = speculative_generate(
-        model, draft_model if draft_model is not None else spec.draft, input_ids,
-        model_kwargs.get("attention_mask"), max_new_tokens=cfg.max_length - input_ids.shape[1], spec=spec,
-        do_sample=bool(cfg.do_sample), eos_token_id=eos, pad_token_id=pad, logits_processor=logits_processor,
-        stopping_criteria=stopping_criteria, streamer=speculative_streamer, tokenizer=speculative_tokenizer,
-        draft_tokenizer=draft_tokenizer)
+        model,
+        draft_model if draft_model is not None else spec.draft,
+        input_ids,
+        model_kwargs.get("attention_mask"),
+        max_new_tokens=cfg.max_length - input_ids.shape[1],
+        spec=spec,
+        do_sample=bool(cfg.do_sample),
+        eos_token_id=eos,
+        pad_token_id=pad,
+        logits_processor=logits_processor,
+        stopping_criteria=stopping_criteria,
+        streamer=speculative_streamer,
+        tokenizer=speculative_tokenizer,
+        draft_tokenizer=draft_tokenizer,
+    )
     model.__dict__["last_speculative_stats"] = stats
     if cfg.return_dict_in_generate:
         return SpeculativeDecoderOnlyOutput(sequences=sequences, speculative_stats=stats)

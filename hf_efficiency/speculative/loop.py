@@ -67,15 +67,21 @@ class SpeculativeStats:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "new_tokens": self.new_tokens, "rows": self.rows, "target_passes": self.target_passes,
-            "drafted": self.drafted, "accepted": self.accepted,
+            "new_tokens": self.new_tokens,
+            "rows": self.rows,
+            "target_passes": self.target_passes,
+            "drafted": self.drafted,
+            "accepted": self.accepted,
             "acceptance_rate": round(self.acceptance_rate, 4),
             "mean_accepted_per_step": round(self.mean_accepted_per_step, 4),
             "target_passes_per_token": round(self.target_passes_per_token, 4),
-            "seconds": round(self.seconds, 4), "draft_seconds": round(self.draft_seconds, 4),
-            "target_seconds": round(self.target_seconds, 4), "tokens_per_second": round(self.tokens_per_second, 3),
+            "seconds": round(self.seconds, 4),
+            "draft_seconds": round(self.draft_seconds, 4),
+            "target_seconds": round(self.target_seconds, 4),
+            "tokens_per_second": round(self.tokens_per_second, 3),
             "mean_draft_length": round(sum(self.draft_lengths) / len(self.draft_lengths), 3)
-            if self.draft_lengths else 0.0,
+            if self.draft_lengths
+            else 0.0,
         }
 
 
@@ -98,8 +104,9 @@ class DraftLength:
         self.rejections = 0.0
         self.ratio: float | None = None
 
-    def update(self, accepted: list[int], offered: list[int], draft_seconds: float, target_seconds: float,
-               drafted: int) -> None:
+    def update(
+        self, accepted: list[int], offered: list[int], draft_seconds: float, target_seconds: float, drafted: int
+    ) -> None:
         """Record one step: per live row, accepted and offered draft tokens; the step's draft and target
         times; ``drafted`` = the step's draft length."""
         if not self.adaptive or drafted == 0:
@@ -130,8 +137,9 @@ def _user_criteria(stopping_criteria) -> list:
     return [c for c in (stopping_criteria or []) if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))]
 
 
-def _stop_index(emitted: list[int], prefix: list[int], eos: list[int], criteria: list,
-                device: torch.device) -> int | None:
+def _stop_index(
+    emitted: list[int], prefix: list[int], eos: list[int], criteria: list, device: torch.device
+) -> int | None:
     """Index of the first emitted token after which the row stops (eos, or a user criterion)."""
     for i, tok in enumerate(emitted):
         if tok in eos:
@@ -151,24 +159,40 @@ def _check_inputs(input_ids: Tensor, attention_mask: Tensor | None, max_new_toke
     if attention_mask is None:
         return torch.ones_like(input_ids, dtype=torch.bool)
     if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        raise ValueError(
+            f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
+        )
     mask = attention_mask.bool()
     if not bool(mask.any(dim=1).all()):
         raise ValueError("a row of attention_mask is all zeros: every prompt needs at least one token")
     if not bool(mask[:, -1].all()):
-        raise ValueError("the prompts are right-padded (attention_mask ends in 0 on some row); speculative decoding "
-                         "appends after the last slot: tokenize with padding_side='left'")
+        raise ValueError(
+            "the prompts are right-padded (attention_mask ends in 0 on some row); speculative decoding "
+            "appends after the last slot: tokenize with padding_side='left'"
+        )
     return mask
 
 
 @torch.no_grad()
-def speculative_generate(target: nn.Module, draft: str | nn.Module | Drafter, input_ids: Tensor,
-                         attention_mask: Tensor | None = None, *, max_new_tokens: int,
-                         spec: SpeculativeSpec | None = None, num_draft_tokens: int | None = None,
-                         do_sample: bool = False, eos_token_id: int | Iterable[int] | Tensor | None = None,
-                         pad_token_id: int | None = None, logits_processor=None, stopping_criteria=None,
-                         generator: torch.Generator | None = None, streamer=None, tokenizer=None,
-                         draft_tokenizer=None) -> tuple[Tensor, SpeculativeStats]:
+def speculative_generate(
+    target: nn.Module,
+    draft: str | nn.Module | Drafter,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    *,
+    max_new_tokens: int,
+    spec: SpeculativeSpec | None = None,
+    num_draft_tokens: int | None = None,
+    do_sample: bool = False,
+    eos_token_id: int | Iterable[int] | Tensor | None = None,
+    pad_token_id: int | None = None,
+    logits_processor=None,
+    stopping_criteria=None,
+    generator: torch.Generator | None = None,
+    streamer=None,
+    tokenizer=None,
+    draft_tokenizer=None,
+) -> tuple[Tensor, SpeculativeStats]:
     """Generate up to ``max_new_tokens`` per row after ``input_ids [B, T]`` (left-padded, with
     ``attention_mask``) with ``draft`` proposing and ``target`` verifying.
 
@@ -180,8 +204,13 @@ def speculative_generate(target: nn.Module, draft: str | nn.Module | Drafter, in
     if num_draft_tokens is not None:
         if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
             raise ValueError(f"num_draft_tokens must be an integer >= 1, got {num_draft_tokens!r}")
-        spec = SpeculativeSpec(**{**spec.to_dict(), "num_draft_tokens": num_draft_tokens,
-                                  "max_draft_tokens": max(spec.max_draft_tokens, num_draft_tokens)})
+        spec = SpeculativeSpec(
+            **{
+                **spec.to_dict(),
+                "num_draft_tokens": num_draft_tokens,
+                "max_draft_tokens": max(spec.max_draft_tokens, num_draft_tokens),
+            }
+        )
     mask = _check_inputs(input_ids, attention_mask, max_new_tokens)
     drafter = build_drafter(target, draft, spec, tokenizer=tokenizer, draft_tokenizer=draft_tokenizer)
     eos = _eos_list(eos_token_id)
@@ -228,15 +257,18 @@ def speculative_generate(target: nn.Module, draft: str | nn.Module | Drafter, in
         logits = forward_slots(target, t_cache, new_slots, ext_mask, keep=k + 1)
         if warp is not None:
             rows = slots.rows() if warp.per_row else []
-            logits = torch.stack([warp(logits[:, i], lambda i=i: [torch.cat([p, draft_tokens[r, :i]])
-                                                                  for r, p in enumerate(rows)])
-                                  for i in range(k + 1)], dim=1)
+            logits = torch.stack(
+                [
+                    warp(logits[:, i], lambda i=i: [torch.cat([p, draft_tokens[r, :i]]) for r, p in enumerate(rows)])
+                    for i in range(k + 1)
+                ],
+                dim=1,
+            )
         offered_t = torch.tensor(offered, dtype=torch.long, device=device)
         if do_sample:
             if q_probs is None:
                 q_probs = logits.new_zeros(b, k, logits.shape[-1])
-            accepted, nxt = sampling_verify(draft_tokens, q_probs, torch.softmax(logits, dim=-1), offered_t,
-                                            generator)
+            accepted, nxt = sampling_verify(draft_tokens, q_probs, torch.softmax(logits, dim=-1), offered_t, generator)
         else:
             accepted, nxt = greedy_verify(draft_tokens, logits, offered_t)
         acc, nxt_l, drafted_l = accepted.tolist(), nxt.tolist(), draft_tokens.tolist()

@@ -23,8 +23,8 @@ def left_pad(rows: list[Tensor], pad_token_id: int, device: torch.device | str |
     ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long, device=device)
     mask = torch.zeros(len(rows), width, dtype=torch.long, device=device)
     for i, r in enumerate(rows):
-        ids[i, width - r.numel():] = r
-        mask[i, width - r.numel():] = 1
+        ids[i, width - r.numel() :] = r
+        mask[i, width - r.numel() :] = 1
     return ids, mask
 
 
@@ -70,8 +70,14 @@ def forward_slots(model: nn.Module, cache, ids: Tensor, mask: Tensor, keep: int)
     if past + ids.shape[1] != mask.shape[1]:
         raise RuntimeError(f"slot bookkeeping broke: cache {past} + new {ids.shape[1]} != mask {mask.shape[1]}")
     positions = positions_of(mask)[:, past:]
-    out = model(input_ids=ids, attention_mask=mask.long(), position_ids=positions, cache=cache,
-                use_cache=True, logits_to_keep=keep)
+    out = model(
+        input_ids=ids,
+        attention_mask=mask.long(),
+        position_ids=positions,
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=keep,
+    )
     return out.logits[:, -keep:].float()
 
 

@@ -27,8 +27,7 @@ def _check(draft_tokens: Tensor, target: Tensor, draft_lengths: Tensor | None) -
         raise ValueError(f"draft_tokens must be [batch, k], got shape {tuple(draft_tokens.shape)}")
     b, k = draft_tokens.shape
     if target.dim() != 3 or target.shape[0] != b or target.shape[1] != k + 1:
-        raise ValueError(f"target scores must be [batch, k + 1, vocab] = [{b}, {k + 1}, V], "
-                         f"got {tuple(target.shape)}")
+        raise ValueError(f"target scores must be [batch, k + 1, vocab] = [{b}, {k + 1}, V], got {tuple(target.shape)}")
     if draft_lengths is None:
         return torch.full((b,), k, dtype=torch.long, device=draft_tokens.device)
     draft_lengths = draft_lengths.to(device=draft_tokens.device, dtype=torch.long)
@@ -46,8 +45,9 @@ def _within_length(draft_lengths: Tensor, k: int) -> Tensor:
     return torch.arange(k, device=draft_lengths.device)[None, :] < draft_lengths[:, None]
 
 
-def greedy_verify(draft_tokens: Tensor, target_logits: Tensor,
-                  draft_lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def greedy_verify(
+    draft_tokens: Tensor, target_logits: Tensor, draft_lengths: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """``(accepted [B], next_token [B])`` for greedy decoding.
 
     ``target_logits`` is ``[B, k + 1, V]``: position ``i`` scores the token after the prompt and the
@@ -63,9 +63,13 @@ def greedy_verify(draft_tokens: Tensor, target_logits: Tensor,
     return accepted, next_token
 
 
-def sampling_verify(draft_tokens: Tensor, draft_probs: Tensor, target_probs: Tensor,
-                    draft_lengths: Tensor | None = None,
-                    generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def sampling_verify(
+    draft_tokens: Tensor,
+    draft_probs: Tensor,
+    target_probs: Tensor,
+    draft_lengths: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
     """``(accepted [B], next_token [B])`` for sampling, by the speculative-sampling rule.
 
     ``draft_probs`` is ``[B, k, V]``: the distribution each drafted token was sampled from, after the
@@ -75,8 +79,10 @@ def sampling_verify(draft_tokens: Tensor, draft_probs: Tensor, target_probs: Ten
     lengths = _check(draft_tokens, target_probs, draft_lengths)
     b, k = draft_tokens.shape
     if draft_probs.shape[:2] != (b, k) or draft_probs.shape[-1] != target_probs.shape[-1]:
-        raise ValueError(f"draft_probs must be [batch, k, vocab] = [{b}, {k}, {target_probs.shape[-1]}], "
-                         f"got {tuple(draft_probs.shape)}")
+        raise ValueError(
+            f"draft_probs must be [batch, k, vocab] = [{b}, {k}, {target_probs.shape[-1]}], "
+            f"got {tuple(draft_probs.shape)}"
+        )
     p = target_probs.float()
     q = draft_probs.float()
     idx = draft_tokens[..., None]

@@ -18,9 +18,18 @@ from torch import Tensor
 def _prefix_free_types() -> tuple[type, ...]:
     from transformers.generation import logits_process as lp
 
-    names = ("TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper", "MinPLogitsWarper",
-             "TypicalLogitsWarper", "EpsilonLogitsWarper", "EtaLogitsWarper", "SuppressTokensLogitsProcessor",
-             "LogitNormalization", "TopHLogitsWarper")
+    names = (
+        "TemperatureLogitsWarper",
+        "TopKLogitsWarper",
+        "TopPLogitsWarper",
+        "MinPLogitsWarper",
+        "TypicalLogitsWarper",
+        "EpsilonLogitsWarper",
+        "EtaLogitsWarper",
+        "SuppressTokensLogitsProcessor",
+        "LogitNormalization",
+        "TopHLogitsWarper",
+    )
     return tuple(getattr(lp, n) for n in names if hasattr(lp, n))
 
 
@@ -38,7 +47,7 @@ class RowWarp:
             dummy = torch.zeros(scores.shape[0], 1, dtype=torch.long, device=scores.device)
             return self.processors(dummy, scores)
         rows = prefixes()
-        return torch.cat([self.processors(p[None], scores[b:b + 1]) for b, p in enumerate(rows)], dim=0)
+        return torch.cat([self.processors(p[None], scores[b : b + 1]) for b, p in enumerate(rows)], dim=0)
 
 
 def row_warp(processors) -> RowWarp | None:

@@ -79,9 +79,11 @@ class GenerateCommand(_HfEfficiencyLeaf):
 
 
 class HfEfficiencyCommand(BaseOptimumCLICommand):
-    COMMAND = CommandInfo(name="hf-efficiency",
-                          help="hf-efficiency: quantize, convert community formats, evaluate, estimate memory, "
-                               "distill, speculative generate")
+    COMMAND = CommandInfo(
+        name="hf-efficiency",
+        help="hf-efficiency: quantize, convert community formats, evaluate, estimate memory, "
+        "distill, speculative generate",
+    )
     SUBCOMMANDS = (
         CommandInfo(name="quantize", help=cli.QUANTIZE_HELP, subcommand_class=QuantizeCommand),
         CommandInfo(name="convert", help=cli.CONVERT_HELP, subcommand_class=ConvertCommand),

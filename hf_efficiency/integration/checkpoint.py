@@ -1,0 +1,87 @@
+"""Validation of a pre-quantized checkpoint before transformers loads it.
+
+transformers silently re-initializes missing tensors and only logs unexpected ones; for packed
+weights that would be garbage. We read the safetensors headers (no tensor data) and check every
+tensor a `QuantLinear` needs: present, right shape, right dtype, file not truncated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterable
+
+from torch import nn
+
+from ..quant.modules.linear import QuantLinear
+
+_DTYPE_NAMES = {"torch.int32": "I32", "torch.float16": "F16", "torch.bfloat16": "BF16", "torch.float32": "F32"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint of ours is missing a tensor, has a wrong shape/dtype, or is corrupt."""
+
+
+def read_header(path: str | os.PathLike) -> dict[str, dict]:
+    """Tensor entries ``{name: {"dtype", "shape", "data_offsets"}}`` of a safetensors file,
+    after checking that the file is long enough to hold every tensor."""
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{path}: file is truncated ({size} bytes; no safetensors header)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8:
+                raise CheckpointError(f"{path}: file is truncated (header of {n} bytes, file of {size} bytes)")
+            header = json.loads(fh.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({exc})") from exc
+    header.pop("__metadata__", None)
+    end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    if 8 + n + end > size:
+        missing = 8 + n + end - size
+        last = max(header, key=lambda k: header[k]["data_offsets"][1])
+        raise CheckpointError(
+            f"{path}: file is truncated: {missing} bytes missing (tensor {last!r} and possibly others "
+            "extend past the end); re-download or re-save the checkpoint"
+        )
+    return header
+
+
+def expected_tensors(model: nn.Module) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{checkpoint key: (dtype name, shape)}`` for every packed tensor of the model's QuantLinears."""
+    out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            for attr in ("weight", "weight_scale", "weight_min", "weight_perm"):
+                t = getattr(module, attr)
+                if t is not None:
+                    out[f"{name}.{attr}"] = (_DTYPE_NAMES.get(str(t.dtype), str(t.dtype)), tuple(t.shape))
+    return out
+
+
+def validate_checkpoint(model: nn.Module, checkpoint_files: Iterable[str | os.PathLike]) -> None:
+    """Raise `CheckpointError` naming the first problem; return silently when all is well."""
+    found: dict[str, tuple[str, tuple[int, ...], str]] = {}
+    for path in checkpoint_files:
+        if not os.fspath(path).endswith(".safetensors"):
+            raise CheckpointError(f"{path}: hf-efficiency checkpoints are safetensors only")
+        for key, entry in read_header(path).items():
+            found[key] = (entry["dtype"], tuple(entry["shape"]), os.fspath(path))
+    for key, (dtype, shape) in expected_tensors(model).items():
+        if key not in found:
+            raise CheckpointError(
+                f"checkpoint is missing tensor {key!r} (expected {dtype} {list(shape)}); the checkpoint is "
+                "incomplete or was not written by hf-efficiency with this quantization config"
+            )
+        got_dtype, got_shape, path = found[key]
+        if got_shape != shape:
+            raise CheckpointError(
+                f"tensor {key!r} in {os.path.basename(path)} has shape {list(got_shape)}, expected {list(shape)} "
+                "for the quantization config in config.json"
+            )
+        if got_dtype != dtype:
+            raise CheckpointError(f"tensor {key!r} in {os.path.basename(path)} has dtype {got_dtype}, expected {dtype}")

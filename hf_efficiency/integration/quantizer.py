@@ -1,0 +1,193 @@
+"""`EfficiencyHfQuantizer`: the transformers backend for ``quant_method="hf_efficiency"``.
+
+* on-the-fly (``from_pretrained(fp_model, efficiency_config=...)``): linears become empty
+  `QuantLinear` shells on the meta device; each float weight is quantized by `QuantizeOp` as it
+  is read from disk, so the full float model never sits in memory.
+* calibrated (``awq``, ``gptq``, automatic mixed precision, static activations, SmoothQuant,
+  outliers with calibration data): the float weights load as they are, then
+  :func:`~.pipeline.quantize_calibrated` runs layer by layer on the calibration data.
+* pre-quantized (our checkpoint): the same shells, then the checkpoint headers are validated and
+  the packed tensors load by name.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.core_model_loading import ConversionOps
+from transformers.quantizers.base import HfQuantizer
+from transformers.quantizers.quantizers_utils import get_module_from_name
+from transformers.utils import logging
+
+from ..config import FORMAT_VERSION, QUANT_METHOD, EfficiencyConfig
+from ..quant.methods import quantize_matrix
+from ..quant.modules.linear import QuantLinear
+from ..quant.modules.replace import dequantize_model, modules_to_not_convert, replace_with_quant_linear
+from .checkpoint import validate_checkpoint
+
+logger = logging.get_logger(__name__)
+
+
+class QuantizeOp(ConversionOps):
+    """Quantizes one float ``weight`` as it is loaded; emits every companion tensor."""
+
+    def __init__(self, hf_quantizer: "EfficiencyHfQuantizer") -> None:
+        self.hf_quantizer = hf_quantizer
+
+    def convert(self, input_dict, full_layer_name: str | None = None, model=None, **kwargs):
+        (value,) = tuple(input_dict.values())
+        weight = value[0] if isinstance(value, list) else value
+        module, _ = get_module_from_name(model, full_layer_name)
+        spec = self.hf_quantizer.quantization_config.quantization
+        q = quantize_matrix(weight, spec, module.bits, scale_dtype=module.weight_scale.dtype, outliers=module.outliers)
+        module.__dict__.pop("_kernel_cache", None)
+        prefix = full_layer_name.rsplit(".", 1)[0]
+        out = {full_layer_name: q.packed, f"{prefix}.weight_scale": q.scale}
+        if q.minimum is not None:
+            out[f"{prefix}.weight_min"] = q.minimum
+        if q.outlier_index is not None:
+            out[f"{prefix}.weight_outlier_index"] = q.outlier_index
+            out[f"{prefix}.weight_outlier_value"] = q.outlier_value
+        return out
+
+
+class EfficiencyHfQuantizer(HfQuantizer):
+    """Applies an `EfficiencyConfig` inside ``from_pretrained``."""
+
+    requires_calibration = False
+    quantization_config: EfficiencyConfig
+
+    def __init__(self, quantization_config: EfficiencyConfig, **kwargs) -> None:
+        super().__init__(quantization_config, **kwargs)
+        self.quantized_modules: list[str] = []
+
+    def update_attn_implementation(self, config):
+        """Build the model with the saved ``attention.implementation`` unless one was asked for."""
+        spec = getattr(self.quantization_config, "attention", None)
+        if spec is not None and spec.implementation and config._attn_implementation is None:
+            config._attn_implementation = spec.implementation
+        return config
+
+    # --- what gets converted -----------------------------------------------------------------
+    def _skip_list(self, model) -> list[str]:
+        return modules_to_not_convert(model, self.quantization_config.quantization)
+
+    @property
+    def _calibrates(self) -> bool:
+        return not self.pre_quantized and self.quantization_config.needs_calibration
+
+    def _act_mode(self) -> str | None:
+        act = getattr(self.quantization_config, "activations", None)
+        return None if act is None else act.mode
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        # calibrated methods quantize after the float weights are loaded
+        if self.quantization_config.quantization is not None and not self._calibrates:
+            self.quantized_modules = replace_with_quant_linear(
+                model, self.quantization_config.quantization, self._skip_list(model), self._act_mode()
+            )
+            if self.pre_quantized and checkpoint_files:
+                validate_checkpoint(model, checkpoint_files)
+        if getattr(self.quantization_config, "peft", None) is not None:
+            from ..peft.methods import build_peft_structure
+
+            # the saved adapters/biases then load by name; a float base checkpoint has none yet
+            build_peft_structure(model, self.quantization_config.peft, expect_missing=not self.pre_quantized)
+        return model
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        if self.pre_quantized or self._calibrates:
+            return False
+        module, tensor_name = get_module_from_name(model, param_name)
+        return isinstance(module, QuantLinear) and tensor_name == "weight"
+
+    def get_quantize_ops(self):
+        return QuantizeOp(self)
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        peft = getattr(self.quantization_config, "peft", None)
+        if peft is not None:
+            from ..peft.methods import init_unloaded_peft_parameters
+
+            init_unloaded_peft_parameters(model, warn=self.pre_quantized)  # before any calibration pass
+        if self._calibrates:
+            from ..quant.calibrated.pipeline import quantize_calibrated
+
+            tokenizer = self._calibration_tokenizer(model)
+            cfg, report = quantize_calibrated(model, self.quantization_config, tokenizer, self._skip_list(model))
+            logger.info(
+                f"calibrated {cfg.quantization.method} quantization of {len(report.module_bits)} linears on "
+                f"{report.calibration_tokens} tokens took {report.seconds:.1f} s"
+            )
+            self.quantization_config = cfg
+            model.config.quantization_config = cfg
+            model.hf_efficiency_report = report
+        if not self.pre_quantized and self.quantization_config.base_model is None:
+            # Record the source model on a copy (never mutate the user's config object).
+            cfg = EfficiencyConfig(**self.quantization_config.to_dict())
+            cfg.base_model = base_model_of(getattr(model.config, "_name_or_path", None))
+            self.quantization_config = cfg
+            model.config.quantization_config = cfg
+        for name, module in model.named_modules():
+            if isinstance(module, QuantLinear):
+                module.requires_grad_(False)
+                module.__dict__.pop("_kernel_cache", None)
+        if peft is not None:
+            from ..peft.methods import mark_trainable
+
+            mark_trainable(model, peft)
+        return model
+
+    def _calibration_tokenizer(self, model):
+        from transformers import AutoTokenizer
+
+        source = self.quantization_config.calibration.tokenizer or getattr(model.config, "_name_or_path", None)
+        if not source:
+            raise ValueError(
+                "calibrated quantization needs a tokenizer: set calibration.tokenizer to a tokenizer name or path"
+            )
+        try:
+            return AutoTokenizer.from_pretrained(source)
+        except Exception as e:  # noqa: BLE001 - re-raised with the fix
+            raise ValueError(
+                f"could not load a tokenizer from {source!r} for calibration ({e}); set calibration.tokenizer"
+            ) from e
+
+    # --- saving -----------------------------------------------------------------------------
+    def get_state_dict_and_metadata(self, model):
+        return None, {"hf_efficiency_format_version": str(FORMAT_VERSION), "quant_method": QUANT_METHOD}
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        # Nothing is weight-quantized (full fine-tuning of a model carrying only other sections), or a
+        # peft section trains float parameters (adapters, biases) beside the quantized weights.
+        return (
+            self.quantization_config.quantization is None or getattr(self.quantization_config, "peft", None) is not None
+        )
+
+    def _dequantize(self, model, dtype=None):
+        if isinstance(dtype, str):  # a saved config's dtype is a string
+            dtype = getattr(torch, dtype)
+        count = dequantize_model(model, dtype or torch.float32)
+        logger.info(f"dequantized {count} QuantLinear modules to {dtype}")
+        return model
+
+
+def base_model_of(name_or_path: str | None) -> str | None:
+    """The Hub id a model came from: from ``hf_efficiency_source.json`` in a local folder (the
+    bundled model writes one), else the name itself when it is not a local path."""
+    import os
+
+    from ..data import source_info
+
+    if not name_or_path:
+        return None
+    if os.path.isdir(name_or_path):
+        return source_info(name_or_path).get("base_model")
+    return name_or_path

@@ -1,0 +1,285 @@
+"""The calibrated quantization pipeline: sequential, layer by layer.
+
+For each decoder layer: capture its linears' input statistics (inputs come from the already
+quantized layers before it), fold AWQ / SmoothQuant scales into the preceding norm or linear,
+quantize every selected linear with the configured method, swap in `QuantLinear` modules, and run
+the quantized layer to produce the next layer's inputs. With ``calibration.device`` set, each
+layer is moved there for its turn only.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.utils import logging
+
+from ...config import EfficiencyConfig, QuantizationSpec
+from ..core.mixed import allocate_bits, bits_for_module, mean_bits
+from ..core.scheme import fake_quantize
+from ..methods import quantize_matrix
+from ..methods.awq import awq_search_clip, awq_search_scale, smoothquant_scales
+from ..modules.linear import QuantLinear, outlier_count, scale_dtype_of
+from ..modules.replace import _set_submodule, linears_to_quantize
+from .capture import (
+    InputStats,
+    calibration_windows,
+    capture_first_layer_inputs,
+    collect_layer_stats,
+    collect_model_input_rms,
+    find_decoder_layers,
+    run_layer,
+)
+
+logger = logging.get_logger(__name__)
+
+#: token rows used by AWQ's scale search and clip search (a fixed random subsample)
+AWQ_SCALE_ROWS = 1024
+AWQ_CLIP_ROWS = 512
+
+
+@dataclass
+class PipelineReport:
+    """What the calibrated pipeline did, for logs and model cards."""
+
+    seconds: float = 0.0
+    calibration_tokens: int = 0
+    awq_alphas: dict[str, float] = field(default_factory=dict)
+    module_bits: dict[str, int] = field(default_factory=dict)
+    mean_bits: float | None = None
+
+
+# --- structure: which producer feeds which consumers -------------------------------------------
+def scaling_groups(layer: nn.Module) -> list[tuple[nn.Module, list[str]]]:
+    """``(producer, consumer linear names)`` pairs of a Llama-style decoder layer whose input
+    channels can be rescaled exactly: input norm -> q/k/v, post-attention norm -> gate/up,
+    up -> down, and v -> o when no key/value heads are shared (v's rows map 1:1 to o's columns)."""
+    try:
+        attn, mlp = layer.self_attn, layer.mlp
+        norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
+        _ = attn.q_proj, attn.k_proj, mlp.gate_proj, mlp.down_proj  # must exist
+        v, o, up = attn.v_proj, attn.o_proj, mlp.up_proj
+    except AttributeError as e:
+        raise NotImplementedError(
+            f"AWQ/SmoothQuant scale folding supports Llama-style decoder layers (input_layernorm, "
+            f"self_attn.q/k/v/o_proj, post_attention_layernorm, mlp.gate/up/down_proj: Llama, Mistral, Qwen2, "
+            f"SmolLM, ...); {type(layer).__name__} has no {e.name!r}"
+        ) from e
+    for norm in (norm1, norm2):
+        if "gemma" in type(norm).__name__.lower() or not isinstance(getattr(norm, "weight", None), torch.Tensor):
+            raise NotImplementedError(f"cannot fold scales into {type(norm).__name__} (needs y = weight * x_hat)")
+    groups = [(norm1, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"])]
+    if v.out_features == o.in_features:
+        groups.append((v, ["self_attn.o_proj"]))
+    groups += [(norm2, ["mlp.gate_proj", "mlp.up_proj"]), (up, ["mlp.down_proj"])]
+    return groups
+
+
+@torch.no_grad()
+def fold_scales(producer: nn.Module, consumers: list[nn.Linear], s: torch.Tensor) -> None:
+    """Divide the producer's output channels by ``s`` and multiply the consumers' input columns
+    by ``s`` (exact in float)."""
+    s = s.to(producer.weight.device)
+    if isinstance(producer, nn.Linear):
+        producer.weight.div_(s.to(producer.weight.dtype).unsqueeze(1))
+    else:
+        producer.weight.div_(s.to(producer.weight.dtype))
+    if getattr(producer, "bias", None) is not None:
+        producer.bias.div_(s.to(producer.bias.dtype))
+    for linear in consumers:
+        linear.weight.mul_(s.to(linear.weight.dtype).unsqueeze(0))
+
+
+# --- the pipeline --------------------------------------------------------------------------
+def _fake_quant(spec: QuantizationSpec, bits: int, dtype: torch.dtype):
+    return lambda w: fake_quantize(w, bits, spec.group_size, spec.symmetric, dtype)
+
+
+def _sensitivity_bits(model, config, names, windows, spec, scale_dtype) -> dict[str, int]:
+    """Automatic mixed precision: measure each module's relative activation-weighted error
+    ``sum (W - Q(W))^2 E[x^2] / sum W^2 E[x^2]`` at every allowed width (with the method itself for
+    rtn/hqq, round-to-nearest for awq/gptq) and allocate widths to the target."""
+    from tqdm.auto import tqdm
+
+    rms = collect_model_input_rms(model, windows, names, config.calibration.batch_size)
+    proxy = (
+        spec
+        if spec.method in ("rtn", "hqq")
+        else QuantizationSpec(**{**spec.to_dict(), "method": "rtn", "clip": "none"})
+    )
+    sizes, errors = {}, {}
+    for name in tqdm(names, desc="measuring sensitivity"):
+        w = model.get_submodule(name).weight.detach().float()
+        sizes[name] = w.numel()
+        h = rms[name].pow(2).to(w.device)
+        # relative output error (noise-to-signal of the module's output): absolute errors are not
+        # comparable across modules (SmolLM2, 3.0 bits from {2,3,4}, 8 windows: absolute 578 ppl,
+        # relative 143, uniform 3-bit 161; benchmarks/hqq_and_mixed_screen.py)
+        signal = float((w.pow(2) * h).sum()) or 1.0
+        errors[name] = {}
+        for bits in spec.bits_choices:
+            q = quantize_matrix(w, proxy, bits, scale_dtype=scale_dtype).dequantize().to(w.device)
+            errors[name][bits] = float(((w - q).pow(2) * h).sum()) / signal
+    alloc = allocate_bits(sizes, errors, spec.bits_choices, spec.target_bits)
+    logger.info(f"mixed precision: mean {mean_bits(alloc, sizes):.3f} bits per weight (target {spec.target_bits})")
+    return alloc
+
+
+def quantize_calibrated(
+    model: nn.Module, config: EfficiencyConfig, tokenizer: Any, skip: list[str] | None, progress: bool = True
+) -> tuple[EfficiencyConfig, PipelineReport]:
+    """Quantize a float model in place with the calibrated pipeline.
+
+    Returns the config as applied (``module_bits`` filled in by an automatic allocation) and a
+    :class:`PipelineReport`.
+    """
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    config = EfficiencyConfig(**config.to_dict())  # never mutate the caller's object
+    spec, cal, act = config.quantization, config.calibration, config.activations
+    scale_dtype = scale_dtype_of(spec.scale_dtype)
+    report = PipelineReport()
+    windows = calibration_windows(cal, tokenizer)
+    report.calibration_tokens = windows.numel()
+    names = linears_to_quantize(model, skip)
+    if not names:
+        raise ValueError(f"quantization matched no nn.Linear module (modules_to_not_convert={skip!r})")
+
+    if spec.target_bits is not None:
+        alloc = _sensitivity_bits(model, config, names, windows, spec, scale_dtype)
+        spec.module_bits = {n: b for n, b in alloc.items() if b != spec.bits} or None
+        report.mean_bits = mean_bits(alloc, {n: model.get_submodule(n).weight.numel() for n in names})
+
+    layers_name, layers = find_decoder_layers(model)
+    home = next(model.parameters()).device
+    device = torch.device(cal.device) if cal.device else home
+    batches = capture_first_layer_inputs(model, layers, windows, cal.batch_size)
+    for b in batches:
+        b.hidden = b.hidden.to(device)
+        b.kwargs = {k: _to(v, device) for k, v in b.kwargs.items()}
+
+    want_xtx = spec.method == "gptq"
+    use_awq = spec.method == "awq"
+    smooth = act.smoothquant if act is not None else None
+    act_mode = act.mode if act is not None else None
+    in_layers = set()
+    for i, layer in enumerate(tqdm(layers, desc=f"quantizing layers ({spec.method})", disable=not progress)):
+        prefix = f"{layers_name}.{i}."
+        local = [n[len(prefix) :] for n in names if n.startswith(prefix)]
+        in_layers.update(prefix + n for n in local)
+        if not local:
+            batches = _advance(layer, batches, device, home)
+            continue
+        layer.to(device)
+        max_rows = max(AWQ_SCALE_ROWS, 4096 if act_mode == "static" else 0)
+        stats, float_outputs = collect_layer_stats(layer, batches, local, want_xtx=want_xtx, max_rows=max_rows)
+        bits_of = {n: bits_for_module(prefix + n, spec) for n in local}
+
+        if use_awq or smooth is not None:
+            for producer, consumers in scaling_groups(layer):
+                if not all(c in stats for c in consumers):
+                    continue  # a consumer is skipped (kept in float): leave this group alone
+                st: InputStats = stats[consumers[0]]
+                linears = [layer.get_submodule(c) for c in consumers]
+                if use_awq:
+                    fqs = [_fake_quant(spec, bits_of[c], scale_dtype) for c in consumers]
+                    x = st.sample()[:AWQ_SCALE_ROWS]
+                    s, alpha, _ = awq_search_scale(
+                        x, [l.weight for l in linears], fqs, st.mean_abs.cpu(), spec.awq_grid
+                    )
+                    report.awq_alphas[prefix + consumers[0]] = alpha
+                else:
+                    s = smoothquant_scales(st.absmax.cpu(), [l.weight for l in linears], smooth)
+                fold_scales(producer, linears, s)
+                st.scale_inputs(s)
+            if use_awq and spec.awq_clip:
+                for n in local:
+                    if n.endswith(("q_proj", "k_proj")):
+                        continue  # as llm-awq: q/k errors are absorbed by the softmax
+                    lin = layer.get_submodule(n)
+                    clamped = awq_search_clip(
+                        stats[n].sample()[:AWQ_CLIP_ROWS],
+                        lin.weight,
+                        _fake_quant(spec, bits_of[n], scale_dtype),
+                        spec.group_size,
+                        spec.clip_grid,
+                        spec.clip_max_shrink,
+                    )
+                    with torch.no_grad():
+                        lin.weight.copy_(clamped)
+
+        for n in local:
+            lin = layer.get_submodule(n)
+            st = stats[n]
+            q = quantize_matrix(
+                lin.weight,
+                spec,
+                bits_of[n],
+                scale_dtype=scale_dtype,
+                outliers=outlier_count(lin.in_features, spec.outliers),
+                hessian=st.hessian,
+                act_rms=st.rms,
+            )
+            module = QuantLinear.from_quantized(lin, q, symmetric=spec.symmetric, act_mode=act_mode)
+            if act_mode == "static":
+                from ..core.activation import static_scale_from_samples
+
+                module.input_scale.data = (
+                    static_scale_from_samples(st.sample().abs(), act.percentile).float().reshape(())
+                )
+            _set_submodule(layer, n, module)
+        del stats
+        if use_awq:
+            # AWQ's scaling is exact in float and its rounding is local; as llm-awq, the next layer
+            # sees this layer's float outputs (saves one forward per layer)
+            for b, h in zip(batches, float_outputs):
+                b.hidden = h
+            if device != home:
+                layer.to(home)
+        else:
+            del float_outputs
+            batches = _advance(layer, batches, device, home)
+
+    outside = [n for n in names if n not in in_layers]
+    if outside:
+        logger.warning(
+            f"{len(outside)} linear(s) outside the decoder layers ({', '.join(outside[:3])}...) are quantized "
+            "without calibration statistics (round-to-nearest for awq/gptq)"
+        )
+        fallback = spec if spec.method in ("rtn", "hqq") else QuantizationSpec(**{**spec.to_dict(), "method": "rtn"})
+        for n in outside:
+            lin = model.get_submodule(n)
+            q = quantize_matrix(
+                lin.weight,
+                fallback,
+                bits_for_module(n, spec),
+                scale_dtype=scale_dtype,
+                outliers=outlier_count(lin.in_features, spec.outliers),
+            )
+            _set_submodule(model, n, QuantLinear.from_quantized(lin, q, symmetric=spec.symmetric, act_mode=act_mode))
+    report.module_bits = {n: bits_for_module(n, spec) for n in names}
+    report.seconds = time.perf_counter() - start
+    return config, report
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    return value
+
+
+@torch.no_grad()
+def _advance(layer: nn.Module, batches, device, home):
+    """Run the (quantized) layer on every batch; its outputs become the next layer's inputs."""
+    layer.to(device)
+    for b in batches:
+        b.hidden = run_layer(layer, b)
+    if device != home:
+        layer.to(home)
+    return batches

@@ -1,0 +1,226 @@
+"""Group-wise integer quantization of weight matrices (pure tensor functions).
+
+A weight ``W [out, in]`` is split along the input dimension into ``G = ceil(in / g)`` groups
+(one group of ``in`` when per channel); the last group may be partial. Codes are unsigned:
+
+* asymmetric: ``w_hat = u * scale + minimum``, ``u in [0, 2**b - 1]``
+* symmetric:  ``w_hat = (u - 2**(b-1)) * scale`` (absmax scale, implicit zero point)
+
+``scale`` and ``minimum`` are stored in a compact float dtype; codes are computed against the
+*stored* (rounded) scale and minimum so that dequantization is exactly what was optimized.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .packing import pack, unpack
+
+
+@dataclass
+class QuantizedWeight:
+    """Packed result of quantizing one weight matrix."""
+
+    packed: torch.Tensor  # int32 [out, words]
+    scale: torch.Tensor  # [out, G]
+    minimum: torch.Tensor | None  # [out, G] (asymmetric only)
+    bits: int
+    group_size: int | None
+    in_features: int
+    outlier_index: torch.Tensor | None = None  # int16/int32 [out, k]: columns kept exactly
+    outlier_value: torch.Tensor | None = None  # float16 [out, k]: their values
+    perm: torch.Tensor | None = None  # int32 [in]: stored column j holds input feature perm[j] (act-order)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        codes = unpack(self.packed, self.bits, self.in_features)
+        w = unpermute_columns(
+            dequantize_codes(codes, self.scale, self.minimum, self.bits, self.group_size, dtype), self.perm
+        )
+        return apply_outliers(w, self.outlier_index, self.outlier_value)
+
+
+def unpermute_columns(w: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    """Columns of ``w`` back in input-feature order when stored column ``j`` holds feature ``perm[j]``
+    (GPTQ act-order checkpoints keep each group's columns together this way)."""
+    if perm is None:
+        return w
+    return torch.empty_like(w).index_copy_(1, perm.to(device=w.device, dtype=torch.long), w)
+
+
+def apply_outliers(w: torch.Tensor, index: torch.Tensor | None, value: torch.Tensor | None) -> torch.Tensor:
+    """Overwrite ``w [out, in]`` at the kept (outlier) positions: row ``r`` gets ``value[r, j]`` at
+    column ``index[r, j]`` (a fixed number of entries per row: the ELL sparse layout)."""
+    if index is None or index.numel() == 0:
+        return w
+    return w.scatter(1, index.long(), value.to(w.dtype))
+
+
+def num_groups(in_features: int, group_size: int | None) -> int:
+    return 1 if group_size is None else -(-in_features // group_size)
+
+
+def _grouped(w: torch.Tensor, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reshape ``[out, in]`` to ``[out, G, g]`` (zero-padded) and return it with a validity mask."""
+    out, n = w.shape
+    g = n if group_size is None else group_size
+    groups = -(-n // g)
+    pad = groups * g - n
+    mask = torch.ones(n, dtype=torch.bool, device=w.device)
+    if pad:
+        w = torch.nn.functional.pad(w, (0, pad))
+        mask = torch.nn.functional.pad(mask, (0, pad))
+    return w.reshape(out, groups, g), mask.reshape(1, groups, g)
+
+
+def _masked_range(wg: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group ``[..., G, 1]`` min and max over the valid (mask) entries; 0 for empty groups."""
+    big = torch.finfo(torch.float32).max
+    wmin = torch.where(mask, wg, big).amin(-1, keepdim=True)
+    wmax = torch.where(mask, wg, -big).amax(-1, keepdim=True)
+    empty = wmin > wmax
+    return torch.where(empty, 0.0, wmin), torch.where(empty, 0.0, wmax)
+
+
+def _params(wmin: torch.Tensor, wmax: torch.Tensor, bits: int, symmetric: bool, dtype: torch.dtype):
+    """Stored (rounded) scale and minimum for given group ranges ``[..., G, 1]``."""
+    if symmetric:
+        amax = torch.maximum(wmax.abs(), wmin.abs())
+        scale = amax / (2 ** (bits - 1) - 1)
+        minimum = None
+    else:
+        scale = (wmax - wmin) / (2**bits - 1)
+        minimum = wmin.to(dtype).float()
+    tiny = torch.finfo(dtype).tiny if dtype != torch.float16 else 2.0**-24
+    scale = torch.where(scale > tiny, scale, torch.full_like(scale, 1.0))  # constant group
+    scale = scale.to(dtype).float()
+    return scale, minimum
+
+
+def _codes(wg: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None, bits: int) -> torch.Tensor:
+    if minimum is None:
+        half = 2 ** (bits - 1)
+        return torch.clamp(torch.round(wg / scale), -half, half - 1) + half
+    return torch.clamp(torch.round((wg - minimum) / scale), 0, 2**bits - 1)
+
+
+def _recon(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None, bits: int) -> torch.Tensor:
+    if minimum is None:
+        return (codes - 2 ** (bits - 1)) * scale
+    return codes * scale + minimum
+
+
+def quantize_weight(
+    weight: torch.Tensor,
+    bits: int,
+    group_size: int | None,
+    symmetric: bool,
+    clip: str = "none",
+    clip_grid: int = 20,
+    clip_max_shrink: float = 0.5,
+    scale_dtype: torch.dtype = torch.float16,
+    exclude: torch.Tensor | None = None,
+) -> QuantizedWeight:
+    """Round-to-nearest quantization of ``weight [out, in]``, optionally with a clip search.
+
+    The clip search ("mse") tries ``clip_grid`` shrink ratios ``r`` from 1 down to
+    ``1 - clip_max_shrink``, quantizes each group over the shrunk range ``[r*min, r*max]`` and keeps,
+    per group, the ratio with the smallest squared reconstruction error.
+
+    ``exclude`` (bool ``[out, in]``) marks weights stored exactly elsewhere (outliers): they neither
+    widen a group's range nor count in the clip search. The returned codes at those positions
+    are valid but unused.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
+    if clip not in ("none", "mse"):
+        raise ValueError(f"clip={clip!r} is not allowed; allowed values: none, mse")
+    w = weight.detach().float()
+    out, n = w.shape
+    wg, mask = _grouped(w, group_size)
+    if exclude is not None:
+        if exclude.shape != weight.shape:
+            raise ValueError(f"exclude has shape {tuple(exclude.shape)}, expected {tuple(weight.shape)}")
+        kept, _ = _grouped(exclude.to(w.device).float(), group_size)
+        mask = mask & (kept == 0)
+    wmin, wmax = _masked_range(wg, mask)
+
+    scale, minimum = _params(wmin, wmax, bits, symmetric, scale_dtype)
+    if clip == "mse":
+        best_err = torch.full_like(wmin, float("inf"))
+        ratios = torch.linspace(1.0, 1.0 - clip_max_shrink, clip_grid).tolist()
+        for r in ratios:
+            s, m = _params(wmin * r, wmax * r, bits, symmetric, scale_dtype)
+            err = ((_recon(_codes(wg, s, m, bits), s, m, bits) - wg) ** 2 * mask).sum(-1, keepdim=True)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            scale = torch.where(better, s, scale)
+            if m is not None:
+                minimum = torch.where(better, m, minimum)
+
+    codes = _codes(wg, scale, minimum, bits).reshape(out, -1)[:, :n].to(torch.int64)
+    return QuantizedWeight(
+        packed=pack(codes, bits),
+        scale=scale.squeeze(-1).to(scale_dtype),
+        minimum=None if minimum is None else minimum.squeeze(-1).to(scale_dtype),
+        bits=bits,
+        group_size=group_size,
+        in_features=n,
+    )
+
+
+def fake_quantize(
+    weight: torch.Tensor,
+    bits: int,
+    group_size: int | None,
+    symmetric: bool,
+    scale_dtype: torch.dtype = torch.float16,
+) -> torch.Tensor:
+    """``quantize_weight(...).dequantize()`` without packing (min/max range, no clip search):
+    the float32 weight the rounded model would compute with. Used inside searches."""
+    codes, scale, minimum = minmax_codes(weight, bits, group_size, symmetric, scale_dtype)
+    return dequantize_codes(
+        codes, scale.squeeze(-1), None if minimum is None else minimum.squeeze(-1), bits, group_size, torch.float32
+    )
+
+
+def minmax_codes(
+    weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Round-to-nearest on each group's min/max range, unpacked: float codes ``[out, in]`` and the
+    stored scale and minimum ``[out, G, 1]`` (the minimum ``None`` when symmetric)."""
+    w = weight.detach().float()
+    out, n = w.shape
+    g = n if group_size is None else group_size
+    groups = -(-n // g)
+    pad = groups * g - n
+    # pad the partial last group by repeating its last column: min/max are unchanged
+    wg = (torch.cat([w, w[:, -1:].expand(out, pad)], 1) if pad else w).reshape(out, groups, g)
+    scale, minimum = _params(wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True), bits, symmetric, scale_dtype)
+    return _codes(wg, scale, minimum, bits).reshape(out, groups * g)[:, :n], scale, minimum
+
+
+def dequantize_codes(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    minimum: torch.Tensor | None,
+    bits: int,
+    group_size: int | None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Float weight ``[out, in]`` from unpacked codes and per-group scale/minimum ``[out, G]``."""
+    out, n = codes.shape
+    g = n if group_size is None else group_size
+    groups = scale.shape[-1]
+    c = codes.to(dtype)
+    pad = groups * g - n
+    if pad:
+        c = torch.nn.functional.pad(c, (0, pad))
+    c = c.reshape(out, groups, g)
+    s = scale.to(dtype).unsqueeze(-1)
+    if minimum is None:
+        w = (c - 2 ** (bits - 1)) * s
+    else:
+        w = c * s + minimum.to(dtype).unsqueeze(-1)
+    return w.reshape(out, groups * g)[:, :n]

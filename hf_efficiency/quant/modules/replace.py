@@ -1,0 +1,105 @@
+"""Swap `nn.Linear` layers of a model for `QuantLinear` (structure only; no tensor math here)."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+from transformers.utils import logging
+
+from ...config import QuantizationSpec
+from .linear import QuantLinear, outlier_count, scale_dtype_of
+
+logger = logging.get_logger(__name__)
+
+
+def is_skipped(name: str, patterns: list[str] | None) -> bool:
+    """True when ``name`` matches a pattern: a prefix up to a module boundary, a regex from the
+    start (with the same boundary), or a suffix (transformers' ``modules_to_not_convert`` rules)."""
+    if not patterns:
+        return False
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    return any(re.match(rf"(?:{p}){boundary}", name) or name.endswith(p) for p in patterns)
+
+
+def tied_output_embedding(model: nn.Module) -> nn.Module | None:
+    """The output head when it shares its weight with the input embeddings (``tie_word_embeddings``)."""
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if not getattr(text_config, "tie_word_embeddings", False) or not hasattr(model, "get_output_embeddings"):
+        return None
+    return model.get_output_embeddings()
+
+
+def modules_to_not_convert(model: nn.Module, spec: QuantizationSpec) -> list[str]:
+    """Module names/patterns kept in float: ``spec.modules_to_not_convert`` when given, else
+    transformers' own default (the output embedding and the model's ``_keep_in_fp32_modules``),
+    exactly as the quantizer applies it."""
+    if spec.modules_to_not_convert is not None:
+        return list(spec.modules_to_not_convert)
+    from transformers.quantizers.base import HfQuantizer
+
+    return HfQuantizer.get_modules_to_not_convert(model, None, getattr(model, "_keep_in_fp32_modules", None))
+
+
+def linears_to_quantize(model: nn.Module, skip: list[str] | None) -> list[str]:
+    """Names of the ``nn.Linear`` modules that the spec quantizes, in model order. A head tied to the input
+    embeddings stays float even when no pattern keeps it (its weight is the embedding matrix)."""
+    tied = tied_output_embedding(model)
+    names = []
+    for n, m in model.named_modules():
+        if not isinstance(m, nn.Linear) or is_skipped(n, skip):
+            continue
+        if m is tied:
+            logger.warning(f"{n} is tied to the input embeddings (tie_word_embeddings=True): it stays float")
+            continue
+        names.append(n)
+    return names
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def replace_with_quant_linear(
+    model: nn.Module, spec: QuantizationSpec, skip: list[str] | None, act_mode: str | None = None
+) -> list[str]:
+    """Replace the selected linears by empty `QuantLinear` shells on the linears' own device
+    (meta during ``from_pretrained``), with each module's format (``module_bits``, ``module_formats``),
+    outlier count and activation mode. Returns the replaced names; raises if nothing matched."""
+    names = linears_to_quantize(model, skip)
+    if not names:
+        raise ValueError(
+            f"quantization matched no nn.Linear module (modules_to_not_convert={skip!r}); nothing would be quantized"
+        )
+    for name in names:
+        linear = model.get_submodule(name)
+        fmt = spec.format_of(name)
+        shell = QuantLinear(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            bits=fmt["bits"],
+            group_size=fmt["group_size"],
+            symmetric=fmt["symmetric"],
+            scale_dtype=scale_dtype_of(fmt["scale_dtype"]),
+            bias_dtype=linear.weight.dtype,
+            device=linear.weight.device,
+            outliers=outlier_count(linear.in_features, spec.outliers),
+            act_mode=act_mode,
+            act_order=fmt["act_order"],
+        )
+        shell.requires_grad_(False)
+        _set_submodule(model, name, shell)
+    return names
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype) -> int:
+    """Replace every `QuantLinear` by an ``nn.Linear`` holding its dequantized weight."""
+    names = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    for name in names:
+        _set_submodule(model, name, model.get_submodule(name).to_linear(dtype))
+    return len(names)
