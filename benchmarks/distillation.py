@@ -2,7 +2,6 @@
 
     python benchmarks/distillation.py                 # all experiments, writes results/distillation.{md,json}
     python benchmarks/distillation.py --only label_only response_kd
-    python benchmarks/readme_table.py distillation
 
 Every student starts from the same `make_student(teacher, 10)` (teacher layers spread uniformly) and
 trains on the same KJV rows (train slice, 128-token blocks, batch 8) for the same steps, learning rate

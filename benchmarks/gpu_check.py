@@ -244,12 +244,23 @@ def section_speculative(device: str, smoke: bool) -> list[dict]:
     for kind in kinds:
         if smoke and kind.startswith("early-exit"):
             kind = "early-exit:2"
-        out1, t1 = clock(lambda: target.generate(one, max_new_tokens=new, do_sample=False, draft_model=kind))
-        s1 = target.last_speculative_stats
-        out4, t4 = clock(
-            lambda: target.generate(batch, attention_mask=mask, max_new_tokens=new, do_sample=False, draft_model=kind)
+        res1, t1 = clock(
+            lambda: target.generate(
+                one, max_new_tokens=new, do_sample=False, draft_model=kind, return_dict_in_generate=True
+            )
         )
-        s4 = target.last_speculative_stats
+        out1, s1 = res1.sequences, res1.speculative_stats
+        res4, t4 = clock(
+            lambda: target.generate(
+                batch,
+                attention_mask=mask,
+                max_new_tokens=new,
+                do_sample=False,
+                draft_model=kind,
+                return_dict_in_generate=True,
+            )
+        )
+        out4, s4 = res4.sequences, res4.speculative_stats
         row = {
             "draft": kind,
             "batch": 1,

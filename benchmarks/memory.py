@@ -2,7 +2,6 @@
 worked example and the scenario chart.
 
     python benchmarks/memory.py            # writes benchmarks/results/memory.{md,json,png}
-    python benchmarks/readme_table.py memory
 
 Measured = `measure_memory(..., isolate=True)`: each scenario in a fresh process, random
 weights, peak RSS above the pre-model baseline (see hf_efficiency/memory/measure.py), once with

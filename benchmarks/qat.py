@@ -48,10 +48,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingA
 from transformers.utils import logging as hf_logging
 
 import hf_efficiency  # noqa: F401  (registers the quantizer)
+from hf_efficiency import convert_qat, prepare_qat
 from hf_efficiency.data import load_text, token_windows
 from hf_efficiency.demo import KJV_SPLITS, bundled_model_path, kjv_passages
 from hf_efficiency.evaluate import perplexity
-from hf_efficiency.quant.modules.qat import convert_qat, prepare_qat
 
 RESULTS = Path(ROOT) / "benchmarks" / "results"
 WORK = Path(os.environ.get("HF_EFFICIENCY_BENCH_DIR", "/tmp/hf_efficiency_qat_bench"))

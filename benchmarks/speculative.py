@@ -130,9 +130,13 @@ def main() -> None:
         drafted = accepted = row_passes = tokens = 0
         secs1 = []
         for p, ref in zip(prompts, singles):
-            out, secs = timed(lambda p=p: target.generate(p[None], draft_model=draft, speculative=spec, **greedy))
+            res, secs = timed(
+                lambda p=p: target.generate(
+                    p[None], draft_model=draft, speculative=spec, return_dict_in_generate=True, **greedy
+                )
+            )
+            out, s = res.sequences, res.speculative_stats
             same1 += bool(torch.equal(out[0, p.numel() :], ref))
-            s = target.last_speculative_stats
             drafted, accepted = drafted + s.drafted, accepted + s.accepted
             row_passes, tokens = row_passes + s.row_passes, tokens + s.new_tokens
             secs1.append(secs)

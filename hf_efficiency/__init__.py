@@ -20,11 +20,19 @@ from .config import (  # noqa: E402
     SpeculativeConfig,
     SpeculativeSpec,
 )
+from .integration.qat import convert_qat  # noqa: E402
 from .integration.registry import register  # noqa: E402
-from .memory import MemoryBreakdown, MemoryMeasurement, TrainingSetup, estimate_memory, measure_memory  # noqa: E402
+from .memory import (  # noqa: E402
+    MemoryBreakdown,
+    MemoryMeasurement,
+    MemoryScenario,
+    TrainingSetup,
+    estimate_memory,
+    measure_memory,
+)
 from .peft import apply_peft  # noqa: E402
 from .quant import QuantLinear, quantize_weight  # noqa: E402
-from .quant.modules.qat import convert_qat, prepare_qat  # noqa: E402
+from .quant.modules.qat import prepare_qat  # noqa: E402
 
 register()
 
@@ -66,6 +74,7 @@ __all__ = [
     "EfficiencyConfig",
     "MemoryBreakdown",
     "MemoryMeasurement",
+    "MemoryScenario",
     "PeftSpec",
     "QuantLinear",
     "QuantizationSpec",

@@ -19,14 +19,13 @@ from typing import Any, ClassVar
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-QUANT_METHOD = "hf_efficiency"
+from .constants import KV_BITS, QUANT_BITS, QUANT_METHOD, SCALE_DTYPES, STORAGE_BITS
+
 #: Version of the on-disk format written by this installation. Bumped on incompatible changes:
 #: 2 added methods hqq/awq/gptq, outliers, mixed precision and int8 activations; 3 added
 #: ``quantization.module_formats`` (5/6-bit codes, any group size, per-module scale dtype, act-order
 #: ``weight_perm``), written by the community-format readers (GGUF, GPTQ, AWQ, compressed-tensors).
 FORMAT_VERSION = 3
-
-_SCALE_DTYPES = ("float16", "bfloat16", "float32")
 
 
 def _fail(section: str, key: str, value: Any, allowed: str) -> None:
@@ -104,17 +103,13 @@ class QuantizationSpec(Section):
             the modules whose measured relative output error (activation-weighted squared weight
             error over the module's output energy) drops most per bit. The result is written into ``module_bits``. Needs calibration data.
         bits_choices: widths the automatic allocation may use.
-        awq_grid: number of migration strengths ``alpha`` in ``[0, 1)`` tried by ``awq``.
-        awq_clip: run AWQ's output-aware clip search after scaling.
-        gptq_damp: GPTQ dampening, as a fraction of the mean Hessian diagonal.
-        gptq_act_order: process columns by decreasing Hessian diagonal (group parameters are
-            then fitted up front, so groups stay contiguous on disk).
-        gptq_block_size: columns per lazy batch update.
-        hqq_iters: half-quadratic iterations of ``hqq``.
-        hqq_optimize_scale: also update each group's scale (a least-squares step) besides the
-            zero point. It lowers the weight error further but, measured on SmolLM2-135M, raises
-            perplexity (it clips the largest weights, like the ``mse`` clip search), so the
-            default is HQQ's own zero-point-only optimization.
+        options: the selected method's own options, nested under the method's name in dicts and
+            ``config.json``: ``{"method": "gptq", "gptq": {"act_order": True}}``. Each method declares
+            them (``hf_efficiency.quant.methods``): ``awq`` ``{grid, clip}``, ``gptq`` ``{damp,
+            act_order, block_size}``, ``hqq`` ``{iters, optimize_scale}``; ``rtn`` has none. Missing
+            keys take their defaults. The flat keys of earlier versions (``gptq_act_order``,
+            ``awq_grid``, ``hqq_iters``, ...) still load: the selected method's are moved into its
+            options, another method's are checked and dropped (they never had an effect).
         module_formats: storage format of individual modules, by full module name: ``{name: {"bits",
             "group_size", "symmetric", "scale_dtype", "act_order"}}`` (missing keys take the
             section's values; ``act_order`` defaults to ``False``). Written by the readers of community
@@ -123,9 +118,7 @@ class QuantizationSpec(Section):
     """
 
     section_name: ClassVar[str] = "quantization"
-    METHODS: ClassVar[tuple[str, ...]] = ("rtn", "hqq", "awq", "gptq")
-    CALIBRATED_METHODS: ClassVar[tuple[str, ...]] = ("awq", "gptq")
-    BITS: ClassVar[tuple[int, ...]] = (8, 4, 3, 2)
+    BITS: ClassVar[tuple[int, ...]] = QUANT_BITS
     CLIPS: ClassVar[tuple[str, ...]] = ("none", "mse")
 
     method: str = "rtn"
@@ -140,23 +133,35 @@ class QuantizationSpec(Section):
     outliers: float = 0.0
     module_bits: dict[str, int] | None = None
     target_bits: float | None = None
-    bits_choices: list[int] = field(default_factory=lambda: [2, 3, 4, 8])
-    awq_grid: int = 20
-    awq_clip: bool = True
-    gptq_damp: float = 0.01
-    gptq_act_order: bool = False
-    gptq_block_size: int = 128
-    hqq_iters: int = 20
-    hqq_optimize_scale: bool = False
+    bits_choices: list[int] = field(default_factory=lambda: sorted(QUANT_BITS))
+    options: Any = None
     module_formats: dict[str, dict[str, Any]] | None = None
 
     FORMAT_KEYS: ClassVar[tuple[str, ...]] = ("bits", "group_size", "symmetric", "scale_dtype", "act_order")
-    STORAGE_BITS: ClassVar[tuple[int, ...]] = (2, 3, 4, 5, 6, 8)
+    STORAGE_BITS: ClassVar[tuple[int, ...]] = STORAGE_BITS
 
     def validate(self) -> None:
         s = self.section_name
-        if self.method not in self.METHODS:
-            _fail(s, "method", self.method, ", ".join(self.METHODS))
+        from .quant.methods import METHODS, OptionError
+
+        if not isinstance(self.method, str) or self.method not in METHODS:
+            _fail(s, "method", self.method, ", ".join(METHODS))
+        method = METHODS[self.method]
+        if self.options is None:
+            self.options = {}
+        if isinstance(self.options, dict):
+            unknown = sorted(set(self.options) - set(method.options.field_names()))
+            if unknown:
+                raise ValueError(
+                    f"unknown key(s) {', '.join(map(repr, unknown))} in {s}.{self.method}; allowed keys: "
+                    f"{', '.join(method.options.field_names()) or 'none'}"
+                )
+            try:
+                self.options = method.options(**self.options)
+            except OptionError as e:
+                _fail(s, f"{self.method}.{e.field}", e.value, e.allowed)
+        elif not isinstance(self.options, method.options):
+            _fail(s, self.method, self.options, f"a dict or {method.options.__name__}")
         if isinstance(self.bits, bool) or self.bits not in self.BITS:
             _fail(s, "bits", self.bits, ", ".join(map(str, self.BITS)))
         if self.group_size == -1:
@@ -170,16 +175,21 @@ class QuantizationSpec(Section):
             _fail(s, "group_size", self.group_size, "None (per output channel) or 32, 64, 96, ..., 256")
         if not isinstance(self.symmetric, bool):
             _fail(s, "symmetric", self.symmetric, "True, False")
-        if self.method == "hqq" and self.symmetric:
-            _fail(s, "symmetric", self.symmetric, "False (hqq optimizes a zero point, so it is asymmetric only)")
+        if self.symmetric and not method.symmetric_allowed:
+            _fail(
+                s,
+                "symmetric",
+                self.symmetric,
+                f"False ({self.method} optimizes a zero point, so it is asymmetric only)",
+            )
         if self.clip not in self.CLIPS:
             _fail(s, "clip", self.clip, ", ".join(self.CLIPS))
         if isinstance(self.clip_grid, bool) or not isinstance(self.clip_grid, int) or not 2 <= self.clip_grid <= 200:
             _fail(s, "clip_grid", self.clip_grid, "an integer in [2, 200]")
         if not isinstance(self.clip_max_shrink, (int, float)) or not 0.0 < self.clip_max_shrink < 1.0:
             _fail(s, "clip_max_shrink", self.clip_max_shrink, "a float in (0, 1)")
-        if self.scale_dtype not in _SCALE_DTYPES:
-            _fail(s, "scale_dtype", self.scale_dtype, ", ".join(_SCALE_DTYPES))
+        if self.scale_dtype not in SCALE_DTYPES:
+            _fail(s, "scale_dtype", self.scale_dtype, ", ".join(SCALE_DTYPES))
         if self.modules_to_not_convert is not None:
             if isinstance(self.modules_to_not_convert, str) or not all(
                 isinstance(m, str) for m in self.modules_to_not_convert
@@ -217,29 +227,71 @@ class QuantizationSpec(Section):
                 self.target_bits,
                 f"None or a number in [{min(self.bits_choices)}, {max(self.bits_choices)}] (bits_choices)",
             )
-        if isinstance(self.awq_grid, bool) or not isinstance(self.awq_grid, int) or not 2 <= self.awq_grid <= 100:
-            _fail(s, "awq_grid", self.awq_grid, "an integer in [2, 100]")
-        for key in ("awq_clip", "gptq_act_order", "hqq_optimize_scale"):
-            if not isinstance(getattr(self, key), bool):
-                _fail(s, key, getattr(self, key), "True, False")
-        if (
-            not isinstance(self.gptq_damp, (int, float))
-            or isinstance(self.gptq_damp, bool)
-            or not 0 < self.gptq_damp < 1
-        ):
-            _fail(s, "gptq_damp", self.gptq_damp, "a float in (0, 1)")
-        if (
-            isinstance(self.gptq_block_size, bool)
-            or not isinstance(self.gptq_block_size, int)
-            or self.gptq_block_size < 1
-        ):
-            _fail(s, "gptq_block_size", self.gptq_block_size, "a positive integer")
-        if isinstance(self.hqq_iters, bool) or not isinstance(self.hqq_iters, int) or not 1 <= self.hqq_iters <= 1000:
-            _fail(s, "hqq_iters", self.hqq_iters, "an integer in [1, 1000]")
         if self.module_formats is not None:
             if not isinstance(self.module_formats, dict):
                 _fail(s, "module_formats", self.module_formats, "None or a dict {module name: format dict}")
             self.module_formats = {name: self._check_format(name, fmt) for name, fmt in self.module_formats.items()}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "QuantizationSpec":
+        """From a dict: the selected method's options nested under its name, or (as written by earlier
+        versions) as flat ``<method>_<option>`` keys."""
+        if isinstance(data, dict):
+            data = cls._nest_options(data)
+        return super().from_dict(data)
+
+    @classmethod
+    def _nest_options(cls, data: dict[str, Any]) -> dict[str, Any]:
+        from .quant.methods import METHODS, OptionError
+
+        s = cls.section_name
+        data = dict(data)
+        selected = data.get("method", "rtn")
+        nested: dict[str, Any] = {}
+        for name in METHODS:
+            if name in data:
+                value = data.pop(name)
+                if name != selected:
+                    raise ValueError(
+                        f"{s}.{name} holds options of method {name!r}, but {s}.method={selected!r}; "
+                        f"nest a method's options under its own name"
+                    )
+                if not isinstance(value, dict):
+                    _fail(s, name, value, f"a dict with keys {', '.join(METHODS[name].options.field_names())}")
+                nested.update(value)
+        for key in list(data):
+            for name, method in METHODS.items():
+                option = key[len(name) + 1 :] if key.startswith(name + "_") else None
+                if option not in method.options.field_names():
+                    continue
+                value = data.pop(key)
+                try:
+                    method.options(**{option: value})
+                except OptionError as e:
+                    _fail(s, key, e.value, e.allowed)
+                if name == selected:
+                    nested.setdefault(option, value)
+        if nested:
+            if data.get("options") is not None:
+                raise ValueError(f"{s}: give the method's options either nested under {selected!r} or as 'options'")
+            data["options"] = nested
+        return data
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in dataclasses.asdict(self).items():
+            if key == "options":
+                continue
+            out[key] = value
+            if key == "method":
+                out[self.method] = self.options.to_dict()
+        return out
+
+    def with_method(self, method: str, **changes: Any) -> "QuantizationSpec":
+        """A copy using ``method`` (with its default options) and the given field changes."""
+        data = self.to_dict()
+        data.pop(self.method, None)
+        return type(self).from_dict({**data, **changes, "method": method})
 
     def _check_format(self, name: str, fmt: Any) -> dict[str, Any]:
         key = f"module_formats[{name!r}]"
@@ -259,8 +311,8 @@ class QuantizationSpec(Section):
         for flag in ("symmetric", "act_order"):
             if not isinstance(out[flag], bool):
                 _fail(self.section_name, f"{key}.{flag}", out[flag], "True, False")
-        if out["scale_dtype"] not in _SCALE_DTYPES:
-            _fail(self.section_name, f"{key}.scale_dtype", out["scale_dtype"], ", ".join(_SCALE_DTYPES))
+        if out["scale_dtype"] not in SCALE_DTYPES:
+            _fail(self.section_name, f"{key}.scale_dtype", out["scale_dtype"], ", ".join(SCALE_DTYPES))
         return out
 
     def format_of(self, name: str) -> dict[str, Any]:
@@ -281,7 +333,9 @@ class QuantizationSpec(Section):
     @property
     def needs_calibration(self) -> bool:
         """True when this spec cannot be applied one tensor at a time without data."""
-        return self.method in self.CALIBRATED_METHODS or self.target_bits is not None
+        from .quant.methods import METHODS
+
+        return METHODS[self.method].calibrated or self.target_bits is not None
 
 
 @dataclass
@@ -502,7 +556,7 @@ class AttentionSpec(Section):
                 "'hf_efficiency_blockwise', 'sdpa' or 'eager' (transformers takes any name containing 'flash' "
                 "for a flash-attn kernel, so hf-efficiency's exact block-wise attention is 'hf_efficiency_blockwise')",
             )
-        if self.kv_cache_bits is not None and self.kv_cache_bits not in (8, 4, 2):
+        if self.kv_cache_bits is not None and self.kv_cache_bits not in KV_BITS:
             _fail(s, "kv_cache_bits", self.kv_cache_bits, "None, 8, 4 or 2")
         for key, low in (
             ("kv_group_size", 1),
@@ -678,9 +732,12 @@ class EfficiencyConfig(QuantizationConfigMixin):
                     "activations (W8A8) needs quantization={'bits': 8, 'group_size': None, 'symmetric': True}; "
                     f"got {None if q is None else {'bits': q.bits, 'group_size': q.group_size, 'symmetric': q.symmetric}}"
                 )
-            if q.method not in ("rtn", "gptq") or q.outliers or q.module_bits or q.target_bits is not None:
+            from .quant.methods import METHODS
+
+            w8a8 = [name for name, m in METHODS.items() if m.supports_int8_activations]
+            if q.method not in w8a8 or q.outliers or q.module_bits or q.target_bits is not None:
                 raise ValueError(
-                    "activations (W8A8) supports quantization.method 'rtn' or 'gptq' without outliers or mixed "
+                    f"activations (W8A8) supports quantization.method {' or '.join(map(repr, w8a8))} without outliers or mixed "
                     f"precision; got method={q.method!r}, outliers={q.outliers}, module_bits={q.module_bits}, "
                     f"target_bits={q.target_bits}"
                 )

@@ -36,6 +36,16 @@ def source_info(folder: str | os.PathLike) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def base_model_of(name_or_path: str | None) -> str | None:
+    """The Hub id a model came from: ``base_model`` of ``hf_efficiency_source.json`` in a local
+    folder (the bundled model writes one), else the name itself when it is not a local path."""
+    if not name_or_path:
+        return None
+    if os.path.isdir(name_or_path):
+        return source_info(name_or_path).get("base_model")
+    return name_or_path
+
+
 def _named_corpus(name: str) -> tuple[Callable[[str], str], Callable[[str], str]]:
     module, text, describe = NAMED_CORPORA[name]
     mod = importlib.import_module(module)
@@ -130,4 +140,12 @@ def describe_text_source(source: Any, split: str = "evaluation") -> str:
     return os.fspath(source) if isinstance(source, (str, os.PathLike)) else repr(source)
 
 
-__all__ = ["NAMED_CORPORA", "SOURCE_FILE", "source_info", "describe_text_source", "load_text", "token_windows"]
+__all__ = [
+    "NAMED_CORPORA",
+    "SOURCE_FILE",
+    "base_model_of",
+    "source_info",
+    "describe_text_source",
+    "load_text",
+    "token_windows",
+]

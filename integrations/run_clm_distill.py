@@ -1,1 +1,1 @@
-../hf_efficiency/distill/run_clm_distill.py
+../hf_efficiency/cli/run_clm_distill.py

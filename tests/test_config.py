@@ -18,6 +18,7 @@ def test_defaults_and_round_trip_through_dict_and_json():
         "format_version": FORMAT_VERSION,
         "quantization": {
             "method": "rtn",
+            "rtn": {},
             "bits": 4,
             "group_size": 128,
             "symmetric": False,
@@ -30,19 +31,67 @@ def test_defaults_and_round_trip_through_dict_and_json():
             "module_bits": None,
             "target_bits": None,
             "bits_choices": [2, 3, 4, 8],
-            "awq_grid": 20,
-            "awq_clip": True,
-            "gptq_damp": 0.01,
-            "gptq_act_order": False,
-            "gptq_block_size": 128,
-            "hqq_iters": 20,
-            "hqq_optimize_scale": False,
             "module_formats": None,
         },
     }
     again = EfficiencyConfig.from_dict(json.loads(cfg.to_json_string()))
     assert again == cfg and again.to_dict() == d
     assert isinstance(again.quantization, QuantizationSpec)
+
+
+def test_method_options_nest_under_the_method_and_flat_keys_of_earlier_versions_still_load():
+    nested = EfficiencyConfig(quantization={"method": "gptq", "gptq": {"act_order": True}})
+    d = nested.to_dict()["quantization"]
+    assert d["gptq"] == {"damp": 0.01, "act_order": True, "block_size": 128} and "gptq_act_order" not in d
+    # a config.json written before options were nested: every method's flat keys, with defaults
+    legacy = {
+        "method": "gptq",
+        "gptq_damp": 0.01,
+        "gptq_act_order": True,
+        "gptq_block_size": 128,
+        "awq_grid": 20,
+        "awq_clip": True,
+        "hqq_iters": 20,
+        "hqq_optimize_scale": False,
+    }
+    again = EfficiencyConfig(quantization=legacy)
+    assert again == nested and again.quantization.options.act_order is True
+    assert EfficiencyConfig.from_dict(json.loads(nested.to_json_string())) == nested
+    hqq = EfficiencyConfig(quantization={"method": "hqq", "hqq": {"iters": 5}}).quantization
+    assert hqq.options.iters == 5 and hqq.options.optimize_scale is False
+    assert hqq.with_method("rtn").to_dict()["rtn"] == {} and hqq.with_method("rtn").bits == hqq.bits
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"method": "gptq", "gptq": {"damp": 0}}, r"quantization.gptq.damp=0 is not allowed; allowed values: a float"),
+        (
+            {"method": "gptq", "gptq": {"dmp": 0.1}},
+            r"unknown key\(s\) 'dmp' in quantization.gptq; allowed keys: damp, act_order, block_size",
+        ),
+        (
+            {"method": "rtn", "gptq": {"damp": 0.1}},
+            r"quantization.gptq holds options of method 'gptq', but quantization.method='rtn'",
+        ),
+        (
+            {"method": "awq", "awq": [1]},
+            r"quantization.awq=\[1\] is not allowed; allowed values: a dict with keys grid, clip",
+        ),
+        (
+            {"method": "awq", "awq_grid": 1},
+            r"quantization.awq_grid=1 is not allowed; allowed values: an integer in \[2, 100\]",
+        ),
+        (
+            {"method": "hqq", "symmetric": True},
+            r"quantization.symmetric=True is not allowed; allowed values: False \(hqq optimizes",
+        ),
+        ({"method": "int4"}, r"quantization.method='int4' is not allowed; allowed values: rtn, hqq, awq, gptq"),
+    ],
+)
+def test_method_option_errors_name_the_key(section, message):
+    with pytest.raises(ValueError, match=message):
+        EfficiencyConfig(quantization=section)
 
 
 def test_section_dataclass_accepted_and_group_size_minus_one_means_per_channel():

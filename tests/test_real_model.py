@@ -227,11 +227,11 @@ def test_speculative_greedy_identity_on_smollm2_every_draft_kind(bundled):
         for p, ref in zip(prompts, refs):
             out = model.generate(p[None], draft_model=draft, **greedy)
             assert torch.equal(out[0, p.numel() :], ref), draft
-        out = model.generate(ids, attention_mask=mask, draft_model=draft, **greedy)
+        out = model.generate(ids, attention_mask=mask, draft_model=draft, return_dict_in_generate=True, **greedy)
         for r in range(3):
-            assert torch.equal(out[r, width:], refs[r]), (draft, r)
+            assert torch.equal(out.sequences[r, width:], refs[r]), (draft, r)
         if draft == "bfloat16":  # benchmarks/speculative.py: 97 % acceptance, 0.13 passes per token
-            assert model.last_speculative_stats.target_passes_per_token <= 0.6
+            assert out.speculative_stats.target_passes_per_token <= 0.6
 
 
 def _left_padded_pair(windows, pad_id, length=96, pad=17):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-KV_BITS = (8, 4, 2)
+from ..constants import KV_BITS
 
 
 def check_kv_args(bits: int, group_size: int, head_dim: int | None = None) -> None:

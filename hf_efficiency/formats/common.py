@@ -23,10 +23,10 @@ from torch import nn
 from transformers.utils import logging
 
 from ..config import EfficiencyConfig, QuantizationSpec
-from ..integration.checkpoint import CheckpointError
 from ..quant.core.scheme import QuantizedWeight
 from ..quant.modules.linear import QuantLinear
 from ..quant.modules.replace import replace_with_quant_linear
+from .safetensors_header import CheckpointError
 
 logger = logging.get_logger(__name__)
 

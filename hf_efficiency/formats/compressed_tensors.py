@@ -49,7 +49,7 @@ from ..quant.core.packing import STORAGE_BITS, packed_words, unpack
 from ..quant.core.scheme import QuantizedWeight, num_groups
 from .common import FormatError
 from .folder_tensors import FolderTensors, expect, model_linears
-from .gptq import _SCALE_DTYPES, Result, _Collector, act_order_perm, exact_weight
+from .gptq import SCALE_TORCH_DTYPES, Collector, Result, act_order_perm, exact_weight
 
 PACKED_BITS = (2, 4, 8)
 SUPPORTED_FORMATS = ("pack-quantized", "naive-quantized", "int-quantized")
@@ -114,7 +114,7 @@ def read_compressed_tensors(folder, quantization_config: dict, model_config, mod
     ignore = list(qc.get("ignore") or [])
     tensors = FolderTensors(folder)
     linears = model_linears(model_config, model_class)
-    out = _Collector(tensors, linears)
+    out = Collector(tensors, linears)
     for name, linear in linears.items():
         scheme = scheme_for(name, linear, groups, ignore)
         if scheme is None or not scheme.get("weights"):
@@ -193,7 +193,7 @@ def _ct_module(
     key = f"{name}.weight_scale"
     if key in tensors and strategy == "tensor" and tensors.shape(key) in ((), (1, 1)):
         scale_shape = tensors.shape(key)
-    expect(tensors, key, scale_shape, _SCALE_DTYPES, what)
+    expect(tensors, key, scale_shape, SCALE_TORCH_DTYPES, what)
     scale = tensors.get(key).reshape(-1, 1).expand(n_out, 1) if strategy == "tensor" else tensors.get(key)
 
     zeros = None

@@ -17,13 +17,13 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from ..integration.checkpoint import CheckpointError, read_header
 from .common import FormatError, concrete_class
+from .safetensors_header import CheckpointError, read_header
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
-_DTYPES = {
+DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
@@ -104,7 +104,7 @@ class FolderTensors:
         return tuple(self._entries[name]["shape"])
 
     def dtype(self, name: str) -> torch.dtype | None:
-        return _DTYPES.get(self._entries[name]["dtype"])
+        return DTYPES.get(self._entries[name]["dtype"])
 
     def dtype_name(self, name: str) -> str:
         """The safetensors dtype string (``"I32"``, ``"F16"`` ...)."""

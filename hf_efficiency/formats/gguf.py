@@ -266,6 +266,7 @@ def load_gguf(
     model_class=None,
     scale_dtype: str | None = None,
     unsupported: str = "error",
+    output_loading_info: bool = False,
     **from_pretrained_kwargs: Any,
 ):
     """Load a GGUF file into a transformers model whose linears are our `QuantLinear` modules holding the
@@ -273,8 +274,9 @@ def load_gguf(
 
     ``path`` is the ``.gguf`` file, or a folder with ``gguf_file`` naming it. ``model_class`` defaults to
     ``AutoModelForCausalLM``. Other keyword arguments (``dtype``, default float32 for the float tensors;
-    ``device_map``, ``attn_implementation`` ...) go to ``from_pretrained``. ``model.hf_efficiency_gguf_report``
-    holds :func:`read_gguf`'s report. The tokenizer loads with transformers:
+    ``device_map``, ``attn_implementation`` ...) go to ``from_pretrained``. With ``output_loading_info=True``
+    it returns ``(model, report)``: :func:`read_gguf`'s report (``"rounded"``: each module's largest relative
+    weight change when ``scale_dtype`` rounds K-quant scales; ``"float_fallback"``: linears loaded in float). The tokenizer loads with transformers:
     ``AutoTokenizer.from_pretrained(folder, gguf_file=name)``.
     """
     folder, name = split_gguf_path(path, gguf_file)
@@ -287,12 +289,11 @@ def load_gguf(
     del reader
     qcfg = efficiency_config_for(formats, float_linears)
     model = load_model(config, state_dict, qcfg, source=full, model_class=model_class, **from_pretrained_kwargs)
-    model.hf_efficiency_gguf_report = report
     model.config._name_or_path = folder
     if report["rounded"]:
         worst = max(report["rounded"].values())
         logger.warning(f"{name}: K-quant scales rounded to {scale_dtype}: largest relative weight change {worst:.2e}")
-    return model
+    return (model, report) if output_loading_info else model
 
 
 def gguf_tokenizer(path: str | os.PathLike, gguf_file: str | None = None):

@@ -63,7 +63,7 @@ GPTQ_FORMATS = ("gptq", "gptq_v2")
 AWQ_VERSIONS = ("gemm", "gemv")
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
-_SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SCALE_TORCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _PACK_CHUNK = 1024  # rows packed at a time (pack() expands each code to 8*bits bytes)
 
@@ -144,7 +144,7 @@ def unpack_nibbles(words: torch.Tensor) -> torch.Tensor:
     return ((words.unsqueeze(-1) >> shifts) & 0xF).to(torch.uint8)
 
 
-class _Collector:
+class Collector:
     """Accumulates a reader's result; every file tensor not consumed passes through under its name."""
 
     def __init__(self, tensors: FolderTensors, linears: dict[str, nn.Linear]) -> None:
@@ -247,7 +247,7 @@ def read_gptq(folder, quantization_config: dict, model_config, model_class=None)
     dynamic = qc.get("dynamic") or None
     tensors = FolderTensors(folder)
     linears = model_linears(model_config, model_class)
-    out = _Collector(tensors, linears)
+    out = Collector(tensors, linears)
     for name in _quantized_names(tensors, linears, ".qweight"):
         overrides = _gptq_overrides(dynamic, name) or {}
         bits = _int(overrides.get("bits", qc.get("bits")), "bits", source)
@@ -272,7 +272,7 @@ def _gptq_module(
     what = f" (GPTQ {bits}-bit, group_size {group_size or -1}, {n_in} -> {n_out})"
     expect(tensors, f"{name}.qweight", (packed_words(n_in, bits), n_out), (torch.int32,), what)
     expect(tensors, f"{name}.qzeros", (groups, packed_words(n_out, bits)), (torch.int32,), what)
-    expect(tensors, f"{name}.scales", (groups, n_out), _SCALE_DTYPES, what)
+    expect(tensors, f"{name}.scales", (groups, n_out), SCALE_TORCH_DTYPES, what)
     perm = None
     if f"{name}.g_idx" in tensors:
         expect(tensors, f"{name}.g_idx", (n_in,), _INDEX_DTYPES, what)
@@ -316,7 +316,7 @@ def read_awq(folder, quantization_config: dict, model_config, model_class=None) 
     group_size = _group(qc.get("group_size", qc.get("q_group_size", 128)), source)
     tensors = FolderTensors(folder)
     linears = model_linears(model_config, model_class)
-    out = _Collector(tensors, linears)
+    out = Collector(tensors, linears)
     for name in _quantized_names(tensors, linears, ".qweight"):
         reader = _awq_gemm_module if version == "gemm" else _awq_gemv_module
         q, symmetric = reader(tensors, name, linears[name], group_size)
@@ -343,7 +343,7 @@ def _awq_gemm_module(tensors: FolderTensors, name: str, linear: nn.Linear, group
     what = f" (AWQ GEMM 4-bit, group_size {g}, {n_in} -> {n_out})"
     expect(tensors, f"{name}.qweight", (n_in, n_out // 8), (torch.int32,), what)
     expect(tensors, f"{name}.qzeros", (groups, n_out // 8), (torch.int32,), what)
-    expect(tensors, f"{name}.scales", (groups, n_out), _SCALE_DTYPES, what)
+    expect(tensors, f"{name}.scales", (groups, n_out), SCALE_TORCH_DTYPES, what)
 
     def along_output(words: torch.Tensor) -> torch.Tensor:  # [rows, out/8] -> [rows, out] in output order
         return unpack_nibbles(words)[..., list(AWQ_REVERSE_ORDER)].reshape(words.shape[0], n_out)
@@ -364,7 +364,7 @@ def _awq_gemv_module(tensors: FolderTensors, name: str, linear: nn.Linear, group
     what = f" (AWQ GEMV 4-bit, group_size {g}, {n_in} -> {n_out})"
     expect(tensors, f"{name}.qweight", (n_out, n_in // 8), (torch.int32,), what)
     expect(tensors, f"{name}.qzeros", (n_out, width), (torch.int32,), what)
-    expect(tensors, f"{name}.scales", (n_out, width * 8), _SCALE_DTYPES, what)
+    expect(tensors, f"{name}.scales", (n_out, width * 8), SCALE_TORCH_DTYPES, what)
     qweight = tensors.get(f"{name}.qweight")
     zeros = unpack_nibbles(tensors.get(f"{name}.qzeros")).reshape(n_out, width * 8)[:, :groups].to(torch.int32)
     scale = tensors.get(f"{name}.scales")[:, :groups]

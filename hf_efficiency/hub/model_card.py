@@ -21,6 +21,7 @@ from torch import nn
 from transformers.utils import logging
 
 from ..config import EfficiencyConfig
+from ..quant.methods import get_method
 
 logger = logging.get_logger(__name__)
 
@@ -216,20 +217,11 @@ def render_model_card(
 def describe_method(cfg: EfficiencyConfig) -> str:
     """One sentence fragment saying how the weights (and activations) were quantized."""
     spec, cal, act = cfg.quantization, getattr(cfg, "calibration", None), getattr(cfg, "activations", None)
-    clip = "MSE search of the clipping range" if spec.clip == "mse" else "full weight range"
     data = ""
     if cal is not None and cfg.needs_calibration:
         source = cal.dataset if isinstance(cal.dataset, str) else f"{len(cal.dataset)} given texts"
         data = f", calibrated on {cal.samples} x {cal.sequence_length} tokens of `{source}`"
-    how = {
-        "rtn": f"round-to-nearest (`rtn`) quantization of the linear weights ({clip})",
-        "hqq": "half-quadratic (`hqq`) optimization of every group's scale and zero point (no calibration data)",
-        "awq": "activation-aware scaling (`awq`: per-channel scales folded into the preceding norms and linears, "
-        "then an output-aware clip search)",
-        "gptq": "Hessian-based rounding with error compensation (`gptq`"
-        + (", activation order" if spec.gptq_act_order else "")
-        + ")",
-    }[spec.method]
+    how = get_method(spec.method).describe(spec.options, spec.clip)
     extras = []
     if spec.outliers:
         extras.append(f"{spec.outliers:.1%} of the weights of every row kept exactly in float16")

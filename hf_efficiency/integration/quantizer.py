@@ -19,6 +19,7 @@ from transformers.quantizers.quantizers_utils import get_module_from_name
 from transformers.utils import logging
 
 from ..config import FORMAT_VERSION, QUANT_METHOD, EfficiencyConfig
+from ..data import base_model_of
 from ..quant.methods import quantize_matrix
 from ..quant.modules.linear import QuantLinear
 from ..quant.modules.replace import dequantize_model, modules_to_not_convert, replace_with_quant_linear
@@ -39,7 +40,7 @@ class QuantizeOp(ConversionOps):
         module, _ = get_module_from_name(model, full_layer_name)
         spec = self.hf_quantizer.quantization_config.quantization
         q = quantize_matrix(weight, spec, module.bits, scale_dtype=module.weight_scale.dtype, outliers=module.outliers)
-        module.__dict__.pop("_kernel_cache", None)
+        module.invalidate_kernel_cache()
         prefix = full_layer_name.rsplit(".", 1)[0]
         out = {full_layer_name: q.packed, f"{prefix}.weight_scale": q.scale}
         if q.minimum is not None:
@@ -120,7 +121,7 @@ class EfficiencyHfQuantizer(HfQuantizer):
             )
             self.quantization_config = cfg
             model.config.quantization_config = cfg
-            model.hf_efficiency_report = report
+            self.report = report  # model.hf_quantizer.report: what the calibrated pipeline did
         if not self.pre_quantized and self.quantization_config.base_model is None:
             # Record the source model on a copy (never mutate the user's config object).
             cfg = EfficiencyConfig(**self.quantization_config.to_dict())
@@ -130,7 +131,7 @@ class EfficiencyHfQuantizer(HfQuantizer):
         for name, module in model.named_modules():
             if isinstance(module, QuantLinear):
                 module.requires_grad_(False)
-                module.__dict__.pop("_kernel_cache", None)
+                module.invalidate_kernel_cache()
         if peft is not None:
             from ..peft.methods import mark_trainable
 
@@ -179,15 +180,18 @@ class EfficiencyHfQuantizer(HfQuantizer):
         return model
 
 
-def base_model_of(name_or_path: str | None) -> str | None:
-    """The Hub id a model came from: from ``hf_efficiency_source.json`` in a local folder (the
-    bundled model writes one), else the name itself when it is not a local path."""
-    import os
+def attach_quantizer(model, config: EfficiencyConfig, names: list[str]) -> None:
+    """Make ``model`` (its ``names`` already `QuantLinear`) carry ``config`` and a pre-quantized
+    quantizer, as transformers' ``from_pretrained`` leaves a quantized model, so that
+    ``save_pretrained`` / ``push_to_hub`` write a checkpoint a plain ``from_pretrained`` reloads."""
+    from transformers import PreTrainedModel
 
-    from ..data import source_info
-
-    if not name_or_path:
-        return None
-    if os.path.isdir(name_or_path):
-        return source_info(name_or_path).get("base_model")
-    return name_or_path
+    quantizer = EfficiencyHfQuantizer(config, pre_quantized=True)
+    quantizer.quantized_modules = names
+    model.config.quantization_config = config
+    model.hf_quantizer = quantizer
+    model.is_quantized = True
+    model.quantization_method = config.quant_method
+    for module in model.modules():  # as transformers' postprocess_model does
+        if isinstance(module, PreTrainedModel):
+            module.config._is_quantized = True

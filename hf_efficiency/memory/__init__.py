@@ -1,8 +1,10 @@
-"""Memory estimation (from config.json only) and measurement (running the scenario)."""
+"""Memory estimation (from config.json only) and measurement (running the scenario), both of one
+`MemoryScenario`."""
 
 from .estimator import DEVICE_OVERHEAD_BYTES, MODES, OPTIMIZERS, TERMS, MemoryBreakdown, estimate_memory
 from .measure import MemoryMeasurement, measure_memory, saved_activation_bytes
 from .report import comparison_markdown, format_bytes, plot_breakdowns
+from .scenarios import MemoryScenario, standard_breakdowns
 from .training import TRAINING_METHODS, TrainingSetup
 
 __all__ = [
@@ -13,6 +15,7 @@ __all__ = [
     "TRAINING_METHODS",
     "MemoryBreakdown",
     "MemoryMeasurement",
+    "MemoryScenario",
     "TrainingSetup",
     "comparison_markdown",
     "estimate_memory",
@@ -20,4 +23,5 @@ __all__ = [
     "measure_memory",
     "plot_breakdowns",
     "saved_activation_bytes",
+    "standard_breakdowns",
 ]

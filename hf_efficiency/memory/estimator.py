@@ -26,13 +26,22 @@ import torch
 from torch import nn
 
 from .activations import (
-    ATTENTION_IMPLEMENTATIONS,
     attention_needs_grad,
     checkpointed_layer_bytes,
     head_saved_bytes,
     inference_layer_workspace,
     layer_saved_bytes,
     training_logits_bytes,
+)
+from .scenarios import (  # noqa: F401  (DEVICE_OVERHEAD_BYTES ... DTYPES: re-exported, they lived here)
+    DEVICE_OVERHEAD_BYTES,
+    DTYPES,
+    KV_CACHE_BITS,
+    MIXED_PRECISION,
+    MODES,
+    OPTIMIZERS,
+    MemoryScenario,
+    resolve_dtype,
 )
 from .shapes import (
     build_meta_model,
@@ -41,28 +50,8 @@ from .shapes import (
     output_embedding_names,
     tensor_bytes,
 )
-from .training import TrainablePlan, TrainingSetup, plan_training
+from .training import TrainablePlan, plan_training
 
-#: Memory the runtime holds before the first tensor: the CUDA context, cuBLAS/cuDNN workspaces
-#: and loaded kernels on GPU (the talk's 1 GB; ``torch.cuda.max_memory_allocated`` does not see
-#: it, ``nvidia-smi`` does); on CPU the resident size of Python + torch + transformers after
-#: import and a first forward (measured: 398 MiB, torch 2.13 CPU, Linux x86-64).
-DEVICE_OVERHEAD_BYTES: dict[str, int] = {"cuda": 1_000_000_000, "cpu": 400 * 2**20}
-MODES = ("inference", "training")
-#: ``adamw`` is ``torch.optim.AdamW(fused=True)``, the Trainer's default ``adamw_torch_fused``;
-#: ``adamw_foreach`` is the multi-tensor variant plain ``torch.optim.AdamW`` picks on CUDA;
-#: ``adam`` is ``torch.optim.Adam`` with torch's defaults (foreach on CUDA, a loop on CPU).
-OPTIMIZERS = ("adamw", "adamw_foreach", "adam", "adamw_8bit", "sgd", "adafactor")
-MIXED_PRECISION = (None, "bf16", "fp16")
-KV_CACHE_BITS = (None, 8, 4, 2)
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
 #: bitsandbytes keeps 32-bit states for tensors under this many elements and quantizes the
 #: others block-wise (one fp32 absmax per 256 values).
 BNB_MIN_8BIT_SIZE = 4096
@@ -138,35 +127,6 @@ class MemoryBreakdown:
         return self.table()
 
 
-def resolve_dtype(dtype: Any, config=None) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"dtype={dtype} is not allowed; allowed values: float32, float16, bfloat16")
-        return dtype
-    if dtype == "auto":
-        found = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-        return resolve_dtype(found if found is not None else "float32")
-    if isinstance(dtype, str) and dtype in _DTYPES:
-        return _DTYPES[dtype]
-    raise ValueError(f"dtype={dtype!r} is not allowed; allowed values: auto, {', '.join(_DTYPES)}")
-
-
-def check_scenario(mode: str, optimizer: str, mixed_precision: str | None) -> None:
-    """The checks `estimate_memory` and `measure_memory` share."""
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r} is not allowed; allowed values: {', '.join(MODES)}")
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer={optimizer!r} is not allowed; allowed values: {', '.join(OPTIMIZERS)}")
-    if mixed_precision not in MIXED_PRECISION:
-        raise ValueError(f"mixed_precision={mixed_precision!r} is not allowed; allowed values: None, bf16, fp16")
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name}={value!r} is not allowed; allowed values: integers >= {minimum}")
-    return value
-
-
 def _unique_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     seen: set[int] = set()
     out = []
@@ -178,7 +138,7 @@ def _unique_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def _quantize_meta_model(model: nn.Module, efficiency_config) -> list[str]:
+def quantize_structure(model: nn.Module, efficiency_config) -> list[str]:
     from ..quant.modules.replace import modules_to_not_convert, replace_with_quant_linear
 
     spec = efficiency_config.quantization
@@ -190,19 +150,7 @@ def _quantize_meta_model(model: nn.Module, efficiency_config) -> list[str]:
 
 def _kernel_cache_bytes(module: nn.Module, device: str, compute: torch.dtype) -> int:
     """Bytes of the kernel layout a quantized layer caches beside its packed weight."""
-    from ..quant.kernels.dispatch import path_for
-
-    path = path_for(module, device, compute)
-    n = module.in_features * module.out_features
-    if path in ("cuda_int8", "w8a8"):
-        return n + module.out_features * 4
-    if path == "cuda_int4":
-        return n // 2 + module.weight_scale.numel() * 2 * 2
-    if path == "cpu_fused":
-        from ..quant.kernels.cpu import layout_bytes
-
-        return layout_bytes(module)
-    return 0
+    return module.kernel_layout_nbytes(device, compute)
 
 
 def _weights(
@@ -276,29 +224,21 @@ def _trainable_shapes(model: nn.Module, plan: TrainablePlan) -> list[tuple[int, 
 
 def estimate_memory(
     model: Any,
-    mode: str = "inference",
+    scenario: MemoryScenario | dict[str, Any] | str | None = None,
     *,
-    dtype: Any = "float32",
-    efficiency_config: Any = None,
-    training: Any = "full",
-    optimizer: str = "adamw",
-    batch_size: int = 1,
-    sequence_length: int = 512,
-    new_tokens: int = 0,
-    gradient_checkpointing: bool = False,
-    attn_implementation: str = "sdpa",
-    mixed_precision: str | None = None,
-    kv_cache_bits: int | None = None,
-    kv_group_size: int = 64,
-    device: str = "cuda",
-    overhead_bytes: int | None = None,
     label: str = "",
     trust_remote_code: bool = False,
+    **scenario_fields: Any,
 ) -> MemoryBreakdown:
     """Predict the peak memory of running ``model`` for inference or training.
 
     ``model`` is a transformers model, a ``PretrainedConfig``, a config dict, a local folder or
-    a Hub id; only the config is read, never the weights. Inference is one forward over
+    a Hub id; only the config is read, never the weights. ``scenario`` is a `MemoryScenario` (or
+    its dict); its fields may also be given as keyword arguments (``mode``, ``dtype``,
+    ``efficiency_config``, ``training``, ``optimizer``, ``batch_size``, ``sequence_length``,
+    ``new_tokens``, ``gradient_checkpointing``, ``attn_implementation``, ``mixed_precision``,
+    ``kv_cache_bits``, ``kv_group_size``, ``device``, ``overhead_bytes``), which replace the
+    scenario's values; a mode name as second argument is ``mode=``. Inference is one forward over
     ``batch_size x sequence_length`` tokens with the KV cache (all logits, as ``model(...)``
     returns them), or, with ``new_tokens > 0``, ``generate`` of that many tokens (the prompt's
     last-token logits only). Training is one step of ``optimizer`` on ``batch_size`` sequences
@@ -309,54 +249,27 @@ def estimate_memory(
     ``device`` picks the runtime overhead (`DEVICE_OVERHEAD_BYTES`, or ``overhead_bytes``) and
     the kernel paths. Returns a `MemoryBreakdown` whose ``total`` is in bytes.
     """
-    check_scenario(mode, optimizer, mixed_precision)
-    if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
-        raise ValueError(
-            f"attn_implementation={attn_implementation!r} is not allowed; allowed values: "
-            f"{', '.join(ATTENTION_IMPLEMENTATIONS)}"
-        )
-    if kv_cache_bits not in KV_CACHE_BITS:
-        raise ValueError(f"kv_cache_bits={kv_cache_bits!r} is not allowed; allowed values: None, 8, 4, 2")
-    if device not in DEVICE_OVERHEAD_BYTES and overhead_bytes is None:
-        raise ValueError(
-            f"device={device!r} has no documented overhead; allowed values: {', '.join(DEVICE_OVERHEAD_BYTES)} "
-            "(or pass overhead_bytes)"
-        )
-    batch_size = _check_int("batch_size", batch_size, 1)
-    seq = _check_int("sequence_length", sequence_length, 1)
-    new_tokens = _check_int("new_tokens", new_tokens, 0)
-    kv_group_size = _check_int("kv_group_size", kv_group_size, 1)
-    if overhead_bytes is not None:
-        overhead_bytes = _check_int("overhead_bytes", overhead_bytes, 0)
+    s = MemoryScenario.build(scenario, **scenario_fields)
+    mode, optimizer, mixed_precision = s.mode, s.optimizer, s.mixed_precision
+    batch_size, seq, new_tokens = s.batch_size, s.sequence_length, s.new_tokens
+    attn_implementation, gradient_checkpointing = s.attn_implementation, s.gradient_checkpointing
+    kv_cache_bits, kv_group_size = s.kv_cache_bits, s.kv_group_size
+    device = s.device_type  # "cuda" for "cuda:1": what picks the kernels
 
     config = load_config(model, trust_remote_code=trust_remote_code)
     shape = model_shape(config)
-    weight_dtype = resolve_dtype(dtype, config)
-    compute = _DTYPES[mixed_precision] if mixed_precision else weight_dtype
+    weight_dtype = resolve_dtype(s.dtype, config)
+    compute = DTYPES[mixed_precision] if mixed_precision else weight_dtype
     a = torch.empty((), dtype=compute).element_size()
     pbytes = torch.empty((), dtype=weight_dtype).element_size()
 
-    eff = None
-    if efficiency_config is not None:
-        from ..config import EfficiencyConfig
-
-        eff = EfficiencyConfig.coerce(efficiency_config)
+    eff = s.efficiency
     spec = eff.quantization if eff is not None else None
-    setup = TrainingSetup.coerce(training) if mode == "training" else None
-    if setup is not None:
-        if setup.method == "qlora" and spec is None:
-            raise ValueError(
-                "training='qlora' needs a quantized base: pass efficiency_config with a quantization section"
-            )
-        if spec is not None and setup.method in ("full", "freeze"):
-            raise ValueError(
-                f"training={setup.method!r} updates quantized weights, which have no gradients; "
-                "use 'qlora' (LoRA on the quantized base) or drop the quantization"
-            )
+    setup = s.training_setup
 
     meta = build_meta_model(config, weight_dtype, trust_remote_code=trust_remote_code)
     params = sum(t.numel() for _, t in _unique_tensors(meta) if isinstance(t, nn.Parameter))
-    quantized = _quantize_meta_model(meta, eff) if spec is not None else []
+    quantized = quantize_structure(meta, eff) if spec is not None else []
     lm_head_name, tied = output_embedding_names(meta)
     notes: list[str] = []
     if not shape.gated_mlp or shape.model_type in ("gpt2", "opt", "bloom", "falcon", "gpt_neox"):
@@ -369,14 +282,14 @@ def estimate_memory(
         notes.append(f"mixed precision: codes estimated at the target mean of {spec.target_bits} bits")
     out = MemoryBreakdown(
         mode=mode,
-        device=device,
+        device=s.device,
         dtype=str(weight_dtype).replace("torch.", ""),
         batch_size=batch_size,
         sequence_length=seq,
         parameters=params,
         trainable_parameters=0,
         label=label,
-        overhead=DEVICE_OVERHEAD_BYTES.get(device, 0) if overhead_bytes is None else overhead_bytes,
+        overhead=DEVICE_OVERHEAD_BYTES.get(device, 0) if s.overhead_bytes is None else s.overhead_bytes,
         weights=weights,
         details=details,
         notes=notes,

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .estimator import _DTYPES, check_scenario, resolve_dtype
+from .scenarios import DTYPES, MemoryScenario, resolve_dtype
 from .shapes import load_config
 from .training import TrainingSetup
 
@@ -165,9 +165,9 @@ def build_model(
 
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     if efficiency_config is not None and efficiency_config.quantization is not None:
-        from .estimator import _quantize_meta_model
+        from .estimator import quantize_structure
 
-        _quantize_meta_model(model, efficiency_config)
+        quantize_structure(model, efficiency_config)
         _fill_random(model)
     model.to(device)
     if setup is None:
@@ -176,9 +176,9 @@ def build_model(
     if setup.uses_lora:
         from peft import LoraConfig, get_peft_model
 
-        from ..integration.registry import _patch_peft
+        from .. import register
 
-        _patch_peft()  # LoRA on QuantLinear (a no-op once peft knows it)
+        register()  # peft learns QuantLinear (idempotent; needed if peft was half-imported at registration)
         targets = setup.lora_targets if isinstance(setup.lora_targets, str) else list(setup.lora_targets)
         model = get_peft_model(
             model, LoraConfig(r=setup.lora_rank, target_modules=targets, lora_dropout=setup.lora_dropout)
@@ -267,7 +267,7 @@ def _run(
     if peak is not None:
         _trim()
         peak.reset()
-    amp = _DTYPES[mixed_precision] if mixed_precision else None
+    amp = DTYPES[mixed_precision] if mixed_precision else None
     for _ in range(steps):
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             loss = model(input_ids=ids, labels=ids).loss
@@ -286,83 +286,81 @@ def _tiny(config):
 
 def measure_memory(
     model: Any,
-    mode: str = "inference",
+    scenario: MemoryScenario | dict[str, Any] | str | None = None,
     *,
-    dtype: Any = "float32",
-    efficiency_config: Any = None,
-    training: Any = "full",
-    optimizer: str = "adamw",
-    batch_size: int = 1,
-    sequence_length: int = 512,
-    new_tokens: int = 0,
-    gradient_checkpointing: bool = False,
-    attn_implementation: str = "sdpa",
-    mixed_precision: str | None = None,
-    device: str | None = None,
     steps: int = 3,
     isolate: bool = False,
     pin_allocator: bool = True,
+    **scenario_fields: Any,
 ) -> MemoryMeasurement:
     """Build the scenario `estimate_memory` describes with random weights, run it and return
     its measured peak (see the module docstring for how memory is read on CPU and CUDA).
 
-    Takes the same arguments as `estimate_memory` (``kv_cache_bits`` is not measurable until
-    the quantized KV cache exists); ``steps`` training steps run so the optimizer states exist
-    during later forwards, as in a real run.
+    Takes the same scenario as `estimate_memory`: a `MemoryScenario` (or its dict) and/or its fields
+    as keyword arguments. Without a `MemoryScenario`, ``device`` defaults to this machine's
+    accelerator (``cuda`` when available, else ``cpu``) instead of the scenario's ``cuda``.
+    ``kv_cache_bits`` is refused (the measurement runs transformers' float KV cache only);
+    ``overhead_bytes`` does not apply (the measurement starts after the runtime's own memory).
+    ``steps`` training steps run so the optimizer states exist during later forwards, as in a
+    real run.
     """
-    check_scenario(mode, optimizer, mixed_precision)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(scenario, MemoryScenario) and scenario_fields.get("device") is None:
+        given = scenario.get("device") if isinstance(scenario, dict) else None
+        scenario_fields["device"] = given or ("cuda" if torch.cuda.is_available() else "cpu")
+    s = MemoryScenario.build(scenario, **scenario_fields)
+    if s.kv_cache_bits is not None:
+        raise ValueError(
+            f"kv_cache_bits={s.kv_cache_bits!r} cannot be measured (measure_memory runs the float KV cache "
+            "only); allowed values: None"
+        )
+    if s.device_type not in ("cuda", "cpu"):
+        raise ValueError(f"device={s.device!r} cannot be measured; allowed values: cuda, cpu")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps={steps!r} is not allowed; allowed values: integers >= 1")
     config = load_config(model)
-    from ..config import EfficiencyConfig
-
-    eff = None if efficiency_config is None else EfficiencyConfig.coerce(efficiency_config)
-    setup = TrainingSetup.coerce(training) if mode == "training" else None
-    scenario = dict(
-        mode=mode,
-        dtype=str(dtype).replace("torch.", ""),
-        batch_size=batch_size,
-        sequence_length=sequence_length,
-        new_tokens=new_tokens,
-        optimizer=optimizer,
-        gradient_checkpointing=gradient_checkpointing,
-        attn_implementation=attn_implementation,
-        mixed_precision=mixed_precision,
-        device=device,
+    eff = s.efficiency
+    setup = s.training_setup
+    record = dict(
+        mode=s.mode,
+        dtype=s.dtype,
+        batch_size=s.batch_size,
+        sequence_length=s.sequence_length,
+        new_tokens=s.new_tokens,
+        optimizer=s.optimizer,
+        gradient_checkpointing=s.gradient_checkpointing,
+        attn_implementation=s.attn_implementation,
+        mixed_precision=s.mixed_precision,
+        device=s.device,
         steps=steps,
         pin_allocator=pin_allocator,
-        efficiency_config=None if eff is None else eff.to_dict(),
+        efficiency_config=s.efficiency_config,
         training=None if setup is None else asdict(setup),
     )
     if isolate:
-        return _measure_in_subprocess(config, scenario)
-    weight_dtype = resolve_dtype(dtype, config)
+        return _measure_in_subprocess(config, s, steps=steps, pin_allocator=pin_allocator, record=record)
+    weight_dtype = resolve_dtype(s.dtype, config)
+    device = s.device
     dev = torch.device(device)
     peak = _Peak(dev)
     pinned = dev.type == "cpu" and pin_allocator and _pin_allocator()
     run = dict(
-        batch_size=batch_size,
-        seq=sequence_length,
-        new_tokens=new_tokens,
-        optimizer=optimizer,
+        batch_size=s.batch_size,
+        seq=s.sequence_length,
+        new_tokens=s.new_tokens,
+        optimizer=s.optimizer,
         device=dev,
-        mixed_precision=mixed_precision,
-        gradient_checkpointing=gradient_checkpointing,
+        mixed_precision=s.mixed_precision,
+        gradient_checkpointing=s.gradient_checkpointing,
     )
+    build = dict(dtype=weight_dtype, efficiency_config=eff, setup=setup, attn_implementation=s.attn_implementation)
     # warm-up on a one-layer copy: imports, kernels and allocator arenas are not the model's memory
-    warm = build_model(
-        _tiny(config),
-        dtype=weight_dtype,
-        efficiency_config=eff,
-        setup=setup,
-        attn_implementation=attn_implementation,
-        device=device,
-    )
+    warm = build_model(_tiny(config), device=device, **build)
     _run(
         warm,
-        mode,
-        steps=2 if mode == "training" else 1,
+        s.mode,
+        steps=2 if s.mode == "training" else 1,
         peak=None,
-        **{**run, "seq": min(sequence_length, 16), "new_tokens": min(new_tokens, 2)},
+        **{**run, "seq": min(s.sequence_length, 16), "new_tokens": min(s.new_tokens, 2)},
     )
     del warm
     _trim()
@@ -370,18 +368,11 @@ def measure_memory(
         torch.cuda.empty_cache()
     baseline = peak.current()
     start = time.perf_counter()
-    built = build_model(
-        config,
-        dtype=weight_dtype,
-        efficiency_config=eff,
-        setup=setup,
-        attn_implementation=attn_implementation,
-        device=device,
-    )
+    built = build_model(config, device=device, **build)
     _trim()
     resident = peak.current() - baseline
     trainable = sum(p.numel() for p in built.parameters() if p.requires_grad)
-    _run(built, mode, steps=steps, peak=peak, **run)
+    _run(built, s.mode, steps=steps, peak=peak, **run)
     top = peak.peak() - baseline
     seconds = time.perf_counter() - start
     del built
@@ -393,13 +384,22 @@ def measure_memory(
         resident_after_setup=resident,
         baseline_bytes=baseline,
         seconds=seconds,
-        scenario=scenario,
+        scenario=record,
         trainable_parameters=trainable,
     )
 
 
-def _measure_in_subprocess(config, scenario: dict[str, Any]) -> MemoryMeasurement:
-    payload = json.dumps({"config": config.to_dict(), "scenario": scenario})
+def _measure_in_subprocess(
+    config, scenario: MemoryScenario, *, steps: int, pin_allocator: bool, record: dict[str, Any]
+) -> MemoryMeasurement:
+    payload = json.dumps(
+        {
+            "config": config.to_dict(),
+            "scenario": scenario.to_dict(),
+            "steps": steps,
+            "pin_allocator": pin_allocator,
+        }
+    )
     env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -408,6 +408,7 @@ def _measure_in_subprocess(config, scenario: dict[str, Any]) -> MemoryMeasuremen
     if proc.returncode != 0:
         raise RuntimeError(f"isolated measurement failed:\n{proc.stderr[-4000:]}")
     data = json.loads(proc.stdout.strip().splitlines()[-1])
+    data["scenario"] = record
     return MemoryMeasurement(**data)
 
 
@@ -417,24 +418,8 @@ def _main() -> None:
     data = json.loads(sys.stdin.read())
     cfg = dict(data["config"])
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    s = data["scenario"]
-    result = measure_memory(
-        config,
-        s["mode"],
-        dtype=s["dtype"],
-        efficiency_config=s["efficiency_config"],
-        training=s["training"] or "full",
-        optimizer=s["optimizer"],
-        batch_size=s["batch_size"],
-        sequence_length=s["sequence_length"],
-        new_tokens=s["new_tokens"],
-        gradient_checkpointing=s["gradient_checkpointing"],
-        attn_implementation=s["attn_implementation"],
-        mixed_precision=s["mixed_precision"],
-        device=s["device"],
-        steps=s["steps"],
-        pin_allocator=s["pin_allocator"],
-    )
+    scenario = MemoryScenario.from_dict(data["scenario"])
+    result = measure_memory(config, scenario, steps=data["steps"], pin_allocator=data["pin_allocator"])
     print(json.dumps(result.to_dict()))
 
 

@@ -141,14 +141,6 @@ def tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def decoder_layer_prefixes(model: nn.Module, num_layers: int) -> list[str]:
-    """Module names of the decoder layers (the ``ModuleList`` with ``num_layers`` entries)."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
-            return [f"{name}.{i}" for i in range(num_layers)]
-    raise ValueError(f"could not find the {num_layers} decoder layers in {type(model).__name__}")
-
-
 def output_embedding_names(model: nn.Module) -> tuple[str | None, bool]:
     """(name of the lm_head weight, whether it is tied to the input embedding)."""
     get_out = getattr(model, "get_output_embeddings", None)

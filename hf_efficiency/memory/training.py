@@ -10,8 +10,9 @@ from typing import Any
 
 from torch import nn
 
+from ..families import decoder_layer_prefixes
 from .activations import ROLES, LayerTraining
-from .shapes import ModelShape, decoder_layer_prefixes
+from .shapes import ModelShape
 
 TRAINING_METHODS = ("full", "lora", "qlora", "bitfit", "adapters", "freeze")
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..config import PeftSpec
-from ..memory.shapes import decoder_layer_prefixes
+from ..families import decoder_layer_prefixes
 from ..quant.modules.linear import QuantLinear
 
 

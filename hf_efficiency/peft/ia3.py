@@ -18,7 +18,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
 from ..quant.core.requantize import requantize_linear
 from ..quant.modules.linear import QuantLinear
-from .lora import _snapshot, restore_pre_merge
+from .lora import restore_pre_merge, snapshot_pre_merge
 
 
 class QuantIA3Linear(ia3_layer.Linear):
@@ -59,24 +59,26 @@ class QuantIA3Linear(ia3_layer.Linear):
             if safe_merge and not torch.isfinite(scaling).all():
                 raise ValueError(f"NaNs detected in the merged weights; the adapter(s) {adapter_names} seem broken")
             if self._pre_merge is None:
-                self._pre_merge = _snapshot(base)
+                self._pre_merge = snapshot_pre_merge(base)
                 if base.bias is not None:
                     self._pre_merge["bias"] = base.bias.detach().clone()
             scaling = scaling.to(base.weight_scale.device)
+            bias = None
+            if not self.is_feedforward and base.bias is not None:
+                bias = (base.bias.float() * scaling.to(base.bias.device)).to(base.bias.dtype)
             if self.is_feedforward or not bool((scaling > 0).all()):
                 weight = base.dequantize_weight(torch.float32)
                 weight *= scaling[None, :] if self.is_feedforward else scaling[:, None]
                 requantize_linear(base, weight)
-            else:  # per-row scaling: the rows' scales, minima and kept outliers scale with it
-                for t in (base.weight_scale, base.weight_min):
-                    if t is not None:
-                        t.data = (t.float() * scaling[:, None]).to(t.dtype)
-                if base.weight_outlier_value is not None:
-                    v = base.weight_outlier_value
-                    v.data = (v.float() * scaling[:, None]).to(v.dtype)
-                base.__dict__.pop("_kernel_cache", None)
-            if not self.is_feedforward and base.bias is not None:
-                base.bias.data = (base.bias.float() * scaling).to(base.bias.dtype)
+                if bias is not None:
+                    base.replace_tensors(bias=bias)
+            else:  # per-row scaling: the rows' scales, minima and kept outliers (and bias) scale with it
+                rows = {
+                    name: (t.float() * scaling[:, None]).to(t.dtype)
+                    for name in ("weight_scale", "weight_min", "weight_outlier_value")
+                    if (t := getattr(base, name)) is not None
+                }
+                base.replace_tensors(**rows, bias=bias)
         self.merged_adapters.extend(adapter_names)
 
     def unmerge(self) -> None:

@@ -33,16 +33,10 @@ def prepare_model_for_kbit_training(
 ) -> nn.Module:
     """peft's preparation (freeze the base, upcast float16/bfloat16 parameters), plus gradient
     checkpointing and input gradients for hf-efficiency's quantized layers."""
-    stored = [
-        (p, p.dtype)
-        for m in model.modules()
-        if isinstance(m, QuantLinear)
-        for name, p in m.named_parameters(recurse=False)
-        if name != "bias"
-    ]
+    stored = [(m, m.storage_dtypes()) for m in model.modules() if isinstance(m, QuantLinear)]
     model = _peft_original()(model, use_gradient_checkpointing, gradient_checkpointing_kwargs, *args, **kwargs)
-    for p, dtype in stored:
-        p.data = p.data.to(dtype)
+    for m, dtypes in stored:
+        m.set_storage_dtypes(dtypes)  # peft upcast them in place (``.data``); the module puts them back
     if use_gradient_checkpointing and stored:
         gc_kwargs = dict(gradient_checkpointing_kwargs or {})
         if gc_kwargs.get("use_reentrant", True):

@@ -43,7 +43,7 @@ _UNSUPPORTED = (
 )
 
 
-def _snapshot(module: QuantLinear) -> dict[str, torch.Tensor]:
+def snapshot_pre_merge(module: QuantLinear) -> dict[str, torch.Tensor]:
     return {name: t.detach().clone() for name, t in module.named_parameters(recurse=False) if name.startswith("weight")}
 
 
@@ -53,9 +53,12 @@ def restore_pre_merge(layer) -> None:
         warnings.warn("Already unmerged. Nothing to do.")
         return
     base = layer.get_base_layer()
-    for name, t in layer._pre_merge.items():
-        getattr(base, name).data = t
-    base.__dict__.pop("_kernel_cache", None)
+    # the module's current device and dtype: a no-op unless the model was moved or cast while merged
+    saved = {
+        name: t.to(device=getattr(base, name).device, dtype=getattr(base, name).dtype)
+        for name, t in layer._pre_merge.items()
+    }
+    base.replace_tensors(**saved)
     layer._pre_merge = None
     layer.merged_adapters.clear()
 
@@ -117,12 +120,12 @@ class QuantLoraLinear(lora_layer.Linear):
         delta = self._qalora_delta(adapter)
         per_group = delta.repeat_interleave(self.qalora_group_size[adapter] // base.group_size, dim=1)
         m = base.weight_min
-        m.data = (m.float() + per_group.to(m.device)).to(m.dtype)
+        folded = {"weight_min": (m.float() + per_group.to(m.device)).to(m.dtype)}
         if base.weight_outlier_index is not None:
             cols = base.weight_outlier_index.long() // self.qalora_group_size[adapter]
             v = base.weight_outlier_value
-            v.data = (v.float() + delta.to(v.device).gather(1, cols)).to(v.dtype)
-        base.__dict__.pop("_kernel_cache", None)
+            folded["weight_outlier_value"] = (v.float() + delta.to(v.device).gather(1, cols)).to(v.dtype)
+        base.replace_tensors(**folded)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the adapters' deltas to the dequantized weight and re-quantize it with the module's scheme."""
@@ -142,7 +145,7 @@ class QuantLoraLinear(lora_layer.Linear):
             if safe_merge and not all(torch.isfinite(d).all() for d in deltas.values()):
                 raise ValueError(f"NaNs detected in the merged weights; the adapter(s) {adapter_names} seem broken")
             if self._pre_merge is None:
-                self._pre_merge = _snapshot(base)
+                self._pre_merge = snapshot_pre_merge(base)
             for name in exact:
                 self._fold_into_minima(name)
             if rest:

@@ -243,7 +243,7 @@ def quantized_copy(target: nn.Module, spec: QuantizationSpec) -> nn.Module:
     from ..quant.core.mixed import bits_for_module
     from ..quant.methods import quantize_matrix
     from ..quant.modules.linear import QuantLinear, scale_dtype_of
-    from ..quant.modules.replace import _set_submodule, linears_to_quantize
+    from ..quant.modules.replace import linears_to_quantize, set_submodule
 
     if spec.needs_calibration:
         raise ValueError(f"a self-draft cannot use calibrated method {spec.method!r}; use rtn or hqq")
@@ -256,7 +256,7 @@ def quantized_copy(target: nn.Module, spec: QuantizationSpec) -> nn.Module:
         )
         module = QuantLinear.from_quantized(linear, q, symmetric=spec.symmetric).to(linear.weight.device)
         module.requires_grad_(False)
-        _set_submodule(draft, name, module)
+        set_submodule(draft, name, module)
     return draft.eval()
 
 

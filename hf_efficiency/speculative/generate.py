@@ -154,7 +154,6 @@ def speculative_decoding(
         tokenizer=speculative_tokenizer,
         draft_tokenizer=draft_tokenizer,
     )
-    model.__dict__["last_speculative_stats"] = stats
     if cfg.return_dict_in_generate:
         return SpeculativeDecoderOnlyOutput(sequences=sequences, speculative_stats=stats)
     return sequences

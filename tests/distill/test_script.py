@@ -13,7 +13,7 @@ import pytest
 from conftest import make_byte_tokenizer, make_tiny_llama
 
 from hf_efficiency.cli import main as cli_main
-from hf_efficiency.distill.run_clm_distill import main as run_clm_distill
+from hf_efficiency.cli.run_clm_distill import main as run_clm_distill
 
 ROOT = Path(__file__).resolve().parents[2]
 LINES = [

@@ -184,7 +184,7 @@ def _decode_logits_close(model, reference):
 
 
 def test_tiny_gguf_matches_transformers_dequantized_load(tiny_gguf, reference):
-    model = load_gguf(tiny_gguf)
+    model, report = load_gguf(tiny_gguf, output_loading_info=True)
     for name, linear in reference.named_modules():
         if isinstance(linear, torch.nn.Linear):  # same weights, bit for bit
             assert torch.equal(model.get_submodule(name).dequantize_weight(), linear.weight), name
@@ -212,7 +212,7 @@ def test_tiny_gguf_matches_transformers_dequantized_load(tiny_gguf, reference):
             assert m.storage_bits_per_weight == pytest.approx(bpw)
     head = model.lm_head  # untied output.weight, Q6_K
     assert isinstance(head, QuantLinear) and (head.bits, head.group_size) == (6, 16)
-    report = model.hf_efficiency_gguf_report
+
     assert report["types"]["Q6_K"] == 1 and report["types"]["F32"] == 1 + 2 * LAYERS + 1
     assert report["rounded"] == {} and report["float_fallback"] == []
     cfg = model.config.quantization_config
@@ -262,10 +262,10 @@ def test_keep_compressed_refuses_a_float_folder(tmp_path):
 
 
 def test_rounded_k_quant_scales_report_their_error(tiny_gguf, reference):
-    model = load_gguf(tiny_gguf, scale_dtype="float16")
+    model, report = load_gguf(tiny_gguf, scale_dtype="float16", output_loading_info=True)
     m = model.model.layers[0].mlp.gate_proj  # Q4_K
     assert m.weight_scale.dtype == torch.float16 and m.storage_bits_per_weight == pytest.approx(5.0)
-    rounded = model.hf_efficiency_gguf_report["rounded"]
+    rounded = report["rounded"]
     assert set(rounded) == {
         "model.layers.0.mlp.gate_proj",
         "model.layers.1.mlp.gate_proj",
@@ -291,9 +291,9 @@ def test_unsupported_type_is_named_or_loaded_in_float(tmp_path):
         load_gguf(path)
     from transformers import AutoModelForCausalLM
 
-    model = load_gguf(path, unsupported="float")
+    model, report = load_gguf(path, unsupported="float", output_loading_info=True)
     assert isinstance(model.model.layers[1].self_attn.v_proj, torch.nn.Linear)
-    assert model.hf_efficiency_gguf_report["float_fallback"] == ["model.layers.1.self_attn.v_proj"]
+    assert report["float_fallback"] == ["model.layers.1.self_attn.v_proj"]
     ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32)
     assert torch.equal(_logits(model), _logits(ref))
 

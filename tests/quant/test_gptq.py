@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from hf_efficiency.quant.core.packing import packed_words, unpack
-from hf_efficiency.quant.core.scheme import quantize_weight
-from hf_efficiency.quant.methods.gptq import _fit_groups, gptq_quantize
+from hf_efficiency.quant.core.scheme import fit_group_params, quantize_weight
+from hf_efficiency.quant.methods.gptq import gptq_quantize
 
 N_TOKENS, IN, OUT = 2048, 256, 128
 
@@ -58,7 +58,7 @@ def reference_gptq(w, h, bits, group_size, symmetric, act_order, damp=0.01):
         ng = -(-n // g)
         wg = torch.nn.functional.pad(w, (0, ng * g - n)).reshape(out, ng, g)
         valid = torch.nn.functional.pad(torch.ones(n, dtype=torch.bool), (0, ng * g - n)).reshape(1, ng, g)
-        static = _fit_groups(wg, valid, bits, symmetric, torch.float16, "none", 20, 0.5)
+        static = fit_group_params(wg, valid, bits, symmetric, torch.float16, "none", 20, 0.5)
         perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
         w, h = w[:, perm], h[perm][:, perm]
     h += damp * torch.diagonal(h).mean() * torch.eye(n)
@@ -69,7 +69,7 @@ def reference_gptq(w, h, bits, group_size, symmetric, act_order, damp=0.01):
             gi = int(perm[j]) // g
             s, m = static[0][:, gi, 0], None if static[1] is None else static[1][:, gi, 0]
         elif j % g == 0:
-            s, m = _fit_groups(w[:, j : j + g].unsqueeze(1), None, bits, symmetric, torch.float16, "none", 20, 0.5)
+            s, m = fit_group_params(w[:, j : j + g].unsqueeze(1), None, bits, symmetric, torch.float16, "none", 20, 0.5)
             s, m = s.reshape(out), None if m is None else m.reshape(out)
         col = w[:, j]
         if m is None:

@@ -118,9 +118,9 @@ def test_int4_scales_and_zeros_convention_on_cpu(sym):
 
 def test_device_move_drops_cached_kernel_layout():
     _, q = _q(8, None, True)
-    q.__dict__["_kernel_cache"] = {"int8": "stale"}
+    assert q.kernel_layout("int8", lambda: "stale") == "stale"
     q.to(torch.float32)
-    assert "_kernel_cache" not in q.__dict__
+    assert q.kernel_layout("int8") is None
 
 
 @pytest.mark.gpu

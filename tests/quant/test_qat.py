@@ -9,8 +9,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 import hf_efficiency
-from hf_efficiency import EfficiencyConfig, QuantizationSpec, QuantLinear
-from hf_efficiency.quant.modules.qat import FakeQuantLinear, convert_qat, fake_quantize_weight, prepare_qat
+from hf_efficiency import EfficiencyConfig, QuantizationSpec, QuantLinear, convert_qat
+from hf_efficiency.quant.modules.qat import FakeQuantLinear, fake_quantize_weight, prepare_qat
 
 W3 = {"quantization": {"bits": 3, "group_size": 32}}
 

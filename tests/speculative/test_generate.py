@@ -60,10 +60,12 @@ def test_greedy_identity_20_prompts_batch_1_and_4(target, separate_draft, kind):
         ids = p[None]
         ref = _plain(target, ids)
         singles.append(ref[0, ids.shape[1] :])
-        out = target.generate(ids, max_new_tokens=N_NEW, do_sample=False, draft_model=draft)
-        assert torch.equal(out, ref), f"prompt {p.tolist()}"
-        drafted += target.last_speculative_stats.drafted
-        accepted += target.last_speculative_stats.accepted
+        out = target.generate(
+            ids, max_new_tokens=N_NEW, do_sample=False, draft_model=draft, return_dict_in_generate=True
+        )
+        assert torch.equal(out.sequences, ref), f"prompt {p.tolist()}"
+        drafted += out.speculative_stats.drafted
+        accepted += out.speculative_stats.accepted
     assert 0 < accepted < drafted  # both outcomes exercised
     for start in range(0, 20, 4):
         ids, mask = left_pad(prompts[start : start + 4], 256)
@@ -145,9 +147,10 @@ def test_sampled_tokens_follow_the_target_distribution():
         attention_mask=torch.ones(n, 3, dtype=torch.long),
         draft_model=draft,
         speculative=SpeculativeConfig(num_draft_tokens=2, schedule="constant"),
+        return_dict_in_generate=True,
         **gen,
     )
-    stats = target.last_speculative_stats
+    stats, out = out.speculative_stats, out.sequences
     assert 0.1 < stats.acceptance_rate < 0.9
     assert stats.draft_lengths[0] == 2
     pairs = out[:, 3] * 16 + out[:, 4]
@@ -193,16 +196,16 @@ def test_saved_speculative_config_drives_plain_generate(tmp_path, target):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "spec")
     assert loaded.config.quantization_config.speculative == SpeculativeConfig(draft="early-exit:2", num_draft_tokens=3)
     ids = _prompts(1)[0][None]
-    loaded.__dict__.pop("last_speculative_stats", None)
     out = loaded.generate(ids, max_new_tokens=N_NEW, do_sample=False, return_dict_in_generate=True)
     assert torch.equal(out.sequences, _plain(target, ids))
-    assert out.speculative_stats.target_passes == loaded.last_speculative_stats.target_passes > 0
+    assert out.speculative_stats.target_passes > 0
     assert out.speculative_stats.draft_lengths[0] == 3
-    loaded.__dict__.pop("last_speculative_stats")
-    plain = loaded.generate(ids, max_new_tokens=N_NEW, do_sample=False, speculative=False)
-    assert torch.equal(plain, out.sequences) and "last_speculative_stats" not in loaded.__dict__
-    beams = loaded.generate(ids, max_new_tokens=4, num_beams=2, do_sample=False)  # the saved spec steps aside
-    assert beams.shape == (1, ids.shape[1] + 4) and "last_speculative_stats" not in loaded.__dict__
+    plain = loaded.generate(ids, max_new_tokens=N_NEW, do_sample=False, speculative=False, return_dict_in_generate=True)
+    assert torch.equal(plain.sequences, out.sequences) and not hasattr(plain, "speculative_stats")
+    beams = loaded.generate(  # the saved spec steps aside
+        ids, max_new_tokens=4, num_beams=2, do_sample=False, return_dict_in_generate=True
+    )
+    assert beams.sequences.shape == (1, ids.shape[1] + 4) and not hasattr(beams, "speculative_stats")
     with pytest.raises(ValueError, match="does not do beam search"):  # asked for explicitly: refused
         loaded.generate(ids, max_new_tokens=4, num_beams=2, speculative=True)
 

@@ -20,10 +20,10 @@ from transformers.utils import logging
 from ...config import EfficiencyConfig, QuantizationSpec
 from ..core.mixed import allocate_bits, bits_for_module, mean_bits
 from ..core.scheme import fake_quantize
-from ..methods import quantize_matrix
-from ..methods.awq import awq_search_clip, awq_search_scale, smoothquant_scales
+from ..methods import get_method, quantize_matrix, weight_format
+from ..methods.awq import smoothquant_scales
 from ..modules.linear import QuantLinear, outlier_count, scale_dtype_of
-from ..modules.replace import _set_submodule, linears_to_quantize
+from ..modules.replace import linears_to_quantize, set_submodule
 from .capture import (
     InputStats,
     calibration_windows,
@@ -36,9 +36,9 @@ from .capture import (
 
 logger = logging.get_logger(__name__)
 
-#: token rows used by AWQ's scale search and clip search (a fixed random subsample)
-AWQ_SCALE_ROWS = 1024
-AWQ_CLIP_ROWS = 512
+#: input rows kept per linear for the searches (a fixed random subsample; static activation scales keep more)
+SAMPLE_ROWS = 1024
+STATIC_SAMPLE_ROWS = 4096
 
 
 @dataclass
@@ -78,6 +78,34 @@ def scaling_groups(layer: nn.Module) -> list[tuple[nn.Module, list[str]]]:
     return groups
 
 
+@dataclass
+class _Layer:
+    """The `LayerContext` of one decoder layer, handed to the method's ``prepare_layer``."""
+
+    layer: nn.Module
+    prefix: str
+    names: list[str]
+    stats: dict[str, InputStats]
+    bits: dict[str, int]
+    fmt: Any
+    spec: QuantizationSpec
+    scale_dtype: torch.dtype
+    report: PipelineReport
+
+    def scaling_groups(self) -> list[tuple[nn.Module, list[str]]]:
+        return scaling_groups(self.layer)
+
+    def fold(self, producer: nn.Module, consumers: list[str], scales: torch.Tensor) -> None:
+        fold_scales(producer, [self.layer.get_submodule(c) for c in consumers], scales)
+        self.stats[consumers[0]].scale_inputs(scales)
+
+    def fake_quant(self, bits: int):
+        return _fake_quant(self.spec, bits, self.scale_dtype)
+
+    def record(self, key: str, name: str, value: Any) -> None:
+        getattr(self.report, key)[name] = value
+
+
 @torch.no_grad()
 def fold_scales(producer: nn.Module, consumers: list[nn.Linear], s: torch.Tensor) -> None:
     """Divide the producer's output channels by ``s`` and multiply the consumers' input columns
@@ -105,11 +133,7 @@ def _sensitivity_bits(model, config, names, windows, spec, scale_dtype) -> dict[
     from tqdm.auto import tqdm
 
     rms = collect_model_input_rms(model, windows, names, config.calibration.batch_size)
-    proxy = (
-        spec
-        if spec.method in ("rtn", "hqq")
-        else QuantizationSpec(**{**spec.to_dict(), "method": "rtn", "clip": "none"})
-    )
+    proxy = spec if not get_method(spec.method).calibrated else spec.with_method("rtn", clip="none")
     sizes, errors = {}, {}
     for name in tqdm(names, desc="measuring sensitivity"):
         w = model.get_submodule(name).weight.detach().float()
@@ -162,12 +186,11 @@ def quantize_calibrated(
         b.hidden = b.hidden.to(device)
         b.kwargs = {k: _to(v, device) for k, v in b.kwargs.items()}
 
-    want_xtx = spec.method == "gptq"
-    use_awq = spec.method == "awq"
+    method = get_method(spec.method)
     smooth = act.smoothquant if act is not None else None
     act_mode = act.mode if act is not None else None
     in_layers = set()
-    for i, layer in enumerate(tqdm(layers, desc=f"quantizing layers ({spec.method})", disable=not progress)):
+    for i, layer in enumerate(tqdm(layers, desc=f"quantizing layers ({method.name})", disable=not progress)):
         prefix = f"{layers_name}.{i}."
         local = [n[len(prefix) :] for n in names if n.startswith(prefix)]
         in_layers.update(prefix + n for n in local)
@@ -175,42 +198,25 @@ def quantize_calibrated(
             batches = _advance(layer, batches, device, home)
             continue
         layer.to(device)
-        max_rows = max(AWQ_SCALE_ROWS, 4096 if act_mode == "static" else 0)
-        stats, float_outputs = collect_layer_stats(layer, batches, local, want_xtx=want_xtx, max_rows=max_rows)
+        max_rows = STATIC_SAMPLE_ROWS if act_mode == "static" else SAMPLE_ROWS
+        stats, float_outputs = collect_layer_stats(
+            layer, batches, local, want_xtx=method.needs_hessian, max_rows=max_rows
+        )
         bits_of = {n: bits_for_module(prefix + n, spec) for n in local}
 
-        if use_awq or smooth is not None:
+        if smooth is not None and not method.folds_input_scales:
             for producer, consumers in scaling_groups(layer):
                 if not all(c in stats for c in consumers):
                     continue  # a consumer is skipped (kept in float): leave this group alone
                 st: InputStats = stats[consumers[0]]
                 linears = [layer.get_submodule(c) for c in consumers]
-                if use_awq:
-                    fqs = [_fake_quant(spec, bits_of[c], scale_dtype) for c in consumers]
-                    x = st.sample()[:AWQ_SCALE_ROWS]
-                    s, alpha, _ = awq_search_scale(
-                        x, [l.weight for l in linears], fqs, st.mean_abs.cpu(), spec.awq_grid
-                    )
-                    report.awq_alphas[prefix + consumers[0]] = alpha
-                else:
-                    s = smoothquant_scales(st.absmax.cpu(), [l.weight for l in linears], smooth)
+                s = smoothquant_scales(st.absmax.cpu(), [lin.weight for lin in linears], smooth)
                 fold_scales(producer, linears, s)
                 st.scale_inputs(s)
-            if use_awq and spec.awq_clip:
-                for n in local:
-                    if n.endswith(("q_proj", "k_proj")):
-                        continue  # as llm-awq: q/k errors are absorbed by the softmax
-                    lin = layer.get_submodule(n)
-                    clamped = awq_search_clip(
-                        stats[n].sample()[:AWQ_CLIP_ROWS],
-                        lin.weight,
-                        _fake_quant(spec, bits_of[n], scale_dtype),
-                        spec.group_size,
-                        spec.clip_grid,
-                        spec.clip_max_shrink,
-                    )
-                    with torch.no_grad():
-                        lin.weight.copy_(clamped)
+        ctx = _Layer(
+            layer, prefix, local, stats, bits_of, weight_format(spec, spec.bits, scale_dtype), spec, scale_dtype, report
+        )
+        method.prepare_layer(ctx, spec.options)
 
         for n in local:
             lin = layer.get_submodule(n)
@@ -228,14 +234,12 @@ def quantize_calibrated(
             if act_mode == "static":
                 from ..core.activation import static_scale_from_samples
 
-                module.input_scale.data = (
-                    static_scale_from_samples(st.sample().abs(), act.percentile).float().reshape(())
-                )
-            _set_submodule(layer, n, module)
+                module.set_input_scale(static_scale_from_samples(st.sample().abs(), act.percentile))
+            set_submodule(layer, n, module)
         del stats
-        if use_awq:
-            # AWQ's scaling is exact in float and its rounding is local; as llm-awq, the next layer
-            # sees this layer's float outputs (saves one forward per layer)
+        if method.propagates_float_outputs:
+            # e.g. AWQ: its scaling is exact in float and its rounding is local; as llm-awq, the next
+            # layer sees this layer's float outputs (saves one forward per layer)
             for b, h in zip(batches, float_outputs):
                 b.hidden = h
             if device != home:
@@ -250,7 +254,7 @@ def quantize_calibrated(
             f"{len(outside)} linear(s) outside the decoder layers ({', '.join(outside[:3])}...) are quantized "
             "without calibration statistics (round-to-nearest for awq/gptq)"
         )
-        fallback = spec if spec.method in ("rtn", "hqq") else QuantizationSpec(**{**spec.to_dict(), "method": "rtn"})
+        fallback = spec if not method.calibrated else spec.with_method("rtn")
         for n in outside:
             lin = model.get_submodule(n)
             q = quantize_matrix(
@@ -260,7 +264,7 @@ def quantize_calibrated(
                 scale_dtype=scale_dtype,
                 outliers=outlier_count(lin.in_features, spec.outliers),
             )
-            _set_submodule(model, n, QuantLinear.from_quantized(lin, q, symmetric=spec.symmetric, act_mode=act_mode))
+            set_submodule(model, n, QuantLinear.from_quantized(lin, q, symmetric=spec.symmetric, act_mode=act_mode))
     report.module_bits = {n: bits_for_module(n, spec) for n in names}
     report.seconds = time.perf_counter() - start
     return config, report

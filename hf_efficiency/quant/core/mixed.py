@@ -4,8 +4,10 @@ target mean width by measured sensitivity (pure functions; no model code)."""
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
-from ...config import QuantizationSpec
+if TYPE_CHECKING:
+    from ...config import QuantizationSpec
 
 
 def module_matches(name: str, pattern: str) -> bool:

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from ..modules.linear import outlier_index_dtype
 from .scheme import QuantizedWeight
+
+
+def outlier_index_dtype(in_features: int) -> torch.dtype:
+    """Storage dtype of kept-outlier column numbers: int16 while ``in_features`` fits, else int32."""
+    return torch.int16 if in_features <= torch.iinfo(torch.int16).max else torch.int32
 
 
 def outlier_scores(weight: torch.Tensor, act_rms: torch.Tensor | None = None) -> torch.Tensor:

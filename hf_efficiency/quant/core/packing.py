@@ -18,10 +18,11 @@ import sys
 
 import torch
 
-#: widths the quantization algorithms produce
-SUPPORTED_BITS = (2, 3, 4, 8)
-#: widths the packed format stores (5 and 6 bits hold community formats such as GGUF's Q5_0/Q5_K/Q6_K exactly)
-STORAGE_BITS = (2, 3, 4, 5, 6, 8)
+from ...constants import QUANT_BITS, STORAGE_BITS
+
+#: widths the quantization algorithms produce, ascending (5 and 6 bits, in STORAGE_BITS, hold
+#: community formats such as GGUF's Q5_0/Q5_K/Q6_K exactly)
+SUPPORTED_BITS = tuple(sorted(QUANT_BITS))
 
 
 def packed_words(n: int, bits: int) -> int:

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .packing import pack
-from .scheme import QuantizedWeight, _codes, _grouped, _masked_range, _params, _recon
+from .scheme import QuantizedWeight, group_params, grouped, masked_range, pack_groups, reconstruct, round_codes
 
 REQUANTIZE_METHODS = ("refit", "rtn")
 
@@ -77,17 +76,17 @@ def requantize_weight(
         raise ValueError("method='refit' needs the previous scale (and minimum for asymmetric schemes)")
     w = weight.detach().float()
     out, n = w.shape
-    wg, mask = _grouped(w, group_size)
+    wg, mask = grouped(w, group_size)
     if exclude is not None:
-        kept, _ = _grouped(exclude.to(w.device).float(), group_size)
+        kept, _ = grouped(exclude.to(w.device).float(), group_size)
         mask = mask & (kept == 0)
     fm = mask.float()
 
     def error(s, m):
-        return (((_recon(_codes(wg, s, m, bits), s, m, bits) - wg) ** 2) * fm).sum(-1, keepdim=True)
+        return (((reconstruct(round_codes(wg, s, m, bits), s, m, bits) - wg) ** 2) * fm).sum(-1, keepdim=True)
 
-    wmin, wmax = _masked_range(wg, mask)
-    best_s, best_m = _params(wmin, wmax, bits, symmetric, scale_dtype)
+    wmin, wmax = masked_range(wg, mask)
+    best_s, best_m = group_params(wmin, wmax, bits, symmetric, scale_dtype)
     best_err = error(best_s, best_m)
     if method == "refit":
         s = scale.float().unsqueeze(-1).to(w.device)
@@ -99,16 +98,8 @@ def requantize_weight(
             best_s = torch.where(better, s, best_s)
             if m is not None:
                 best_m = torch.where(better, m, best_m)
-            s, m = _refit(wg, mask, _codes(wg, s, m, bits), s, m, bits, scale_dtype)
-    codes = _codes(wg, best_s, best_m, bits).reshape(out, -1)[:, :n].to(torch.int64)
-    return QuantizedWeight(
-        packed=pack(codes, bits),
-        scale=best_s.squeeze(-1).to(scale_dtype),
-        minimum=None if best_m is None else best_m.squeeze(-1).to(scale_dtype),
-        bits=bits,
-        group_size=group_size,
-        in_features=n,
-    )
+            s, m = _refit(wg, mask, round_codes(wg, s, m, bits), s, m, bits, scale_dtype)
+    return pack_groups(wg, best_s, best_m, bits, group_size, n, scale_dtype)
 
 
 def requantize_linear(module, weight: torch.Tensor, method: str = "refit") -> None:

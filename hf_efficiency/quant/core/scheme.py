@@ -58,10 +58,11 @@ def apply_outliers(w: torch.Tensor, index: torch.Tensor | None, value: torch.Ten
 
 
 def num_groups(in_features: int, group_size: int | None) -> int:
+    """Groups per row: ``ceil(in_features / group_size)``, 1 per channel."""
     return 1 if group_size is None else -(-in_features // group_size)
 
 
-def _grouped(w: torch.Tensor, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def grouped(w: torch.Tensor, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Reshape ``[out, in]`` to ``[out, G, g]`` (zero-padded) and return it with a validity mask."""
     out, n = w.shape
     g = n if group_size is None else group_size
@@ -74,8 +75,11 @@ def _grouped(w: torch.Tensor, group_size: int | None) -> tuple[torch.Tensor, tor
     return w.reshape(out, groups, g), mask.reshape(1, groups, g)
 
 
-def _masked_range(wg: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group ``[..., G, 1]`` min and max over the valid (mask) entries; 0 for empty groups."""
+def masked_range(wg: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group ``[..., G, 1]`` min and max over the valid (mask) entries; 0 for empty groups.
+    ``mask=None`` counts every entry."""
+    if mask is None:
+        return wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
     big = torch.finfo(torch.float32).max
     wmin = torch.where(mask, wg, big).amin(-1, keepdim=True)
     wmax = torch.where(mask, wg, -big).amax(-1, keepdim=True)
@@ -83,7 +87,7 @@ def _masked_range(wg: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, t
     return torch.where(empty, 0.0, wmin), torch.where(empty, 0.0, wmax)
 
 
-def _params(wmin: torch.Tensor, wmax: torch.Tensor, bits: int, symmetric: bool, dtype: torch.dtype):
+def group_params(wmin: torch.Tensor, wmax: torch.Tensor, bits: int, symmetric: bool, dtype: torch.dtype):
     """Stored (rounded) scale and minimum for given group ranges ``[..., G, 1]``."""
     if symmetric:
         amax = torch.maximum(wmax.abs(), wmin.abs())
@@ -98,17 +102,77 @@ def _params(wmin: torch.Tensor, wmax: torch.Tensor, bits: int, symmetric: bool, 
     return scale, minimum
 
 
-def _codes(wg: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None, bits: int) -> torch.Tensor:
+def round_codes(wg: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """Float codes of ``wg`` on the grid of ``scale`` and ``minimum`` (symmetric when ``minimum`` is None)."""
     if minimum is None:
         half = 2 ** (bits - 1)
         return torch.clamp(torch.round(wg / scale), -half, half - 1) + half
     return torch.clamp(torch.round((wg - minimum) / scale), 0, 2**bits - 1)
 
 
-def _recon(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None, bits: int) -> torch.Tensor:
+def reconstruct(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """The float weights that ``codes`` stand for (the inverse of :func:`round_codes` on the grid)."""
     if minimum is None:
         return (codes - 2 ** (bits - 1)) * scale
     return codes * scale + minimum
+
+
+def fit_group_params(
+    wg: torch.Tensor,
+    valid: torch.Tensor | None,
+    bits: int,
+    symmetric: bool,
+    scale_dtype: torch.dtype,
+    clip: str = "none",
+    clip_grid: int = 20,
+    clip_max_shrink: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stored (rounded) scale and minimum ``[out, G, 1]`` of grouped weights ``wg [out, G, g]``:
+    each group's range over its ``valid`` entries (bool, broadcastable to ``wg``; padding of a
+    partial last group and excluded weights are False; ``None``: all count), optionally shrunk by the clip search.
+
+    The clip search (``clip="mse"``) tries ``clip_grid`` shrink ratios ``r`` from 1 down to
+    ``1 - clip_max_shrink``, rounds each group over ``[r*min, r*max]`` and keeps, per group, the
+    ratio with the smallest squared reconstruction error over the valid entries. This is the one
+    range and clip search of the package: round-to-nearest and GPTQ's group fits use it.
+    """
+    wmin, wmax = masked_range(wg, valid)
+    scale, minimum = group_params(wmin, wmax, bits, symmetric, scale_dtype)
+    if clip == "mse":
+        best_err = torch.full_like(wmin, float("inf"))
+        for r in torch.linspace(1.0, 1.0 - clip_max_shrink, clip_grid).tolist():
+            s, m = group_params(wmin * r, wmax * r, bits, symmetric, scale_dtype)
+            sq = (reconstruct(round_codes(wg, s, m, bits), s, m, bits) - wg) ** 2
+            err = (sq if valid is None else sq * valid).sum(-1, keepdim=True)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            scale = torch.where(better, s, scale)
+            if m is not None:
+                minimum = torch.where(better, m, minimum)
+    return scale, minimum
+
+
+def pack_groups(
+    wg: torch.Tensor,
+    scale: torch.Tensor,
+    minimum: torch.Tensor | None,
+    bits: int,
+    group_size: int | None,
+    in_features: int,
+    scale_dtype: torch.dtype,
+) -> QuantizedWeight:
+    """Round grouped weights ``wg [out, G, g]`` on the grid of ``scale``/``minimum [out, G, 1]`` and
+    pack the codes (the padding of a partial last group dropped) with the scales in ``scale_dtype``."""
+    out = wg.shape[0]
+    codes = round_codes(wg, scale, minimum, bits).reshape(out, -1)[:, :in_features].to(torch.int64)
+    return QuantizedWeight(
+        packed=pack(codes, bits),
+        scale=scale.squeeze(-1).to(scale_dtype).contiguous(),
+        minimum=None if minimum is None else minimum.squeeze(-1).to(scale_dtype).contiguous(),
+        bits=bits,
+        group_size=group_size,
+        in_features=in_features,
+    )
 
 
 def quantize_weight(
@@ -138,36 +202,14 @@ def quantize_weight(
         raise ValueError(f"clip={clip!r} is not allowed; allowed values: none, mse")
     w = weight.detach().float()
     out, n = w.shape
-    wg, mask = _grouped(w, group_size)
+    wg, mask = grouped(w, group_size)
     if exclude is not None:
         if exclude.shape != weight.shape:
             raise ValueError(f"exclude has shape {tuple(exclude.shape)}, expected {tuple(weight.shape)}")
-        kept, _ = _grouped(exclude.to(w.device).float(), group_size)
+        kept, _ = grouped(exclude.to(w.device).float(), group_size)
         mask = mask & (kept == 0)
-    wmin, wmax = _masked_range(wg, mask)
-
-    scale, minimum = _params(wmin, wmax, bits, symmetric, scale_dtype)
-    if clip == "mse":
-        best_err = torch.full_like(wmin, float("inf"))
-        ratios = torch.linspace(1.0, 1.0 - clip_max_shrink, clip_grid).tolist()
-        for r in ratios:
-            s, m = _params(wmin * r, wmax * r, bits, symmetric, scale_dtype)
-            err = ((_recon(_codes(wg, s, m, bits), s, m, bits) - wg) ** 2 * mask).sum(-1, keepdim=True)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            scale = torch.where(better, s, scale)
-            if m is not None:
-                minimum = torch.where(better, m, minimum)
-
-    codes = _codes(wg, scale, minimum, bits).reshape(out, -1)[:, :n].to(torch.int64)
-    return QuantizedWeight(
-        packed=pack(codes, bits),
-        scale=scale.squeeze(-1).to(scale_dtype),
-        minimum=None if minimum is None else minimum.squeeze(-1).to(scale_dtype),
-        bits=bits,
-        group_size=group_size,
-        in_features=n,
-    )
+    scale, minimum = fit_group_params(wg, mask, bits, symmetric, scale_dtype, clip, clip_grid, clip_max_shrink)
+    return pack_groups(wg, scale, minimum, bits, group_size, n, scale_dtype)
 
 
 def fake_quantize(
@@ -197,8 +239,8 @@ def minmax_codes(
     pad = groups * g - n
     # pad the partial last group by repeating its last column: min/max are unchanged
     wg = (torch.cat([w, w[:, -1:].expand(out, pad)], 1) if pad else w).reshape(out, groups, g)
-    scale, minimum = _params(wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True), bits, symmetric, scale_dtype)
-    return _codes(wg, scale, minimum, bits).reshape(out, groups * g)[:, :n], scale, minimum
+    scale, minimum = group_params(wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True), bits, symmetric, scale_dtype)
+    return round_codes(wg, scale, minimum, bits).reshape(out, groups * g)[:, :n], scale, minimum
 
 
 def dequantize_codes(

@@ -129,7 +129,7 @@ class CpuLayout:
     offset: int
     group: int  # codes per group (a multiple of 32)
     padded_in: int  # in_features rounded up to 32
-    scale: torch.Tensor  # the module's own tensors (a merge or a load drops the cached layout)
+    scale: torch.Tensor  # the module's own tensors (any change of them drops the cached layout)
     minimum: torch.Tensor | None
     perm: torch.Tensor | None  # int64 act-order permutation
     vector_bits: int
@@ -154,9 +154,9 @@ def layout(module: QuantLinear) -> CpuLayout:
     padded = -(-n // 32) * 32
     bits = KERNEL_BITS[module.bits]
     if bits == module.bits:
-        words = module.weight.data
+        words = module.weight.detach()
     else:
-        words = pack(unpack(module.weight.data, module.bits, n), bits)
+        words = pack(unpack(module.weight.detach(), module.bits, n), bits)
     q = words.contiguous().view(torch.uint8)
     offset = 2 ** (module.bits - 1) if module.symmetric else 0
     group = padded if module.group_size is None else module.group_size
@@ -167,9 +167,9 @@ def layout(module: QuantLinear) -> CpuLayout:
         offset=offset,
         group=group,
         padded_in=padded,
-        scale=module.weight_scale.data,
-        minimum=None if module.weight_min is None else module.weight_min.data,
-        perm=None if module.weight_perm is None else module.weight_perm.data.long(),
+        scale=module.weight_scale.detach(),
+        minimum=None if module.weight_min is None else module.weight_min.detach(),
+        perm=None if module.weight_perm is None else module.weight_perm.detach().long(),
         vector_bits=vector_bits(),
         gemm=extension().quant_gemm,
     )

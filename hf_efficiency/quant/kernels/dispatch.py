@@ -34,7 +34,8 @@ backward dequantizes again instead of keeping the float weight alive between for
 (what ``F.linear`` on a dequantized weight would save: a float copy of every layer's weight). Activations
 then cost what they cost with a float base, as bitsandbytes' 4-bit layers do.
 
-Kernel layouts are built once per module and cached outside the state dict, so the saved
+Kernel layouts are built once per module and cached beside it, outside the state dict (through
+`QuantLinear.kernel_layout`, which drops them whenever a tensor of the module changes), so the saved
 format never changes. ``HF_EFFICIENCY_KERNEL=dequant`` forces the reference path.
 """
 
@@ -157,10 +158,7 @@ def int4_kernel_layout(module: "QuantLinear") -> tuple[torch.Tensor, torch.Tenso
 
 
 def _cached(module: "QuantLinear", key: str, build):
-    cache = module.__dict__.setdefault("_kernel_cache", {})
-    if key not in cache:
-        cache[key] = build()
-    return cache[key]
+    return module.kernel_layout(key, build)
 
 
 class _DequantLinear(torch.autograd.Function):
@@ -188,8 +186,7 @@ def _needs_grad(module: "QuantLinear", x: torch.Tensor) -> bool:
 
 def quant_linear_forward(module: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
     """``x @ W_hat.T + b`` through the path :func:`select_path` picks (``dequant_autograd`` in training)."""
-    cache = module.__dict__.get("_kernel_cache")
-    lay = None if cache is None else cache.get("cpu")
+    lay = module.kernel_layout("cpu")
     if (
         lay is not None
         and x.dtype == torch.float32

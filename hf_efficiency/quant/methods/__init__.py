@@ -1,17 +1,59 @@
-"""One entry point from a `QuantizationSpec` to an algorithm: ``quantize_matrix``.
+"""The quantization methods and their table.
 
-Every method is a pure function of a weight matrix (and, for the calibrated ones, statistics of
-its input) returning the foundation's packed `QuantizedWeight`; this module only dispatches and
-adds outlier keeping around them.
+``METHODS`` maps each method's name to its `QuantMethod` (see `base`): config validation, the
+calibrated pipeline, the command line and the model card read it. A method is one module of this
+package defining ``METHOD``; adding one is that module plus one line in ``_TABLE``.
+
+`quantize_matrix` is the one entry from a `QuantizationSpec` to a method's per-matrix step; it adds
+outlier keeping around every method.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 import torch
 
-from ...config import QuantizationSpec
 from ..core.outliers import attach_outliers, outlier_scores, select_outliers
-from ..core.scheme import QuantizedWeight, quantize_weight
+from ..core.scheme import QuantizedWeight
+from .base import MethodOptions, OptionError, QuantMethod, WeightFormat
+
+if TYPE_CHECKING:
+    from ...config import QuantizationSpec
+
+#: The method table: one line per method, naming its module in this package.
+_TABLE = (
+    "rtn",
+    "hqq",
+    "awq",
+    "gptq",
+)
+
+METHODS: dict[str, QuantMethod] = {
+    m.name: m for m in (importlib.import_module(f"{__name__}.{module}").METHOD for module in _TABLE)
+}
+
+
+def get_method(name: str) -> QuantMethod:
+    """The method called ``name``; a ValueError lists the allowed names."""
+    try:
+        return METHODS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown quantization method {name!r}; allowed values: {', '.join(METHODS)}") from None
+
+
+def weight_format(spec: Any, bits: int, scale_dtype: torch.dtype) -> WeightFormat:
+    """The `WeightFormat` of one matrix at ``bits`` under ``spec`` (a `QuantizationSpec`)."""
+    return WeightFormat(
+        bits=bits,
+        group_size=spec.group_size,
+        symmetric=spec.symmetric,
+        scale_dtype=scale_dtype,
+        clip=spec.clip,
+        clip_grid=spec.clip_grid,
+        clip_max_shrink=spec.clip_max_shrink,
+    )
 
 
 def quantize_matrix(
@@ -26,67 +68,20 @@ def quantize_matrix(
 ) -> QuantizedWeight:
     """Quantize ``weight [out, in]`` with ``spec.method`` at ``bits``.
 
-    ``hessian`` (``X^T X / n``) is required by ``gptq``; ``act_rms`` (per input channel RMS of the
-    calibration activations) weights the outlier selection when given. ``awq`` weights arrive
-    already scaled and clipped by the pipeline, so they are rounded here like ``rtn``.
+    ``hessian`` (``X^T X / n``) is required by methods with ``needs_hessian`` (``gptq``); ``act_rms``
+    (per input channel RMS of the calibration activations) weights the outlier selection when given.
     """
+    method = get_method(spec.method)
     w = weight.detach().float()
     exclude = index = None
     if outliers:
         exclude, index = select_outliers(outlier_scores(w, act_rms), outliers)
-    kept = w
-    method = spec.method
-    if method in ("rtn", "awq"):
-        clip = spec.clip if method == "rtn" else "none"
-        q = quantize_weight(
-            w,
-            bits,
-            spec.group_size,
-            spec.symmetric,
-            clip,
-            spec.clip_grid,
-            spec.clip_max_shrink,
-            scale_dtype,
-            exclude=exclude,
-        )
-    elif method == "hqq":
-        from .hqq import hqq_quantize
-
-        q = hqq_quantize(
-            w,
-            bits,
-            spec.group_size,
-            scale_dtype=scale_dtype,
-            iters=spec.hqq_iters,
-            optimize_scale=spec.hqq_optimize_scale,
-            exclude=exclude,
-        )
-    elif method == "gptq":
-        from .gptq import gptq_quantize
-
-        if hessian is None:
-            raise ValueError(
-                "gptq needs the input Hessian (X^T X) of every quantized linear: run it with calibration data"
-            )
-        q, kept_values = gptq_quantize(
-            w,
-            hessian,
-            bits,
-            spec.group_size,
-            spec.symmetric,
-            scale_dtype=scale_dtype,
-            damp=spec.gptq_damp,
-            act_order=spec.gptq_act_order,
-            block_size=spec.gptq_block_size,
-            clip=spec.clip,
-            clip_grid=spec.clip_grid,
-            clip_max_shrink=spec.clip_max_shrink,
-            exclude=exclude,
-        )
-        if kept_values is not None:
-            kept = kept_values
-    else:  # pragma: no cover - validated by the config
-        raise ValueError(f"unknown quantization method {method!r}")
+    q, kept_values = method.quantize(
+        w, weight_format(spec, bits, scale_dtype), spec.options, exclude=exclude, hessian=hessian
+    )
     if index is not None:
-        q = attach_outliers(q, index, kept)
+        q = attach_outliers(q, index, w if kept_values is None else kept_values)
     return q
+
+
+__all__ = ["METHODS", "MethodOptions", "OptionError", "QuantMethod", "WeightFormat", "get_method", "quantize_matrix"]

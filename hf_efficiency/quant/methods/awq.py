@@ -13,11 +13,19 @@ model exactly equivalent; only the rounding changes.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from .base import LayerContext, MethodOptions, QuantMethod, boolean, int_in, option
+from .rtn import round_to_nearest
+
 FakeQuant = Callable[[torch.Tensor], torch.Tensor]
+
+#: token rows used by AWQ's scale search and clip search (a fixed random subsample)
+AWQ_SCALE_ROWS = 1024
+AWQ_CLIP_ROWS = 512
 
 
 def _normalized_scales(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -98,3 +106,67 @@ def smoothquant_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], al
     w_absmax = torch.stack([w.detach().float().abs().amax(0) for w in weights]).amax(0)
     s = act_absmax.float().clamp(min=1e-5).pow(alpha) / w_absmax.clamp(min=1e-5).pow(1 - alpha)
     return s.clamp(min=1e-5)
+
+
+@dataclass
+class AWQOptions(MethodOptions):
+    """Options of ``awq`` (``quantization={"method": "awq", "awq": {...}}``)."""
+
+    grid: int = option(20, "migration strengths alpha in [0, 1) tried by the scale search", int_in(2, 100))
+    clip: bool = option(True, "run AWQ's output-aware clip search after scaling", boolean())
+
+
+class AWQ(QuantMethod):
+    name = "awq"
+    summary = "activation-aware scales folded into the preceding norms and linears, then an output-aware clip search"
+    options = AWQOptions
+    calibrated = True
+    folds_input_scales = True
+    propagates_float_outputs = True  # as llm-awq: scaling is exact in float and rounding is local
+
+    def prepare_layer(self, ctx: LayerContext, options: AWQOptions) -> None:
+        for producer, consumers in ctx.scaling_groups():
+            if not all(c in ctx.stats for c in consumers):
+                continue  # a consumer is skipped (kept in float): leave this group alone
+            st = ctx.stats[consumers[0]]
+            linears = [ctx.layer.get_submodule(c) for c in consumers]
+            fqs = [ctx.fake_quant(ctx.bits[c]) for c in consumers]
+            x = st.sample()[:AWQ_SCALE_ROWS]
+            s, alpha, _ = awq_search_scale(x, [lin.weight for lin in linears], fqs, st.mean_abs.cpu(), options.grid)
+            ctx.record("awq_alphas", ctx.prefix + consumers[0], alpha)
+            ctx.fold(producer, consumers, s)
+        if not options.clip:
+            return
+        for n in ctx.names:
+            if n.endswith(("q_proj", "k_proj")):
+                continue  # as llm-awq: q/k errors are absorbed by the softmax
+            lin = ctx.layer.get_submodule(n)
+            clamped = awq_search_clip(
+                ctx.stats[n].sample()[:AWQ_CLIP_ROWS],
+                lin.weight,
+                ctx.fake_quant(ctx.bits[n]),
+                ctx.fmt.group_size,
+                ctx.fmt.clip_grid,
+                ctx.fmt.clip_max_shrink,
+            )
+            with torch.no_grad():
+                lin.weight.copy_(clamped)
+
+    def quantize(self, weight, fmt, options, *, exclude=None, hessian=None):
+        # the weights arrive scaled and clipped by prepare_layer: round them to nearest, no clip search
+        return round_to_nearest(weight, _without_clip(fmt), exclude), None
+
+    def describe(self, options, clip):
+        return (
+            "activation-aware scaling (`awq`: per-channel scales folded into the preceding norms and linears, "
+            "then an output-aware clip search)"
+        )
+
+
+def _without_clip(fmt):
+    from dataclasses import replace
+
+    return replace(fmt, clip="none")
+
+
+METHOD = AWQ()

@@ -25,11 +25,13 @@ Everything runs in float32 on the weight's device. Pure tensor code: no transfor
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
-from ..core.packing import SUPPORTED_BITS, pack
-from ..core.scheme import QuantizedWeight, _codes, _grouped, _params, _recon, num_groups
+from ..core.packing import SUPPORTED_BITS
+from ..core.scheme import QuantizedWeight, fit_group_params, grouped, num_groups, pack_groups
+from .base import MethodOptions, QuantMethod, boolean, float_open, option, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -39,49 +41,6 @@ _CLIPS = ("none", "mse")
 _MAX_DAMP_RETRIES = 3
 _SUB_BLOCK = 32  # columns per eager rank-1 update window
 _SERIAL_NUMEL = 16384  # keep eager updates below torch's intra-op parallel grain (32768)
-
-
-def _fit_groups(
-    wg: torch.Tensor,
-    valid: torch.Tensor | None,
-    bits: int,
-    symmetric: bool,
-    scale_dtype: torch.dtype,
-    clip: str,
-    clip_grid: int,
-    clip_max_shrink: float,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Stored (rounded) params ``[out, G, 1]`` for grouped weights ``wg [out, G, g]``.
-
-    ``valid`` (bool, broadcastable to ``wg``) marks the entries that count: padding of a partial
-    last group and excluded weights are False. Identical arithmetic to ``scheme.quantize_weight``.
-    """
-    big = torch.finfo(torch.float32).max
-    if valid is None:
-        wmin = wg.amin(-1, keepdim=True)
-        wmax = wg.amax(-1, keepdim=True)
-    else:
-        wmin = torch.where(valid, wg, big).amin(-1, keepdim=True)
-        wmax = torch.where(valid, wg, -big).amax(-1, keepdim=True)
-        empty = wmin > wmax  # nothing valid in this group row (all excluded): any finite params
-        if bool(empty.any()):
-            wmin = torch.where(empty, torch.zeros_like(wmin), wmin)
-            wmax = torch.where(empty, torch.zeros_like(wmax), wmax)
-    scale, minimum = _params(wmin, wmax, bits, symmetric, scale_dtype)
-    if clip == "mse":
-        best_err = torch.full_like(wmin, float("inf"))
-        for r in torch.linspace(1.0, 1.0 - clip_max_shrink, clip_grid).tolist():
-            s, m = _params(wmin * r, wmax * r, bits, symmetric, scale_dtype)
-            sq = (_recon(_codes(wg, s, m, bits), s, m, bits) - wg) ** 2
-            if valid is not None:
-                sq = sq * valid
-            err = sq.sum(-1, keepdim=True)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            scale = torch.where(better, s, scale)
-            if m is not None:
-                minimum = torch.where(better, m, minimum)
-    return scale, minimum
 
 
 def _inverse_upper_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -225,7 +184,7 @@ def gptq_quantize(
             valid = torch.nn.functional.pad(colmask, (0, pad)).reshape(1, n_groups, g) if pad else None
         else:
             valid = torch.nn.functional.pad(valid_all, (0, pad)).reshape(out, n_groups, g)
-        static_scale, static_min = _fit_groups(
+        static_scale, static_min = fit_group_params(
             wg, valid, bits, symmetric, scale_dtype, clip, clip_grid, clip_max_shrink
         )
         perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
@@ -272,7 +231,7 @@ def gptq_quantize(
         if perm is None and i1 % g == 0:
             end = min(i1 + g, n)
             valid = None if ex_t is None else ~ex_t[i1:end].t().unsqueeze(1)
-            sc, mn = _fit_groups(
+            sc, mn = fit_group_params(
                 wt[i1:end].t().unsqueeze(1), valid, bits, symmetric, scale_dtype, clip, clip_grid, clip_max_shrink
             )
             s_cur = sc.reshape(out)
@@ -315,17 +274,57 @@ def gptq_quantize(
     else:
         scale = torch.stack(group_scales, 1).unsqueeze(-1)
         minimum = torch.stack(group_mins, 1).unsqueeze(-1) if group_mins else None
-    fg, _ = _grouped(final, group_size)
-    codes = _codes(fg, scale, minimum, bits).reshape(out, -1)[:, :n].to(torch.int64)
     kept = None if exclude is None else torch.where(exclude.to(device), final, 0.0)
-    scale = scale.squeeze(-1)
-    minimum = None if minimum is None else minimum.squeeze(-1)
-    qw = QuantizedWeight(
-        packed=pack(codes, bits),
-        scale=scale.to(scale_dtype).contiguous(),
-        minimum=None if minimum is None else minimum.to(scale_dtype).contiguous(),
-        bits=bits,
-        group_size=group_size,
-        in_features=n,
-    )
+    qw = pack_groups(grouped(final, group_size)[0], scale, minimum, bits, group_size, n, scale_dtype)
     return qw, (None if kept is None else kept.contiguous())
+
+
+@dataclass
+class GPTQOptions(MethodOptions):
+    """Options of ``gptq`` (``quantization={"method": "gptq", "gptq": {...}}``)."""
+
+    damp: float = option(0.01, "dampening, as a fraction of the mean Hessian diagonal", float_open(0, 1))
+    act_order: bool = option(
+        False,
+        "process columns by decreasing Hessian diagonal (group parameters are fitted up front, so groups stay "
+        "contiguous on disk)",
+        boolean(),
+    )
+    block_size: int = option(128, "columns per lazy batch update", positive_int())
+
+
+class GPTQ(QuantMethod):
+    name = "gptq"
+    summary = "Hessian-based rounding with error compensation, layer by layer on calibration data"
+    options = GPTQOptions
+    calibrated = True
+    needs_hessian = True
+    supports_int8_activations = True
+
+    def quantize(self, weight, fmt, options, *, exclude=None, hessian=None):
+        if hessian is None:
+            raise ValueError(
+                "gptq needs the input Hessian (X^T X) of every quantized linear: run it with calibration data"
+            )
+        return gptq_quantize(
+            weight,
+            hessian,
+            fmt.bits,
+            fmt.group_size,
+            fmt.symmetric,
+            scale_dtype=fmt.scale_dtype,
+            damp=options.damp,
+            act_order=options.act_order,
+            block_size=options.block_size,
+            clip=fmt.clip,
+            clip_grid=fmt.clip_grid,
+            clip_max_shrink=fmt.clip_max_shrink,
+            exclude=exclude,
+        )
+
+    def describe(self, options: MethodOptions, clip: str) -> str:
+        order = ", activation order" if options.act_order else ""
+        return f"Hessian-based rounding with error compensation (`gptq`{order})"
+
+
+METHOD = GPTQ()

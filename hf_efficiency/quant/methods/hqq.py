@@ -44,10 +44,13 @@ no range and count in no mean. Excluded weights still get their nearest (clamped
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ..core.packing import SUPPORTED_BITS, pack
-from ..core.scheme import QuantizedWeight, _codes, _grouped, _params
+from ..core.packing import SUPPORTED_BITS
+from ..core.scheme import QuantizedWeight, group_params, grouped, pack_groups
+from .base import MethodOptions, QuantMethod, boolean, int_in, option
 
 # Over-relaxation of the scale step: a step of 1.5x the least-squares scale correction (the minimum
 # is then the exact least-squares one for that scale). Any factor in (0, 2) still decreases the
@@ -115,11 +118,11 @@ def hqq_quantize(
 
     qmax = float(2**bits - 1)
     w = weight.detach().float()
-    wg, pad_mask = _grouped(w, group_size)  # [out, G, g], [1, G, g]
+    wg, pad_mask = grouped(w, group_size)  # [out, G, g], [1, G, g]
     g = wg.shape[-1]
     valid = pad_mask.expand_as(wg)
     if exclude is not None:
-        valid = valid & ~_grouped(exclude, group_size)[0]
+        valid = valid & ~grouped(exclude, group_size)[0]
     masked = not bool(valid.all())
     m = valid.float() if masked else None
     if masked:
@@ -139,7 +142,7 @@ def hqq_quantize(
     else:
         wmin = wg.amin(-1, keepdim=True)
         wmax = wg.amax(-1, keepdim=True)
-    scale, minimum = _params(wmin, wmax, bits, False, scale_dtype)  # min/max start, stored values
+    scale, minimum = group_params(wmin, wmax, bits, False, scale_dtype)  # min/max start, stored values
     tiny = torch.finfo(scale_dtype).tiny if scale_dtype != torch.float16 else 2.0**-24
 
     best_err = torch.full_like(scale, float("inf"))
@@ -198,13 +201,43 @@ def hqq_quantize(
         minimum = _stored(new_min, scale_dtype)
         beta *= kappa
 
-    wg_orig = _grouped(w, group_size)[0] if exclude is not None else wg  # excluded: nearest code
-    codes = _codes(wg_orig, best_scale, best_min, bits).reshape(out, -1)[:, :n].to(torch.int64)
-    return QuantizedWeight(
-        packed=pack(codes, bits),
-        scale=best_scale.squeeze(-1).to(scale_dtype),
-        minimum=best_min.squeeze(-1).to(scale_dtype),
-        bits=bits,
-        group_size=group_size,
-        in_features=n,
+    wg_orig = grouped(w, group_size)[0] if exclude is not None else wg  # excluded: nearest code
+    return pack_groups(wg_orig, best_scale, best_min, bits, group_size, n, scale_dtype)
+
+
+@dataclass
+class HQQOptions(MethodOptions):
+    """Options of ``hqq`` (``quantization={"method": "hqq", "hqq": {...}}``)."""
+
+    iters: int = option(20, "half-quadratic iterations", int_in(1, 1000))
+    optimize_scale: bool = option(
+        False,
+        "also update each group's scale by least squares (lowers the weight error; measured on SmolLM2 it raises "
+        "perplexity, so HQQ's own zero-point-only optimization is the default)",
+        boolean(),
     )
+
+
+class HalfQuadratic(QuantMethod):
+    name = "hqq"
+    summary = "half-quadratic optimization of every group's zero point (and optionally scale); no data needed"
+    options = HQQOptions
+    symmetric_allowed = False
+
+    def quantize(self, weight, fmt, options, *, exclude=None, hessian=None):
+        q = hqq_quantize(
+            weight,
+            fmt.bits,
+            fmt.group_size,
+            scale_dtype=fmt.scale_dtype,
+            iters=options.iters,
+            optimize_scale=options.optimize_scale,
+            exclude=exclude,
+        )
+        return q, None
+
+    def describe(self, options: MethodOptions, clip: str) -> str:
+        return "half-quadratic (`hqq`) optimization of every group's scale and zero point (no calibration data)"
+
+
+METHOD = HalfQuadratic()

@@ -13,25 +13,48 @@ State (the checkpoint keys, so a saved model reloads by name):
   ``j`` holds input feature ``weight_perm[j]``, so each group's columns stay contiguous
 
 The module does not know which algorithm produced its tensors.
+
+The module owns its state: code outside it changes these tensors only through `QuantLinear.replace_tensors`,
+`QuantLinear.load_quantized`, `QuantLinear.set_input_scale`, `QuantLinear.set_storage_dtypes`,
+``load_state_dict`` and ``.to()``. Each of them drops the derived kernel layouts (repacked codes,
+CUDA layouts, int8 copies) that :mod:`..kernels.dispatch` caches beside the module, as does assigning a
+new parameter to one of the names above; the layouts are reached only through `QuantLinear.kernel_layout`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
+from ..core.outliers import outlier_index_dtype
 from ..core.packing import packed_words
 from ..core.scheme import QuantizedWeight, num_groups, quantize_weight
 from ..kernels import dispatch as kernels
 
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 ACT_MODES = (None, "dynamic", "static")
+#: the tensors of the module (its checkpoint keys); `QuantLinear.replace_tensors` takes them as keywords
+TENSOR_NAMES = (
+    "weight",
+    "weight_scale",
+    "weight_min",
+    "weight_outlier_index",
+    "weight_outlier_value",
+    "weight_perm",
+    "bias",
+    "input_scale",
+)
+_TENSOR_NAME_SET = frozenset(TENSOR_NAMES)
+_INDEX_TENSORS = ("weight_outlier_index", "weight_perm")  # values must be column indices
+_T = TypeVar("_T")
 
 
 def scale_dtype_of(name: str) -> torch.dtype:
-    return _DTYPES[name]
+    return DTYPES[name]
 
 
 def outlier_count(in_features: int, fraction: float) -> int:
@@ -39,8 +62,9 @@ def outlier_count(in_features: int, fraction: float) -> int:
     return 0 if fraction <= 0 else max(1, math.ceil(fraction * in_features - 1e-9))
 
 
-def outlier_index_dtype(in_features: int) -> torch.dtype:
-    return torch.int16 if in_features <= torch.iinfo(torch.int16).max else torch.int32
+def _check_finite(name: str, value: torch.Tensor) -> None:
+    if value.is_floating_point() and value.device.type != "meta" and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name}: values must be finite (found inf or NaN)")
 
 
 class QuantLinear(nn.Module):
@@ -65,6 +89,7 @@ class QuantLinear(nn.Module):
         act_order: bool = False,
     ) -> None:
         super().__init__()
+        self._kernel_cache: dict[str, Any] = {}  # derived layouts, never saved (see `kernel_layout`)
         if act_mode not in ACT_MODES:
             raise ValueError(f"act_mode={act_mode!r} is not allowed; allowed values: None, 'dynamic', 'static'")
         if act_mode is not None and (bits != 8 or group_size is not None or not symmetric):
@@ -158,29 +183,162 @@ class QuantLinear(nn.Module):
         return module
 
     def load_quantized(self, q: QuantizedWeight) -> None:
-        """Copy a :class:`QuantizedWeight` into this module's tensors (shapes must match)."""
+        """Copy a :class:`QuantizedWeight` into this module's tensors (shapes must match; all checks run
+        before anything changes). The scales and minima take ``q``'s dtype; the cached kernel layouts are
+        dropped."""
         if (q.bits, q.group_size, q.in_features) != (self.bits, self.group_size, self.in_features):
             raise ValueError(
                 f"quantized weight (bits={q.bits}, group_size={q.group_size}, in={q.in_features}) does not fit "
                 f"{self.extra_repr()}"
             )
-        self.weight.data = q.packed.to(self.weight.device)
-        self.weight_scale.data = q.scale.to(self.weight_scale.device)
-        if self.weight_min is not None:
-            if q.minimum is None:
-                raise ValueError("asymmetric QuantLinear needs a minimum tensor")
-            self.weight_min.data = q.minimum.to(self.weight_min.device)
+        if tuple(q.packed.shape) != tuple(self.weight.shape):
+            raise ValueError(
+                f"weight: packed shape {tuple(q.packed.shape)} does not match the module's {tuple(self.weight.shape)}"
+            )
+        if self.weight_min is not None and q.minimum is None:
+            raise ValueError("asymmetric QuantLinear needs a minimum tensor")
         k = 0 if q.outlier_index is None else q.outlier_index.shape[1]
         if k != self.outliers:
             raise ValueError(f"quantized weight keeps {k} outliers per row; this module holds {self.outliers}")
+        if (q.perm is None) != (self.weight_perm is None):
+            raise ValueError("quantized weight and module disagree on act-order (a column permutation)")
+        _check_finite("weight_scale", q.scale)
+        if self.weight_min is not None:
+            _check_finite("weight_min", q.minimum)
+        if k:
+            _check_finite("weight_outlier_value", q.outlier_value)
+        self.weight.data = q.packed.to(self.weight.device)
+        self.weight_scale.data = q.scale.to(self.weight_scale.device)
+        if self.weight_min is not None:
+            self.weight_min.data = q.minimum.to(self.weight_min.device)
         if k:
             self.weight_outlier_index.data = q.outlier_index.to(self.weight_outlier_index.dtype).to(self.weight.device)
             self.weight_outlier_value.data = q.outlier_value.to(torch.float16).to(self.weight.device)
-        if (q.perm is None) != (self.weight_perm is None):
-            raise ValueError("quantized weight and module disagree on act-order (a column permutation)")
         if q.perm is not None:
             self.weight_perm.data = q.perm.to(torch.int32).to(self.weight.device)
-        self.__dict__.pop("_kernel_cache", None)
+        self.invalidate_kernel_cache()
+
+    def replace_tensors(
+        self,
+        *,
+        weight: torch.Tensor | None = None,
+        weight_scale: torch.Tensor | None = None,
+        weight_min: torch.Tensor | None = None,
+        weight_outlier_index: torch.Tensor | None = None,
+        weight_outlier_value: torch.Tensor | None = None,
+        weight_perm: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        input_scale: torch.Tensor | None = None,
+    ) -> None:
+        """Replace the given tensors (``None``: keep) with copies of the values, all or none of them.
+
+        Each value must have the current tensor's shape, dtype and device; float values must be finite
+        (``input_scale`` positive too) and index values (``weight_outlier_index``, ``weight_perm``)
+        columns in ``[0, in_features)``. Otherwise a ``ValueError`` naming the tensor is raised and the
+        module is unchanged. The cached kernel layouts are dropped.
+        """
+        given = {
+            "weight": weight,
+            "weight_scale": weight_scale,
+            "weight_min": weight_min,
+            "weight_outlier_index": weight_outlier_index,
+            "weight_outlier_value": weight_outlier_value,
+            "weight_perm": weight_perm,
+            "bias": bias,
+            "input_scale": input_scale,
+        }
+        given = {name: value for name, value in given.items() if value is not None}
+        for name, value in given.items():
+            self._check_replacement(name, value)
+        for name, value in given.items():
+            getattr(self, name).data = value.detach().clone(memory_format=torch.contiguous_format)
+        self.invalidate_kernel_cache()
+
+    def _check_replacement(self, name: str, value: torch.Tensor) -> None:
+        current = getattr(self, name)
+        if current is None:
+            raise ValueError(f"{name}: this QuantLinear has no such tensor ({self.extra_repr()})")
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+        if value.shape != current.shape:
+            raise ValueError(f"{name}: shape {tuple(value.shape)} does not match the module's {tuple(current.shape)}")
+        if value.dtype != current.dtype:
+            raise ValueError(f"{name}: dtype {value.dtype} does not match the module's {current.dtype}")
+        if value.device != current.device:
+            raise ValueError(f"{name}: device {value.device} does not match the module's {current.device}")
+        if value.device.type == "meta" or value.numel() == 0:
+            return
+        if value.is_floating_point():
+            _check_finite(name, value)
+            if name == "input_scale" and not bool((value > 0).all()):
+                raise ValueError(f"input_scale: must be positive, got {value.item()}")
+        elif name in _INDEX_TENSORS and (int(value.min()) < 0 or int(value.max()) >= self.in_features):
+            raise ValueError(f"{name}: values must be column indices in [0, {self.in_features})")
+
+    def set_input_scale(self, scale: torch.Tensor | float) -> None:
+        """Set the static activation scale (``act_mode="static"``) to ``scale``: a positive finite number or
+        one-element tensor, stored as a float32 scalar on the module's device."""
+        if self.input_scale is None:
+            raise ValueError(
+                f"input_scale: this QuantLinear has no static activation scale (act_mode={self.act_mode!r})"
+            )
+        value = torch.as_tensor(scale).detach()
+        if value.numel() != 1:
+            raise ValueError(f"input_scale: expected one value, got shape {tuple(value.shape)}")
+        self.replace_tensors(input_scale=value.to(device=self.input_scale.device, dtype=torch.float32).reshape(()))
+
+    def storage_dtypes(self) -> dict[str, torch.dtype]:
+        """The dtype of each tensor holding the quantized weight (and ``input_scale``), by name; ``bias``
+        is left out (an ordinary float parameter). For `set_storage_dtypes`."""
+        return {name: t.dtype for name in TENSOR_NAMES if name != "bias" and (t := getattr(self, name)) is not None}
+
+    def set_storage_dtypes(self, dtypes: Mapping[str, torch.dtype]) -> None:
+        """Convert the named tensors to the given dtypes (``Tensor.to`` rounding; e.g. put float16 scales
+        back after a float32 upcast, which round-trips exactly). Drops the cached kernel layouts."""
+        converted = {}
+        for name, dtype in dtypes.items():
+            current = getattr(self, name) if name in _TENSOR_NAME_SET else None
+            if current is None:
+                raise ValueError(f"{name}: this QuantLinear has no such tensor ({self.extra_repr()})")
+            value = current.detach().to(dtype)
+            _check_finite(name, value)
+            converted[name] = value
+        if self.weight_min is not None:
+            scale_dtype = converted.get("weight_scale", self.weight_scale).dtype
+            min_dtype = converted.get("weight_min", self.weight_min).dtype
+            if scale_dtype != min_dtype:
+                raise ValueError(f"weight_min: dtype {min_dtype} must be weight_scale's ({scale_dtype})")
+        for name, value in converted.items():
+            getattr(self, name).data = value
+        self.invalidate_kernel_cache()
+
+    def invalidate_kernel_cache(self) -> None:
+        """Drop every kernel layout derived from this module's tensors (they are rebuilt on the next call)."""
+        self._kernel_cache.clear()
+
+    def kernel_layout(self, key: str, build: Callable[[], _T] | None = None) -> _T | None:
+        """The kernel layout cached under ``key`` (:mod:`..kernels.dispatch` names them); when there is
+        none, ``build()`` makes and caches it, or ``None`` is returned without ``build``. Layouts are
+        held beside the module, never in its state dict, and dropped whenever one of its tensors changes."""
+        lay = self._kernel_cache.get(key)
+        if lay is None and build is not None:
+            lay = self._kernel_cache[key] = build()
+        return lay
+
+    def kernel_layout_nbytes(self, device_type: str, dtype: torch.dtype) -> int:
+        """Bytes of the kernel layout this module caches beside its packed weight for ``dtype`` activations
+        on ``device_type`` (``"cpu"``, ``"cuda"``), without building it (used by the memory estimator)."""
+        path = kernels.path_for(self, device_type, dtype)
+        n = self.in_features * self.out_features
+        if path in ("cuda_int8", "w8a8"):
+            return n + self.out_features * 4
+        if path == "cuda_int4":
+            return n // 2 + self.weight_scale.numel() * 2 * 2
+        if path == "cpu_fused":
+            from ..kernels.cpu import layout_bytes
+
+            return layout_bytes(self)
+        return 0
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight ``[out, in]`` this module computes with."""
@@ -200,9 +358,27 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.quant_linear_forward(self, x)
 
-    def _apply(self, fn, recurse=True):  # device moves invalidate kernel layouts
-        self.__dict__.pop("_kernel_cache", None)
+    def _apply(self, fn, recurse=True):  # device and dtype moves invalidate kernel layouts
+        self.invalidate_kernel_cache()
         return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # load_state_dict: in place or assign=True
+        self.invalidate_kernel_cache()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def __setattr__(self, name: str, value: Any) -> None:  # ``module.weight_scale = nn.Parameter(...)``
+        if name in _TENSOR_NAME_SET and "_kernel_cache" in self.__dict__:
+            self._kernel_cache.clear()
+        super().__setattr__(name, value)
+
+    def __getstate__(self) -> dict[str, Any]:  # copies and pickles rebuild their own layouts
+        state = super().__getstate__()
+        state["_kernel_cache"] = {}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._kernel_cache = {}
 
     @property
     def storage_bits_per_weight(self) -> float:

@@ -30,7 +30,7 @@ from ...config import SECTIONS, EfficiencyConfig, QuantizationSpec, saved_sectio
 from ..core.mixed import bits_for_module
 from ..core.scheme import dequantize_codes, minmax_codes
 from .linear import QuantLinear, scale_dtype_of
-from .replace import _set_submodule, linears_to_quantize
+from .replace import linears_to_quantize, modules_to_not_convert, set_submodule
 
 #: attribute of a prepared model holding its `EfficiencyConfig`
 QAT_ATTRIBUTE = "hf_efficiency_qat"
@@ -218,13 +218,6 @@ def _qat_config(config: EfficiencyConfig | QuantizationSpec | dict[str, Any]) ->
     return config
 
 
-def _skip_list(model: nn.Module, config: EfficiencyConfig) -> list[str]:
-    """The modules the quantizer keeps in float for ``config`` (``lm_head`` and tied weights by default)."""
-    from ...integration.quantizer import EfficiencyHfQuantizer
-
-    return EfficiencyHfQuantizer(config, pre_quantized=False)._skip_list(model)
-
-
 def fake_quant_modules(model: nn.Module) -> list[str]:
     """Names of the `FakeQuantLinear` modules of ``model``, in model order."""
     return [n for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)]
@@ -267,7 +260,7 @@ def prepare_qat(model: nn.Module, config: EfficiencyConfig | QuantizationSpec | 
     if carried:
         config = _qat_config({**carried, **config.to_dict()})
     spec = config.quantization
-    skip = _skip_list(model, config)
+    skip = modules_to_not_convert(model, config.quantization)
     names = linears_to_quantize(model, skip)
     if not names:
         raise ValueError(
@@ -284,24 +277,15 @@ def prepare_qat(model: nn.Module, config: EfficiencyConfig | QuantizationSpec | 
             symmetric=spec.symmetric,
             scale_dtype=scale_dtype,
         )
-        _set_submodule(model, name, fq)
+        set_submodule(model, name, fq)
     setattr(model, QAT_ATTRIBUTE, config)
     return model
 
 
-def convert_qat(model: nn.Module) -> nn.Module:
-    """Replace every `FakeQuantLinear` of ``model`` by a packed `QuantLinear`, in place, and return it.
-
-    The packed layers compute with exactly the weights the QAT model computed with. The model
-    then carries ``config.quantization_config`` (the `EfficiencyConfig`, ``method="rtn"``) and a
-    pre-quantized ``hf_quantizer`` as if loaded by ``from_pretrained``, so ``save_pretrained``
-    writes a packed checkpoint that a plain ``AutoModelForCausalLM.from_pretrained`` reloads
-    (after ``import hf_efficiency``). The model is left in eval mode.
-    """
-    from transformers import PreTrainedModel
-
-    from ...integration.quantizer import EfficiencyHfQuantizer, base_model_of
-
+def convert_qat_modules(model: nn.Module) -> tuple[EfficiencyConfig, list[str]]:
+    """Replace every `FakeQuantLinear` of ``model`` by a packed `QuantLinear`, in place, computing with
+    exactly the weights the QAT model computed with; returns the recorded config and the converted
+    names. `hf_efficiency.convert_qat` then makes the model save and reload like a quantized one."""
     names = fake_quant_modules(model)
     if not names:
         raise ValueError("convert_qat found no FakeQuantLinear module: call prepare_qat(model, config) and train first")
@@ -314,7 +298,7 @@ def convert_qat(model: nn.Module) -> nn.Module:
     spec = config.quantization
     scale_dtype = scale_dtype_of(spec.scale_dtype)
     # what from_pretrained will rebuild from the saved config must be exactly what is converted here
-    expected_names = linears_to_quantize(model, _skip_list(model, config))
+    expected_names = linears_to_quantize(model, modules_to_not_convert(model, config.quantization))
     if expected_names != names:
         raise ValueError(
             f"the FakeQuantLinear modules {names} are not the linears the recorded config quantizes "
@@ -332,19 +316,6 @@ def convert_qat(model: nn.Module) -> nn.Module:
     for name in names:
         quant = model.get_submodule(name).to_quant_linear()
         quant.requires_grad_(False)
-        _set_submodule(model, name, quant)
-    config = EfficiencyConfig(**config.to_dict())
-    if config.base_model is None:
-        config.base_model = base_model_of(getattr(model.config, "_name_or_path", None))
-    quantizer = EfficiencyHfQuantizer(config, pre_quantized=True)
-    quantizer.quantized_modules = names
-    model.config.quantization_config = config
-    model.hf_quantizer = quantizer
-    model.is_quantized = True
-    model.quantization_method = config.quant_method
-    for module in model.modules():  # as transformers' postprocess_model does
-        if isinstance(module, PreTrainedModel):
-            module.config._is_quantized = True
+        set_submodule(model, name, quant)
     delattr(model, QAT_ATTRIBUTE)
-    model.eval()
-    return model
+    return EfficiencyConfig(**config.to_dict()), names

@@ -58,7 +58,8 @@ def linears_to_quantize(model: nn.Module, skip: list[str] | None) -> list[str]:
     return names
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted path ``name`` of ``model`` (replacing what is there)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -93,7 +94,7 @@ def replace_with_quant_linear(
             act_order=fmt["act_order"],
         )
         shell.requires_grad_(False)
-        _set_submodule(model, name, shell)
+        set_submodule(model, name, shell)
     return names
 
 
@@ -101,5 +102,5 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype) -> int:
     """Replace every `QuantLinear` by an ``nn.Linear`` holding its dequantized weight."""
     names = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     for name in names:
-        _set_submodule(model, name, model.get_submodule(name).to_linear(dtype))
+        set_submodule(model, name, model.get_submodule(name).to_linear(dtype))
     return len(names)

@@ -16,6 +16,9 @@ Without ``--model_name_or_path`` the student is built from the teacher with ``ma
 (``--student_num_layers`` layers, ``--student_layer_strategy``). ``--dataset_name kjv`` uses the bundled
 King James Bible (train: passages 0-18581, validation: the evaluation slice); any other name goes to
 ``datasets.load_dataset``.
+
+The file lives in the CLI package because it imports the demo data (bundled teacher, KJV):
+``integrations/run_clm_distill.py`` is a link to it and ``hf-efficiency distill`` calls its `main`.
 """
 
 from __future__ import annotations
