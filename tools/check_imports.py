@@ -114,7 +114,9 @@ def main() -> int:
         print(f"{len(problems)} import problem(s)")
         return 1
     n_edges = sum(len(v) for v in edges.values())
-    print(f"imports ok: {len(files)} modules, {len(edges)} parts with {n_edges} dependencies, no cycle, no private import")
+    print(
+        f"imports ok: {len(files)} modules, {len(edges)} parts with {n_edges} dependencies, no cycle, no private import"
+    )
     return 0
 
 
