@@ -14,32 +14,15 @@ from typing import Any
 
 from .common import add_dataclass_arguments
 
-_FALLBACK_METHODS = ("rtn", "hqq", "awq", "gptq")
 #: extra spellings of generated flags, kept for earlier command lines
 ALIASES = {"gptq": {"act_order": ("--act-order",)}}
 
 
-@dataclasses.dataclass
-class _NoOptions:
-    pass
-
-
-@dataclasses.dataclass(frozen=True)
-class _NamedMethod:
-    name: str
-    summary: str = ""
-    calibrated: bool = False
-    options: type = _NoOptions
-
-
 def methods_table() -> dict[str, Any]:
     """``name -> method`` (``name``, ``summary``, ``calibrated``, ``options`` dataclass): the table of
-    `hf_efficiency.quant.methods`, or, where that table is missing, the four names without options
-    (the one fallback of the command line)."""
-    try:
-        from ..quant.methods import METHODS
-    except ImportError:
-        return {name: _NamedMethod(name, calibrated=name in ("awq", "gptq")) for name in _FALLBACK_METHODS}
+    `hf_efficiency.quant.methods`."""
+    from ..quant.methods import METHODS
+
     return dict(METHODS)
 
 
@@ -67,7 +50,7 @@ def method_options(args: argparse.Namespace, methods: dict[str, Any]) -> dict[st
     given: dict[str, dict[str, Any]] = {}
     for name, method in methods.items():
         for f in dataclasses.fields(method.options):
-            value = getattr(args, f"{name}_{f.name}", None)
+            value = getattr(args, f"{name}_{f.name}".replace("-", "_"), None)
             if value is not None:
                 given.setdefault(name, {})[f.name] = value
     for name, values in given.items():

@@ -81,3 +81,19 @@ def _fmt(cfg):
     from hf_efficiency.quant.methods import weight_format
 
     return weight_format(cfg.quantization, cfg.quantization.bits, torch.float16)
+
+
+def test_a_registered_method_gets_its_command_line_flags(toy):
+    from hf_efficiency.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(
+        ["quantize", "--out", "x", "--method", "toy-sym", "--symmetric", "--toy-sym-shrink", "0.25"]
+    )
+    assert config_from_args(args)["quantization"]["toy-sym"] == {"shrink": 0.25}
+    args = build_parser().parse_args(["quantize", "--out", "x", "--method", "rtn", "--toy-sym-shrink", "0.25"])
+    with pytest.raises(ValueError, match="--toy-sym-shrink: option\\(s\\) of method 'toy-sym', but --method is 'rtn'"):
+        config_from_args(args)
+    quantize = build_parser()._subparsers._group_actions[0].choices["quantize"]
+    text = " ".join(quantize.format_help().split())
+    assert "{rtn,hqq,awq,gptq,toy-sym}" in text and "toy-sym: symmetric round-to-nearest on a shrunk range" in text
+    assert "--toy-sym-shrink TOY_SYM_SHRINK fixed shrink of every group's range (default: 0.9)" in text
