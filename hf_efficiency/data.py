@@ -18,7 +18,7 @@ import torch
 NAMED_CORPORA: dict[str, tuple[str, str, str]] = {"kjv": ("hf_efficiency.demo", "kjv_text", "describe_kjv")}
 
 _ACCEPTED_SOURCES = (
-    f"a corpus name ({', '.join(map(repr, NAMED_CORPORA))}), a path to a text file, a datasets.Dataset with a "
+    f"{', '.join(map(repr, NAMED_CORPORA))}, a path to a text file, a datasets.Dataset with a "
     "'text' column, 'datasets:NAME[:CONFIG]:SPLIT', or a list/tuple of strings"
 )
 
