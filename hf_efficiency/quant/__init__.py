@@ -1,4 +1,5 @@
-"""Weight quantization: scheme math, packing, `QuantLinear`, kernels and the HF quantizer."""
+"""Weight quantization: `core` (scheme math, packing), `methods` (the method table), `calibrated` (the
+layer-by-layer pipeline), `modules` (`QuantLinear`) and `kernels`. The HF quantizer is in `integration`."""
 
 from .core.packing import pack, unpack
 from .core.scheme import QuantizedWeight, dequantize_codes, fake_quantize, quantize_weight

@@ -1,1 +1,3 @@
-"""hf_efficiency.quant.modules."""
+"""The nn.Modules that hold quantized tensors and run them: `QuantLinear` (owns its tensors and every
+derived kernel layout), `FakeQuantLinear` for quantization-aware training, and the structure swap of a
+model's linears (`replace`)."""
