@@ -123,6 +123,19 @@ def test_device_move_drops_cached_kernel_layout():
     assert q.kernel_layout("int8") is None
 
 
+@pytest.mark.parametrize("forced", ["dequant", None])
+def test_bias_of_another_dtype_than_the_input_on_every_cpu_path(monkeypatch, forced):
+    lin, q = _q(4, 32, False)
+    q.set_storage_dtypes({"bias": torch.bfloat16})
+    q.requires_grad_(False)  # inference: the dequant path, not the autograd one
+    if forced:
+        monkeypatch.setenv("HF_EFFICIENCY_KERNEL", forced)
+    x = torch.randn(3, 256)
+    out = q(x)
+    ref = torch.nn.functional.linear(x, q.dequantize_weight(torch.float32), q.bias.float())
+    assert out.dtype == torch.float32 and (out - ref).abs().max() < 1e-4
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize(

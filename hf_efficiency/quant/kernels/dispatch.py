@@ -214,7 +214,8 @@ def quant_linear_forward(module: "QuantLinear", x: torch.Tensor) -> torch.Tensor
         out = torch.ops.aten._weight_int4pack_mm(x.reshape(-1, x.shape[-1]), w, module.group_size, sz)
         out = out.reshape(*x.shape[:-1], module.out_features)
     elif path == "dequant":
-        return F.linear(x, dequantize_weight(module, x.dtype), module.bias)
+        bias = None if module.bias is None else module.bias.to(x.dtype)  # as the fused path: a bf16 bias, fp32 x
+        return F.linear(x, dequantize_weight(module, x.dtype), bias)
     elif path == "cpu_fused":
         from . import cpu as cpu_kernel
 
