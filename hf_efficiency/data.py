@@ -8,6 +8,7 @@ first use; the KJV corpus itself lives in `hf_efficiency.demo` with the bundled 
 from __future__ import annotations
 
 import importlib
+import json
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -30,8 +31,6 @@ SOURCE_FILE = "hf_efficiency_source.json"
 
 def source_info(folder: str | os.PathLike) -> dict[str, Any]:
     """Contents of ``hf_efficiency_source.json`` in a model folder (``{}`` if absent)."""
-    import json
-
     path = Path(folder) / SOURCE_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
 

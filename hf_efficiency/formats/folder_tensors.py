@@ -23,7 +23,7 @@ from .safetensors_header import CheckpointError, read_header
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
-DTYPES = {
+_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
@@ -104,7 +104,7 @@ class FolderTensors:
         return tuple(self._entries[name]["shape"])
 
     def dtype(self, name: str) -> torch.dtype | None:
-        return DTYPES.get(self._entries[name]["dtype"])
+        return _DTYPES.get(self._entries[name]["dtype"])
 
     def dtype_name(self, name: str) -> str:
         """The safetensors dtype string (``"I32"``, ``"F16"`` ...)."""

@@ -148,11 +148,6 @@ def quantize_structure(model: nn.Module, efficiency_config) -> list[str]:
     )
 
 
-def _kernel_cache_bytes(module: nn.Module, device: str, compute: torch.dtype) -> int:
-    """Bytes of the kernel layout a quantized layer caches beside its packed weight."""
-    return module.kernel_layout_nbytes(device, compute)
-
-
 def _weights(
     model: nn.Module, quantized: list[str], spec, device: str, compute: torch.dtype, mode: str
 ) -> tuple[int, dict[str, int], int]:
@@ -179,7 +174,7 @@ def _weights(
             codes = sum(tensor_bytes(m.weight) for m in modules)
             q_bytes += round(codes * (spec.target_bits / spec.bits - 1))
         if mode == "inference":
-            cache = sum(_kernel_cache_bytes(m, device, compute) for m in modules)
+            cache = sum(m.kernel_layout_nbytes(device, compute) for m in modules)
         details["quantized_linears"] = q_bytes
         if cache:
             details["kernel_layout_caches"] = cache

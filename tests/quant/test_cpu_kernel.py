@@ -181,6 +181,4 @@ def test_estimator_never_builds_the_kernel(monkeypatch):
     monkeypatch.setattr(cpu_kernel, "_build", lambda: pytest.fail("the estimator must not compile"))
     m = _module(3, 32, False, 96)
     assert kernels.path_for(m, "cpu", torch.float32) == "cpu_fused"
-    from hf_efficiency.memory.estimator import _kernel_cache_bytes
-
-    assert _kernel_cache_bytes(m, "cpu", torch.float32) == 40 * 96 // 2
+    assert m.kernel_layout_nbytes("cpu", torch.float32) == 40 * 96 // 2  # what the estimator counts

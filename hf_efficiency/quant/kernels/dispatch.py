@@ -117,7 +117,7 @@ def dequantize_weight(module: "QuantLinear", dtype: torch.dtype) -> torch.Tensor
     if dtype == torch.float32 and module.weight.device.type == "cpu" and _fused_cpu(module):
         from . import cpu as cpu_kernel
 
-        w = cpu_kernel.dequantize(module, _cached(module, "cpu", lambda: cpu_kernel.layout(module)))
+        w = cpu_kernel.dequantize(module, module.kernel_layout("cpu", lambda: cpu_kernel.layout(module)))
         return unpermute_columns(w, getattr(module, "weight_perm", None))
     codes = unpack(module.weight, module.bits, module.in_features)
     w = dequantize_codes(codes, module.weight_scale, module.weight_min, module.bits, module.group_size, dtype)
@@ -155,10 +155,6 @@ def int4_kernel_layout(module: "QuantLinear") -> tuple[torch.Tensor, torch.Tenso
     packed_bytes = (codes[:, ::2] << 4 | codes[:, 1::2]).contiguous()
     weight = torch.ops.aten._convert_weight_to_int4pack(packed_bytes, INT4_INNER_K_TILES)
     return weight, int4_scales_and_zeros(module, torch.bfloat16)
-
-
-def _cached(module: "QuantLinear", key: str, build):
-    return module.kernel_layout(key, build)
 
 
 class _DequantLinear(torch.autograd.Function):
@@ -206,11 +202,11 @@ def quant_linear_forward(module: "QuantLinear", x: torch.Tensor) -> torch.Tensor
         return _DequantLinear.apply(x, module.bias, module)
     module.last_path = path
     if path == "cuda_int8":
-        w, s = _cached(module, f"int8-{x.dtype}", lambda: int8_kernel_layout(module, x.dtype))
+        w, s = module.kernel_layout(f"int8-{x.dtype}", lambda: int8_kernel_layout(module, x.dtype))
         out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), w, s)
         out = out.reshape(*x.shape[:-1], module.out_features)
     elif path == "cuda_int4":
-        w, sz = _cached(module, "int4", lambda: int4_kernel_layout(module))
+        w, sz = module.kernel_layout("int4", lambda: int4_kernel_layout(module))
         out = torch.ops.aten._weight_int4pack_mm(x.reshape(-1, x.shape[-1]), w, module.group_size, sz)
         out = out.reshape(*x.shape[:-1], module.out_features)
     elif path == "dequant":
@@ -219,7 +215,7 @@ def quant_linear_forward(module: "QuantLinear", x: torch.Tensor) -> torch.Tensor
     elif path == "cpu_fused":
         from . import cpu as cpu_kernel
 
-        return cpu_kernel.forward(module, x, _cached(module, "cpu", lambda: cpu_kernel.layout(module)))
+        return cpu_kernel.forward(module, x, module.kernel_layout("cpu", lambda: cpu_kernel.layout(module)))
     else:  # w8a8
         return w8a8_forward(module, x)
     if module.bias is not None:
@@ -249,7 +245,7 @@ def w8a8_forward(module: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
         q_w, s_w = int8_kernel_layout(module, torch.float32)
         return q_w, s_w, activation.prepare_weight(q_w, s_w, path)
 
-    q_w, s_w, prepared = _cached(module, f"w8a8-{path}", build)
+    q_w, s_w, prepared = module.kernel_layout(f"w8a8-{path}", build)
     if module.act_mode == "static":
         s_x = module.input_scale.float()
         q_x = activation.quantize_static(x, s_x)

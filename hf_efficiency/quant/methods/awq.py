@@ -13,7 +13,7 @@ model exactly equivalent; only the rounding changes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -154,19 +154,13 @@ class AWQ(QuantMethod):
 
     def quantize(self, weight, fmt, options, *, exclude=None, hessian=None):
         # the weights arrive scaled and clipped by prepare_layer: round them to nearest, no clip search
-        return round_to_nearest(weight, _without_clip(fmt), exclude), None
+        return round_to_nearest(weight, replace(fmt, clip="none"), exclude), None
 
     def describe(self, options, clip):
         return (
             "activation-aware scaling (`awq`: per-channel scales folded into the preceding norms and linears, "
             "then an output-aware clip search)"
         )
-
-
-def _without_clip(fmt):
-    from dataclasses import replace
-
-    return replace(fmt, clip="none")
 
 
 METHOD = AWQ()

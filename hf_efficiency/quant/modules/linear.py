@@ -30,12 +30,13 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from ...constants import SCALE_DTYPES
 from ..core.outliers import outlier_index_dtype
 from ..core.packing import packed_words
 from ..core.scheme import QuantizedWeight, num_groups, quantize_weight
 from ..kernels import dispatch as kernels
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_SCALE_TORCH_DTYPES = {name: getattr(torch, name) for name in SCALE_DTYPES}
 ACT_MODES = (None, "dynamic", "static")
 #: the tensors of the module (its checkpoint keys); `QuantLinear.replace_tensors` takes them as keywords
 TENSOR_NAMES = (
@@ -54,7 +55,8 @@ _T = TypeVar("_T")
 
 
 def scale_dtype_of(name: str) -> torch.dtype:
-    return DTYPES[name]
+    """The torch dtype of a scale dtype name (``quantization.scale_dtype``)."""
+    return _SCALE_TORCH_DTYPES[name]
 
 
 def outlier_count(in_features: int, fraction: float) -> int:
