@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from . import convert, distill, estimate, generate, quantize
+from . import convert, distill, estimate, export, generate, quantize
 from . import eval as eval_
 
 
@@ -55,6 +55,7 @@ COMMANDS: dict[str, Command] = {
     for c in (
         Command.of("quantize", quantize),
         Command.of("convert", convert),
+        Command.of("export", export),
         Command.of("eval", eval_),
         Command.of("estimate", estimate),
         Command.of("distill", distill),

@@ -82,7 +82,9 @@ class ExportReport:
             + ("; every quantized weight written exactly" if self.exact else f"; {len(self.changes)} converted:")
         ]
         for name, c in self.changes.items():
-            lines.append(f"  {name}: max change {c.max_change:.3e}, rms change {c.rms_change:.3e} ({'; '.join(c.reasons)})")
+            lines.append(
+                f"  {name}: max change {c.max_change:.3e}, rms change {c.rms_change:.3e} ({'; '.join(c.reasons)})"
+            )
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 

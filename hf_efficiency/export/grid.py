@@ -153,7 +153,9 @@ def module_grid(name: str, module, target: GridTarget, *, lossy: bool = False) -
     symmetric = weight_min is None and weight_zero is None
     zero = minimum = None
     if symmetric:
-        codes = codes if tbits == bits else (codes.to(torch.int16) + (2 ** (tbits - 1) - 2 ** (bits - 1))).to(torch.uint8)
+        codes = (
+            codes if tbits == bits else (codes.to(torch.int16) + (2 ** (tbits - 1) - 2 ** (bits - 1))).to(torch.uint8)
+        )
     elif weight_zero is not None:
         zero = weight_zero.detach().cpu().to(torch.int32)
         if target.zero == "float":
@@ -189,7 +191,9 @@ def module_grid(name: str, module, target: GridTarget, *, lossy: bool = False) -
     if getattr(module, "outliers", 0):
         reasons.append(f"it keeps {module.outliers} outlier weights per row exactly, which {target.name} cannot hold")
     if act_mode is not None and not target.int8_activations:
-        reasons.append(f"it quantizes its activations to int8 ({act_mode}), which a weight-only {target.name} export drops")
+        reasons.append(
+            f"it quantizes its activations to int8 ({act_mode}), which a weight-only {target.name} export drops"
+        )
 
     grid = Grid(
         name=name,

@@ -255,3 +255,113 @@ def save_model_card(
     path = Path(folder) / "README.md"
     card.save(path)
     return path
+
+
+EXPORT_TEMPLATE_NAME = "exported.md"
+FORMAT_TITLES = {"compressed-tensors": "compressed-tensors", "gptq": "GPTQ", "awq": "AWQ", "gguf": "GGUF"}
+
+
+def serve_commands(export_format: str, repo_id: str, gguf_file: str = "model.gguf") -> str:
+    """Markdown: how each engine that reads ``export_format`` serves ``repo_id`` (exact commands)."""
+    if export_format == "gguf":
+        return (
+            "llama.cpp (CPU or GPU):\n\n"
+            f'```bash\nllama-cli -hf {repo_id} -p "The capital of France is" -n 32\n'
+            f'# or, with the file downloaded:\nllama-cli -m {gguf_file} -p "The capital of France is" -n 32\n'
+            f"llama-server -m {gguf_file} --port 8080\n```\n\n"
+            f"Ollama: `ollama run hf.co/{repo_id}`, or with the file downloaded, a `Modelfile` holding\n\n"
+            f"```\nFROM ./{gguf_file}\n```\n\n"
+            "and `ollama create my-model -f Modelfile && ollama run my-model`. LM Studio opens the file as is.\n\n"
+            "hf-efficiency reads it back keeping its bits: "
+            f'`hf_efficiency.formats.load_gguf("{gguf_file}")`; transformers de-quantizes it: '
+            f'`AutoModelForCausalLM.from_pretrained("{repo_id}", gguf_file="{gguf_file}")`.'
+        )
+    quantization = {"gptq": " --quantization gptq", "awq": " --quantization awq"}.get(export_format, "")
+    text = (
+        f"vLLM:\n\n```bash\nvllm serve {repo_id}{quantization} --dtype bfloat16\n```\n\n"
+        "SGLang:\n\n"
+        f"```bash\npython -m sglang.launch_server --model-path {repo_id}\n```\n\n"
+    )
+    if export_format == "compressed-tensors":
+        text += (
+            "transformers (with `pip install compressed-tensors`):\n\n"
+            f"```python\nfrom transformers import AutoModelForCausalLM\n\n"
+            f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")\n```\n'
+        )
+    else:
+        text += (
+            "Text Generation Inference:\n\n"
+            f"```bash\ntext-generation-launcher --model-id {repo_id} --quantize {export_format}\n```\n"
+        )
+    text += (
+        "\nhf-efficiency reads it back keeping its bits: "
+        f'`from_pretrained("{repo_id}", efficiency_config={{"keep_compressed": True}})`.'
+    )
+    return text
+
+
+def render_export_card(
+    model: nn.Module,
+    report: Any,
+    *,
+    repo_id: str | None = None,
+    base_model: str | None = None,
+    tags: list[str] | str | None = None,
+) -> ModelCard:
+    """The model card of an export (an `hf_efficiency.export.ExportReport` of ``model``): which engines
+    load it with the exact commands, and every module the export converted with its measured change."""
+    cfg = getattr(model.config, "quantization_config", None)
+    cfg = cfg if isinstance(cfg, EfficiencyConfig) else None
+    if isinstance(tags, str):
+        tags = [tags]
+    base_model = base_model if base_model is not None else (cfg.base_model if cfg else None)
+    fmt = report.format
+    title = FORMAT_TITLES.get(fmt, fmt)
+    repo = repo_id or "<repo_id>"
+    gguf_file = next((f for f in report.files if f.endswith(".gguf")), "model.gguf")
+    card_tags = ["hf-efficiency", "quantized", fmt] + ([cfg.quantization.method] if cfg and cfg.quantization else [])
+    data = ModelCardData(
+        base_model=base_model,
+        library_name="gguf" if fmt == "gguf" else "transformers",
+        pipeline_tag="text-generation" if _is_causal_lm(model) else None,
+        tags=_unique(card_tags + list(tags or [])),
+        **({"base_model_relation": "quantized"} if base_model else {}),
+    )
+    stored = sorted(set(report.quantized.values()))
+    if report.exact:
+        exactness = "every quantized weight is written exactly as hf-efficiency computes with it."
+    else:
+        exactness = (
+            f"{len(report.changes)} of {len(report.quantized)} quantized layers could not be held exactly by "
+            f"{title} and were converted to its nearest grid; the measured change of each is listed below."
+        )
+    changes = ""
+    if report.changes:
+        rows = [
+            f"| `{name}` | {c.max_change:.3e} | {c.rms_change:.3e} | {'; '.join(c.reasons)} |"
+            for name, c in report.changes.items()
+        ]
+        changes = (
+            "\n### Weights changed by the export\n\n"
+            "| module | max change (relative) | rms change (relative) | why |\n|---|---|---|---|\n"
+            + "\n".join(rows)
+            + "\n"
+        )
+    values = {
+        "card_data": data.to_yaml(),
+        "title": (repo_id or f"{base_model or type(model).__name__} ({title})").split("/")[-1],
+        "summary": "a weight-quantized version of "
+        + (f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "a transformers model"),
+        "format_title": title,
+        "how": describe_method(cfg) if cfg and cfg.quantization else "loading a compressed checkpoint",
+        "exactness": exactness,
+        "serve_section": serve_commands(fmt, repo, gguf_file),
+        "method": cfg.quantization.method if cfg and cfg.quantization else "-",
+        "num_quantized": len(report.quantized),
+        "stored_as": ", ".join(stored) if stored else "-",
+        "num_float": len(report.float_modules),
+        "num_changed": len(report.changes),
+        "changes_section": changes,
+        "config_json": cfg.to_json_string().strip() if cfg else "{}",
+    }
+    return ModelCard(_fill(template_text(EXPORT_TEMPLATE_NAME), values))

@@ -16,7 +16,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from torch import nn
 from transformers.utils import logging
 
-from .model_card import save_model_card
+from .model_card import render_export_card, save_model_card
 
 logger = logging.get_logger(__name__)
 
@@ -54,22 +54,46 @@ def push_to_hub(
     tags: list[str] | None = None,
     metrics: dict[str, Any] | None = None,
     base_model: str | None = None,
+    export_format: str | None = None,
+    lossy: bool = False,
+    tokenizer: Any = None,
+    export_options: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> CommitInfo:
     """Upload ``model`` (weights, configs and the hf-efficiency model card) to ``repo_id``.
 
     ``tags``, ``metrics`` and ``base_model`` go to :func:`~hf_efficiency.hub.render_model_card`.
+    ``export_format`` (``"compressed-tensors"``, ``"gptq"``, ``"awq"``, ``"gguf"``) uploads the export
+    instead of our own format (`hf_efficiency.export.export_model` with ``lossy``, ``tokenizer`` and
+    ``export_options``), with a model card saying which engines load it and how.
     Returns the `huggingface_hub.CommitInfo` of the commit (or pull request).
     """
     if kwargs:
         raise TypeError(f"push_to_hub() got unexpected keyword argument(s): {', '.join(map(repr, sorted(kwargs)))}")
     if not isinstance(repo_id, str) or not repo_id:
         raise TypeError(f"repo_id must be a non-empty string, got {repo_id!r}")
+    if export_format is None and (lossy or tokenizer is not None or export_options):
+        raise TypeError("lossy=, tokenizer= and export_options= apply with export_format= only")
     api = _api()
     repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as tmp_dir:
-        model.save_pretrained(tmp_dir, max_shard_size=max_shard_size)
-        save_model_card(model, tmp_dir, base_model=base_model, metrics=metrics, tags=tags, repo_id=repo_id)
+        if export_format is None:
+            model.save_pretrained(tmp_dir, max_shard_size=max_shard_size)
+            save_model_card(model, tmp_dir, base_model=base_model, metrics=metrics, tags=tags, repo_id=repo_id)
+        else:
+            from ..export import export_model
+
+            report = export_model(
+                model,
+                tmp_dir,
+                export_format,
+                lossy=lossy,
+                tokenizer=tokenizer,
+                max_shard_size=max_shard_size,
+                **(export_options or {}),
+            )
+            card = render_export_card(model, report, repo_id=repo_id, base_model=base_model, tags=tags)
+            card.save(os.path.join(tmp_dir, "README.md"))
         operations = _operations(tmp_dir)
         if revision is not None and not revision.startswith("refs/pr"):
             try:
@@ -87,3 +111,29 @@ def push_to_hub(
             create_pr=create_pr,
             revision=revision,
         )
+
+
+def push_export(
+    model: nn.Module,
+    repo_id: str,
+    report: Any,
+    *,
+    commit_message: str | None = None,
+    private: bool | None = None,
+    token: bool | str | None = None,
+    base_model: str | None = None,
+    tags: list[str] | None = None,
+) -> CommitInfo:
+    """Upload the folder an export already wrote (``report.path``, an `hf_efficiency.export.ExportReport`)
+    with its model card (the folder itself is not changed)."""
+    api = _api()
+    repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+    card = render_export_card(model, report, repo_id=repo_id, base_model=base_model, tags=tags)
+    operations = [op for op in _operations(report.path) if op.path_in_repo != "README.md"]
+    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode("utf-8")))
+    return api.create_commit(
+        repo_id=repo_id,
+        operations=operations,
+        commit_message=commit_message or f"Upload hf-efficiency {report.format} export",
+        token=token,
+    )

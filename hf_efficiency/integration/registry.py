@@ -10,7 +10,10 @@
    ``keep_compressed=True`` the call reads a GGUF file (``gguf_file=``) or a GPTQ / AWQ /
    compressed-tensors folder into our modules (`hf_efficiency.formats`) instead;
 3. routes ``push_to_hub`` of models carrying an `EfficiencyConfig` through
-   :func:`hf_efficiency.hub.push.push_to_hub` (adds our model card);
+   :func:`hf_efficiency.hub.push.push_to_hub` (adds our model card; ``export_format=`` uploads an export),
+   and adds ``export_format=`` (with ``lossy=``, ``tokenizer=``, ``export_options=``) to
+   ``save_pretrained``: it then writes the format with :func:`hf_efficiency.export.export_model` and
+   returns its `ExportReport`;
 4. registers `StudentEnsembleConfig` / `StudentEnsemble` with ``AutoConfig`` and
    ``AutoModelForCausalLM`` (model_type ``hf_efficiency_student_ensemble``), so a saved ensemble loads
    with ``AutoModelForCausalLM.from_pretrained``;
@@ -111,6 +114,37 @@ def _patch_push_to_hub() -> None:
 
     setattr(push_to_hub, _PATCH_MARK, original)
     PreTrainedModel.push_to_hub = push_to_hub
+
+
+def _patch_save_pretrained() -> None:
+    from transformers import PreTrainedModel
+
+    current = PreTrainedModel.__dict__["save_pretrained"]
+    original = getattr(current, _PATCH_MARK, current)
+
+    @functools.wraps(original)
+    def save_pretrained(self, save_directory, *args: Any, export_format: str | None = None, **kwargs: Any):
+        if export_format is None:
+            for key in ("lossy", "tokenizer", "export_options"):
+                if key in kwargs:
+                    raise TypeError(f"save_pretrained(): {key}= applies with export_format= only")
+            return original(self, save_directory, *args, **kwargs)
+        from ..export import export_model
+
+        if args:
+            raise TypeError("save_pretrained(..., export_format=...) takes its options as keywords")
+        options = dict(kwargs.pop("export_options", None) or {})
+        allowed = {"lossy", "tokenizer", "dtype", "max_shard_size"}
+        unknown = sorted(set(kwargs) - allowed)
+        if unknown:
+            raise TypeError(
+                f"save_pretrained(..., export_format={export_format!r}) got unexpected keyword argument(s) "
+                f"{', '.join(unknown)}; allowed: {', '.join(sorted(allowed | {'export_options'}))}"
+            )
+        return export_model(self, save_directory, export_format, **kwargs, **options)
+
+    setattr(save_pretrained, _PATCH_MARK, original)
+    PreTrainedModel.save_pretrained = save_pretrained
 
 
 def _register_student_ensemble() -> None:
@@ -282,6 +316,7 @@ def register() -> None:
     _register_student_ensemble()
     _patch_from_pretrained()
     _patch_push_to_hub()
+    _patch_save_pretrained()
     _patch_generate()
     _register_attention()
     _patch_peft()
