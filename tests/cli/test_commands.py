@@ -19,7 +19,7 @@ def _subcommands(parser):
 
 
 def test_table_lists_every_command_and_the_parser_follows_it():
-    assert list(COMMANDS) == ["quantize", "convert", "eval", "estimate", "distill", "generate"]
+    assert list(COMMANDS) == ["quantize", "convert", "export", "eval", "estimate", "distill", "generate"]
     sub = _subcommands(build_parser())
     assert list(sub) == list(COMMANDS)
     for name, command in COMMANDS.items():
