@@ -44,7 +44,8 @@ seconds = time.perf_counter() - start
 layer_bytes = params = 0
 for m in model.model.layers.modules():
     if isinstance(m, QuantLinear):
-        layer_bytes += sum(t.numel() * t.element_size() for t in (m.weight, m.weight_scale, m.weight_min) if t is not None)
+        tensors = (m.weight, m.weight_scale, m.weight_min, getattr(m, "weight_zero", None))
+        layer_bytes += sum(t.numel() * t.element_size() for t in tensors if t is not None)
         params += m.in_features * m.out_features
     elif isinstance(m, torch.nn.Linear):
         layer_bytes += m.weight.numel() * m.weight.element_size()

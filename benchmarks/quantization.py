@@ -90,6 +90,7 @@ def predicted_bytes(model: torch.nn.Module) -> int:
         if isinstance(m, QuantLinear):
             total += m.in_features * m.out_features * m.bits // 8
             total += m.weight_scale.numel() * m.weight_scale.element_size() * (1 if m.weight_min is None else 2)
+            total += m.weight_zero.numel() if getattr(m, "weight_zero", None) is not None else 0  # uint8 zero points
             total += m.out_features * m.outliers * (m.weight_outlier_index.element_size() + 2 if m.outliers else 0)
             total += 4 if m.input_scale is not None else 0
     return total

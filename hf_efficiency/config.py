@@ -24,8 +24,9 @@ from .constants import KV_BITS, QUANT_BITS, QUANT_METHOD, SCALE_DTYPES, STORAGE_
 #: Version of the on-disk format written by this installation. Bumped on incompatible changes:
 #: 2 added methods hqq/awq/gptq, outliers, mixed precision and int8 activations; 3 added
 #: ``quantization.module_formats`` (5/6-bit codes, any group size, per-module scale dtype, act-order
-#: ``weight_perm``), written by the community-format readers (GGUF, GPTQ, AWQ, compressed-tensors).
-FORMAT_VERSION = 3
+#: ``weight_perm``), written by the community-format readers (GGUF, GPTQ, AWQ, compressed-tensors); 4 added
+#: ``quantization.zero_point`` (integer zero points, the uint8 ``weight_zero`` tensor).
+FORMAT_VERSION = 4
 
 
 def _fail(section: str, key: str, value: Any, allowed: str) -> None:
@@ -81,6 +82,12 @@ class QuantizationSpec(Section):
             a partial group (576 = 4 x 128 + 64): it is stored and computed exactly.
         symmetric: absmax scaling with an implicit zero point (``True``) or a scale and a
             stored minimum per group (``False``). ``hqq`` is asymmetric only.
+        zero_point: how an asymmetric group stores its offset: ``"float"`` (default; a float minimum
+            ``m`` in ``scale_dtype``, ``w = u * s + m``) or ``"integer"`` (an integer zero point ``z`` in
+            ``[0, 2**bits - 1]`` stored as uint8, ``w = (u - z) * s``: the grid of GPTQ, AWQ,
+            compressed-tensors and vLLM's kernels, so the model exports to them exactly, and 8 instead of
+            16 bits per group). Every method supports both. Only meaningful with ``symmetric=False``;
+            ``zero_point="integer"`` with ``symmetric=True`` raises.
         clip: ``"none"`` (use the full range; default) or ``"mse"`` (search a shrink ratio of the
             range per group that minimizes the squared weight reconstruction error; for ``gptq``
             it applies when each group's parameters are fitted). ``awq`` has its own output-aware
@@ -111,8 +118,9 @@ class QuantizationSpec(Section):
             ``awq_grid``, ``hqq_iters``, ...) still load: the selected method's are moved into its
             options, another method's are checked and dropped (they never had an effect).
         module_formats: storage format of individual modules, by full module name: ``{name: {"bits",
-            "group_size", "symmetric", "scale_dtype", "act_order"}}`` (missing keys take the
-            section's values; ``act_order`` defaults to ``False``). Written by the readers of community
+            "group_size", "symmetric", "scale_dtype", "act_order", "zero_point"}}`` (missing keys take the
+            section's values; ``act_order`` defaults to ``False``, ``zero_point`` to the section's for an
+            asymmetric module and to ``"float"`` for a symmetric one). Written by the readers of community
             checkpoints (GGUF, GPTQ, AWQ, compressed-tensors), whose files mix formats per tensor and use
             widths (5, 6 bits) and group sizes (16) the algorithms here do not produce.
     """
@@ -125,6 +133,7 @@ class QuantizationSpec(Section):
     bits: int = 4
     group_size: int | None = 128
     symmetric: bool = False
+    zero_point: str = "float"
     clip: str = "none"
     clip_grid: int = 20
     clip_max_shrink: float = 0.5
@@ -137,7 +146,15 @@ class QuantizationSpec(Section):
     options: Any = None
     module_formats: dict[str, dict[str, Any]] | None = None
 
-    FORMAT_KEYS: ClassVar[tuple[str, ...]] = ("bits", "group_size", "symmetric", "scale_dtype", "act_order")
+    FORMAT_KEYS: ClassVar[tuple[str, ...]] = (
+        "bits",
+        "group_size",
+        "symmetric",
+        "scale_dtype",
+        "act_order",
+        "zero_point",
+    )
+    ZERO_POINTS: ClassVar[tuple[str, ...]] = ("float", "integer")
     STORAGE_BITS: ClassVar[tuple[int, ...]] = STORAGE_BITS
 
     def validate(self) -> None:
@@ -181,6 +198,16 @@ class QuantizationSpec(Section):
                 "symmetric",
                 self.symmetric,
                 f"False ({self.method} optimizes a zero point, so it is asymmetric only)",
+            )
+        if self.zero_point not in self.ZERO_POINTS:
+            _fail(s, "zero_point", self.zero_point, ", ".join(self.ZERO_POINTS))
+        if self.symmetric and self.zero_point == "integer":
+            _fail(
+                s,
+                "zero_point",
+                self.zero_point,
+                "'float' with symmetric=True (a symmetric grid has the implicit zero point 2**(bits-1); "
+                "integer zero points need symmetric=False)",
             )
         if self.clip not in self.CLIPS:
             _fail(s, "clip", self.clip, ", ".join(self.CLIPS))
@@ -301,6 +328,8 @@ class QuantizationSpec(Section):
         if unknown:
             _fail(self.section_name, key, fmt, "a dict with keys " + ", ".join(self.FORMAT_KEYS))
         out = {k: fmt.get(k, getattr(self, k, False)) for k in self.FORMAT_KEYS}
+        if "zero_point" not in fmt and out["symmetric"] is True:
+            out["zero_point"] = "float"
         if isinstance(out["bits"], bool) or out["bits"] not in self.STORAGE_BITS:
             _fail(self.section_name, f"{key}.bits", out["bits"], ", ".join(map(str, self.STORAGE_BITS)))
         g = out["group_size"]
@@ -313,6 +342,10 @@ class QuantizationSpec(Section):
                 _fail(self.section_name, f"{key}.{flag}", out[flag], "True, False")
         if out["scale_dtype"] not in SCALE_DTYPES:
             _fail(self.section_name, f"{key}.scale_dtype", out["scale_dtype"], ", ".join(SCALE_DTYPES))
+        if out["zero_point"] not in self.ZERO_POINTS:
+            _fail(self.section_name, f"{key}.zero_point", out["zero_point"], ", ".join(self.ZERO_POINTS))
+        if out["symmetric"] and out["zero_point"] == "integer":
+            _fail(self.section_name, f"{key}.zero_point", out["zero_point"], "'float' with symmetric=True")
         return out
 
     def format_of(self, name: str) -> dict[str, Any]:
@@ -328,6 +361,7 @@ class QuantizationSpec(Section):
             "symmetric": self.symmetric,
             "scale_dtype": self.scale_dtype,
             "act_order": False,
+            "zero_point": self.zero_point,
         }
 
     @property

@@ -22,6 +22,7 @@ def test_defaults_and_round_trip_through_dict_and_json():
             "bits": 4,
             "group_size": 128,
             "symmetric": False,
+            "zero_point": "float",
             "clip": "mse",
             "clip_grid": 20,
             "clip_max_shrink": 0.5,
@@ -174,6 +175,7 @@ def test_module_formats_are_validated_completed_and_round_trip():
         "symmetric": False,
         "scale_dtype": "float16",
         "act_order": True,
+        "zero_point": "float",
     }  # missing keys take the section's values
     assert spec.format_of("model.layers.1.mlp.up_proj") == {
         "bits": 4,
@@ -181,6 +183,7 @@ def test_module_formats_are_validated_completed_and_round_trip():
         "symmetric": False,
         "scale_dtype": "float16",
         "act_order": False,
+        "zero_point": "float",
     }
     cfg = EfficiencyConfig(quantization=spec)
     assert EfficiencyConfig(**json.loads(cfg.to_json_string())) == cfg

@@ -32,6 +32,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sym.add_argument("--symmetric", dest="symmetric", action="store_true", help="absmax scales, no stored minimum")
     sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="scale + minimum (default)")
     p.set_defaults(symmetric=False)
+    p.add_argument(
+        "--zero-point",
+        choices=("float", "integer"),
+        default="float",
+        help="asymmetric schemes: a float minimum per group (default) or an integer zero point (the "
+        "GPTQ/AWQ/compressed-tensors grid: exports to those formats exactly)",
+    )
     p.add_argument("--clip", default="none", help="clip search: none or mse (default: none; see README)")
     p.add_argument("--scale-dtype", default="float16", help="float16, bfloat16 or float32 (default: float16)")
     p.add_argument(
@@ -91,6 +98,7 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "bits": args.bits,
         "group_size": args.group_size,
         "symmetric": args.symmetric or args.activations is not None,
+        "zero_point": args.zero_point,
         "clip": args.clip,
         "scale_dtype": args.scale_dtype,
         "modules_to_not_convert": args.skip,

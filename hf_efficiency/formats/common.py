@@ -4,9 +4,9 @@ against the model they are meant for, and building the model through transformer
 A reader turns a foreign checkpoint into
 
 * ``state_dict``: our checkpoint keys (``<module>.weight`` packed int32, ``weight_scale``,
-  ``weight_min``, ``weight_perm``; float tensors under transformers' names), and
-* ``formats``: ``{module name: {"bits", "group_size", "symmetric", "scale_dtype", "act_order"}}`` for
-  every linear it stores quantized,
+  ``weight_min`` or uint8 ``weight_zero``, ``weight_perm``; float tensors under transformers' names), and
+* ``formats``: ``{module name: {"bits", "group_size", "symmetric", "scale_dtype", "act_order",
+  "zero_point"}}`` for every linear it stores quantized,
 
 and :func:`load_model` builds the model from them with ``from_pretrained(None, config=...,
 state_dict=...)``: our quantizer then sees a pre-quantized checkpoint, so the model is exactly what
@@ -31,7 +31,15 @@ from .safetensors_header import CheckpointError
 logger = logging.get_logger(__name__)
 
 #: `QuantLinear` tensors whose dtype is part of the format (floats such as the bias are cast on load)
-PACKED_TENSORS = ("weight", "weight_scale", "weight_min", "weight_perm", "weight_outlier_index", "weight_outlier_value")
+PACKED_TENSORS = (
+    "weight",
+    "weight_scale",
+    "weight_min",
+    "weight_zero",
+    "weight_perm",
+    "weight_outlier_index",
+    "weight_outlier_value",
+)
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 
@@ -47,6 +55,7 @@ def format_of(q: QuantizedWeight, symmetric: bool) -> dict[str, Any]:
         "symmetric": symmetric,
         "scale_dtype": _DTYPE_NAMES[q.scale.dtype],
         "act_order": q.perm is not None,
+        "zero_point": "integer" if q.zero is not None else "float",
     }
 
 
@@ -55,6 +64,8 @@ def quantized_tensors(module_name: str, q: QuantizedWeight) -> dict[str, torch.T
     out = {f"{module_name}.weight": q.packed, f"{module_name}.weight_scale": q.scale}
     if q.minimum is not None:
         out[f"{module_name}.weight_min"] = q.minimum
+    if q.zero is not None:
+        out[f"{module_name}.weight_zero"] = q.zero.to(torch.uint8)
     if q.perm is not None:
         out[f"{module_name}.weight_perm"] = q.perm.to(torch.int32)
     return out
@@ -73,6 +84,7 @@ def efficiency_config_for(formats: dict[str, dict[str, Any]], float_linears: lis
         "bits": bits,
         "group_size": common["group_size"] if _plain_group(common["group_size"]) else 128,
         "symmetric": common["symmetric"],
+        "zero_point": common.get("zero_point", "float"),
         "scale_dtype": common["scale_dtype"],
         "modules_to_not_convert": sorted(float_linears),
     }

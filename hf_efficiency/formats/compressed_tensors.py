@@ -25,10 +25,10 @@ compressed-tensors 0.20.1 (``compressors/pack_quantized/{base,helpers}.py``,
   input feature, read as GPTQ's ``g_idx`` (our ``weight_perm``).
 
 Exactness and storage are as for GPTQ (see :mod:`.gptq`): symmetric schemes keep their scales
-(``b + 16/g`` bits per weight with 16-bit scales); asymmetric ones get ``minimum = -zero*scale``
-(exact with 16-bit scales, in float32 unless it is exact in the scale dtype). compressed-tensors'
-own decompression computes ``(q - z) * scale`` in the scale dtype, i.e. our float32 weight
-rounded to it.
+(``b + 16/g`` bits per weight with 16-bit scales); asymmetric ones keep their integer zero points
+(``zero_point="integer"``: uint8 zeros, scales unchanged, ``b + 24/g`` bits per weight with 16-bit
+scales; our float32 dequantization is exactly ``(q - z) * scale``). compressed-tensors' own
+decompression computes ``(q - z) * scale`` in the scale dtype, i.e. our float32 weight rounded to it.
 
 Not read (`FormatError` naming the format or feature): ``float-quantized`` (FP8),
 ``nvfp4/mxfp4/mxfp6/mxfp8`` formats, ``marlin-24`` and sparse formats, ``dense`` (fake-quantized

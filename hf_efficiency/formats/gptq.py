@@ -11,7 +11,7 @@ GPTQ (AutoGPTQ, GPTQModel, optimum; ``checkpoint_format`` / ``format`` ``"gptq"`
   codes straddle words): for ``in % 32 == 0`` it is exactly our ``packed`` transposed.
 * ``qzeros`` int32 ``[G, out*bits/32]``: the zero points packed the same way along the output
   dimension. ``"gptq"`` (v1) stores ``zero - 1``; ``"gptq_v2"`` stores ``zero``. A v1 stored value
-  of ``2**bits - 1`` means a zero of ``2**bits`` (kept as is: our minimum is a float).
+  of ``2**bits - 1`` means a zero of ``2**bits`` (kept exactly as a float minimum, see below).
 * ``scales`` ``[G, out]`` (float16), ``g_idx`` int32 ``[in]``: the group of each input feature.
   With act-order (``desc_act``) it is not monotone; the columns sorted (stably) by ``g_idx``
   become our ``weight_perm`` (every group must then hold ``group_size`` consecutive columns).
@@ -37,12 +37,15 @@ Exactness and storage
 ---------------------
 When every zero equals ``2**(bits-1)`` (GPTQ ``sym=True``) the module is stored SYMMETRIC with the
 float16 scales unchanged: ``(u - 2**(bits-1)) * scale`` is exactly the reference, at ``bits +
-16/group_size`` bits per weight. Otherwise it is stored asymmetric with ``minimum = -zero * scale``
-computed in float32 (exact for 16-bit scales: the product has at most 20 significant bits); when
-every minimum is also exactly representable in the scales' own dtype both stay in it, else scale
-and minimum are stored in float32: ``bits + 64/group_size`` bits per weight (4.5 instead of the
-checkpoint's 4.16 for 4-bit, group 128). Dequantization (float32) then reproduces
-``scale * (q - zero)`` exactly.
+16/group_size`` bits per weight. Otherwise, when every zero lies in ``[0, 2**bits - 1]`` (always for
+GPTQ v2, AWQ and compressed-tensors), it is stored with INTEGER ZERO POINTS (``zero_point="integer"``):
+the uint8 zeros and the scales unchanged, ``bits + 24/group_size`` bits per weight (4.19 for 4-bit,
+group 128, against the checkpoint's 4.16 with its zeros packed to 4 bits), and the float32
+dequantization ``u * scale + (-zero * scale)`` is exactly ``scale * (q - zero)`` for 16-bit scales. Only a
+GPTQ v1 zero of ``2**bits`` (stored value ``2**bits - 1``, plus one) falls outside: such a module is
+stored asymmetric with ``minimum = -zero * scale`` computed in float32 (exact for 16-bit scales: the
+product has at most 20 significant bits), in the scales' own dtype when every minimum is exact in it,
+else scale and minimum in float32 (``bits + 64/group_size`` bits per weight).
 """
 
 from __future__ import annotations
@@ -119,7 +122,8 @@ def exact_weight(
     our packed words, already in stored order); ``zeros``: integer zero points ``[out, G]`` (``None``:
     ``2**(bits-1)``); ``scale`` ``[out, G]``; ``perm``: act-order permutation (stored column ``j`` is
     feature ``perm[j]``). Symmetric when every zero is ``2**(bits-1)`` (scale kept as is); otherwise
-    ``minimum = -zero*scale`` in float32, kept in the scale's dtype when exactly representable.
+    integer zero points (uint8 ``zero``, scale kept as is) when every zero is in ``[0, 2**bits - 1]``;
+    otherwise ``minimum = -zero*scale`` in float32, kept in the scale's dtype when exactly representable.
     """
     if packed is None:
         if perm is not None:
@@ -129,6 +133,9 @@ def exact_weight(
     scale = scale.contiguous()
     if zeros is None or bool((zeros == half).all()):
         return QuantizedWeight(packed, scale, None, bits, group_size, in_features, perm=perm), True
+    if bool(((zeros >= 0) & (zeros <= 2**bits - 1)).all()):
+        zero = zeros.to(torch.uint8).contiguous()
+        return QuantizedWeight(packed, scale, None, bits, group_size, in_features, perm=perm, zero=zero), False
     s32 = scale.float()
     m32 = -(zeros.to(torch.float32) * s32)
     if scale.dtype != torch.float32 and torch.equal(m32.to(scale.dtype).float(), m32):

@@ -185,7 +185,8 @@ def render_model_card(
     if spec is not None:
         how = describe_method(cfg)
         per = "output channel" if spec.group_size is None else f"{spec.group_size} input weights"
-        layout = f"one {spec.scale_dtype} scale{'' if spec.symmetric else ' and minimum'} per {per}"
+        offset = "" if spec.symmetric else (" and uint8 zero point" if spec.zero_point == "integer" else " and minimum")
+        layout = f"one {spec.scale_dtype} scale{offset} per {per}"
     else:
         how, layout = "applying its `EfficiencyConfig` (no weight quantization)", "no scales"
     bpw = stats["bits_per_weight"]

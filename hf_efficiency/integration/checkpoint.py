@@ -17,7 +17,13 @@ from ..quant.modules.linear import QuantLinear
 
 __all__ = ["CheckpointError", "expected_tensors", "read_header", "validate_checkpoint"]
 
-_DTYPE_NAMES = {"torch.int32": "I32", "torch.float16": "F16", "torch.bfloat16": "BF16", "torch.float32": "F32"}
+_DTYPE_NAMES = {
+    "torch.int32": "I32",
+    "torch.uint8": "U8",
+    "torch.float16": "F16",
+    "torch.bfloat16": "BF16",
+    "torch.float32": "F32",
+}
 
 
 def expected_tensors(model: nn.Module) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -25,7 +31,7 @@ def expected_tensors(model: nn.Module) -> dict[str, tuple[str, tuple[int, ...]]]
     out: dict[str, tuple[str, tuple[int, ...]]] = {}
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
-            for attr in ("weight", "weight_scale", "weight_min", "weight_perm"):
+            for attr in ("weight", "weight_scale", "weight_min", "weight_zero", "weight_perm"):
                 t = getattr(module, attr)
                 if t is not None:
                     out[f"{name}.{attr}"] = (_DTYPE_NAMES.get(str(t.dtype), str(t.dtype)), tuple(t.shape))

@@ -45,6 +45,8 @@ class QuantizeOp(ConversionOps):
         out = {full_layer_name: q.packed, f"{prefix}.weight_scale": q.scale}
         if q.minimum is not None:
             out[f"{prefix}.weight_min"] = q.minimum
+        if q.zero is not None:
+            out[f"{prefix}.weight_zero"] = q.zero
         if q.outlier_index is not None:
             out[f"{prefix}.weight_outlier_index"] = q.outlier_index
             out[f"{prefix}.weight_outlier_value"] = q.outlier_value

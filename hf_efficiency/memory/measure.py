@@ -144,6 +144,8 @@ def _fill_random(model: nn.Module) -> None:
                 m.weight_scale.fill_(1e-3)
                 if m.weight_min is not None:
                     m.weight_min.fill_(-8e-3)
+                if getattr(m, "weight_zero", None) is not None:
+                    m.weight_zero.fill_(2 ** (m.bits - 1))
                 if m.bias is not None:
                     m.bias.zero_()
                 if m.weight_outlier_index is not None:

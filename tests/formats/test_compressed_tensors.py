@@ -202,9 +202,10 @@ def test_pack_quantized_group_is_exact(tmp_path, bits, symmetric):
             assert torch.equal(m.weight, tensors[f"{name}.weight_packed"])
             assert m.weight_scale.dtype == torch.bfloat16
             assert m.storage_bits_per_weight == pytest.approx(bits + 16 / 32)
-        else:
-            assert m.weight_scale.dtype == torch.float32
-            assert m.storage_bits_per_weight == pytest.approx(bits + 64 / 32)
+        else:  # integer zero points: uint8 zeros beside the bf16 scales, (q - z) * scale exactly
+            assert m.zero_point == "integer" and m.weight_min is None and m.weight_zero.dtype == torch.uint8
+            assert m.weight_scale.dtype == torch.bfloat16
+            assert m.storage_bits_per_weight == pytest.approx(bits + (16 + 8) / 32)
     assert not isinstance(model.lm_head, QuantLinear)
     if bits == 4 and not symmetric:
         model.save_pretrained(tmp_path / "saved")

@@ -17,9 +17,10 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import hf_efficiency  # noqa: F401  (registers our quantizer)
-from hf_efficiency.formats.common import FormatError
+from hf_efficiency.formats.common import FormatError, format_of
 from hf_efficiency.formats.folders import detect_folder_format, load_folder
 from hf_efficiency.formats.gptq import AWQ_ORDER, exact_weight
+from hf_efficiency.quant.core.packing import unpack
 from hf_efficiency.quant.modules.linear import QuantLinear
 
 LINEARS = (
@@ -261,12 +262,24 @@ def test_gptq_asymmetric_zeros_v1_and_v2(tmp_path, fmt):
     path, tensors, weights, _ = gptq_folder(tmp_path / fmt, config, bits=4, group_size=32, sym=False, fmt=fmt)
     model = load_folder(path)
     assert_matches_reference(model, config, tensors, weights)
+    kinds = set()
     for name in weights:
         m = model.get_submodule(name)
         assert (m.bits, m.group_size, m.symmetric) == (4, 32, False)
-        # minimum = -zero*scale is not exact in float16: scale and minimum in float32
-        assert m.weight_scale.dtype == torch.float32 and m.weight_min.dtype == torch.float32
-        assert m.storage_bits_per_weight == pytest.approx(4 + 64 / 32)
+        zeros = unpack(tensors[f"{name}.qzeros"], 4, m.out_features) + (1 if fmt == "gptq" else 0)
+        if int(zeros.max()) <= 15:  # every zero fits 4 bits: integer zero points, float16 scales kept
+            assert m.zero_point == "integer" and m.weight_min is None and m.weight_zero.dtype == torch.uint8
+            assert torch.equal(m.weight_zero, zeros.t().to(torch.uint8))
+            assert m.weight_scale.dtype == torch.float16
+            assert m.storage_bits_per_weight == pytest.approx(4 + (16 + 8) / 32)
+        else:  # a v1 zero of 16: minimum = -zero*scale, not exact in float16: scale and minimum in float32
+            assert m.zero_point == "float" and m.weight_zero is None
+            assert m.weight_scale.dtype == torch.float32 and m.weight_min.dtype == torch.float32
+            assert m.storage_bits_per_weight == pytest.approx(4 + 64 / 32)
+        kinds.add(m.zero_point)
+    assert kinds == ({"integer"} if fmt == "gptq_v2" else {"float"})  # v1 zeros in [1, 16]: a 16 per module
+    formats = model.config.quantization_config.quantization
+    assert formats.zero_point == ("integer" if fmt == "gptq_v2" else "float")
 
 
 def test_gptq_act_order_3bit_v2_sharded_with_bias_and_save_reload(tmp_path):
@@ -280,7 +293,8 @@ def test_gptq_act_order_3bit_v2_sharded_with_bias_and_save_reload(tmp_path):
         m = model.get_submodule(name)
         assert m.weight_perm is not None
         assert torch.equal(g_idx[m.weight_perm.long()], torch.arange(m.in_features) // 32)  # groups contiguous
-        assert m.storage_bits_per_weight == pytest.approx(3 + 64 / 32 + 32 / m.out_features)
+        assert m.zero_point == "integer" and m.weight_scale.dtype == torch.float16
+        assert m.storage_bits_per_weight == pytest.approx(3 + (16 + 8) / 32 + 32 / m.out_features)
     out = tmp_path / "saved"
     assert model.get_submodule("model.layers.0.self_attn.q_proj").bias is not None
     assert model.get_submodule("model.layers.0.mlp.up_proj").bias is None  # zero bias dropped
@@ -344,6 +358,18 @@ def test_exact_weight_keeps_16bit_scales_when_the_minimum_is_exact():
     assert torch.equal(q.dequantize(), want)
 
 
+def test_exact_weight_stores_integer_zero_points_when_they_fit():
+    scale = (torch.rand(2, 2, generator=torch.Generator().manual_seed(1)) * 0.02 + 1e-3).to(torch.bfloat16)
+    zeros = torch.tensor([[0, 15], [7, 3]])
+    codes = torch.randint(0, 16, (2, 64), generator=torch.Generator().manual_seed(0))
+    q, sym = exact_weight(codes, zeros, scale, 4, 32, 64)
+    assert not sym and q.minimum is None and q.zero.dtype == torch.uint8 and torch.equal(q.zero, zeros.to(torch.uint8))
+    assert q.scale.dtype == torch.bfloat16 and torch.equal(q.scale, scale)
+    want = (codes.float() - zeros.float().repeat_interleave(32, 1)) * scale.float().repeat_interleave(32, 1)
+    assert torch.equal(q.dequantize(), want)
+    assert format_of(q, sym)["zero_point"] == "integer"
+
+
 # ----------------------------------------------------------------------------- AWQ
 
 
@@ -405,7 +431,8 @@ def test_awq_gemm_and_gemv_are_exact(tmp_path, version):
     for name in weights:
         m = model.get_submodule(name)
         assert (m.bits, m.group_size, m.symmetric) == (4, 32, name in sym)
-        assert m.storage_bits_per_weight == pytest.approx(4 + (16 if name in sym else 64) / 32)
+        assert m.zero_point == ("float" if name in sym else "integer")
+        assert m.storage_bits_per_weight == pytest.approx(4 + (16 if name in sym else 24) / 32)
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied output stays float and tied
     if version == "gemm":
         out = tmp_path / "saved"

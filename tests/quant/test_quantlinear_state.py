@@ -33,8 +33,11 @@ def built():
     assert cpu_kernel.extension() is not None, cpu_kernel.unavailable_reason()  # CI machines are x86-64 + AVX2
 
 
-def _random_quantized(bits, group, sym, n, *, outliers=0, act_order=False, scale_dtype=torch.float16, seed=0):
+def _random_quantized(
+    bits, group, sym, n, *, outliers=0, act_order=False, scale_dtype=torch.float16, seed=0, zero_point="float"
+):
     g = torch.Generator().manual_seed(seed)
+    integer = not sym and zero_point == "integer"
     groups = num_groups(n, group)
     index = value = perm = None
     if outliers:
@@ -45,17 +48,30 @@ def _random_quantized(bits, group, sym, n, *, outliers=0, act_order=False, scale
     return QuantizedWeight(
         packed=pack(torch.randint(0, 2**bits, (OUT, n), generator=g), bits),
         scale=(torch.rand(OUT, groups, generator=g) * 0.02 + 1e-3).to(scale_dtype),
-        minimum=None if sym else (torch.randn(OUT, groups, generator=g) * 0.05).to(scale_dtype),
+        minimum=None if sym or integer else (torch.randn(OUT, groups, generator=g) * 0.05).to(scale_dtype),
         bits=bits,
         group_size=group,
         in_features=n,
         outlier_index=index,
         outlier_value=value,
         perm=perm,
+        zero=torch.randint(0, 2**bits, (OUT, groups), generator=g).to(torch.uint8) if integer else None,
     )
 
 
-def _module(bits, group, sym, n, *, bias=True, outliers=0, act_order=False, scale_dtype=torch.float16, seed=0):
+def _module(
+    bits,
+    group,
+    sym,
+    n,
+    *,
+    bias=True,
+    outliers=0,
+    act_order=False,
+    scale_dtype=torch.float16,
+    seed=0,
+    zero_point="float",
+):
     m = QuantLinear(
         n,
         OUT,
@@ -66,10 +82,19 @@ def _module(bits, group, sym, n, *, bias=True, outliers=0, act_order=False, scal
         scale_dtype=scale_dtype,
         outliers=outliers,
         act_order=act_order,
+        zero_point=zero_point,
     )
     m.load_quantized(
         _random_quantized(
-            bits, group, sym, n, outliers=outliers, act_order=act_order, scale_dtype=scale_dtype, seed=seed
+            bits,
+            group,
+            sym,
+            n,
+            outliers=outliers,
+            act_order=act_order,
+            scale_dtype=scale_dtype,
+            seed=seed,
+            zero_point=zero_point,
         )
     )
     if bias:
@@ -138,6 +163,22 @@ CASES = {  # name: (bits, group, symmetric, in_features, keyword arguments of _m
     "4bit-g32-asym-act-order": (4, 32, False, 96, {"act_order": True}),
     "4bit-g32-asym-outliers": (4, 32, False, 96, {"outliers": 2}),
     "5bit-g32-sym-outliers": (5, 32, True, 64, {"outliers": 1}),
+    "4bit-g32-int-zero": (4, 32, False, 96, {"zero_point": "integer"}),
+    "3bit-g64-int-zero-repacked": (3, 64, False, 128, {"zero_point": "integer"}),
+    "8bit-channel-int-zero-bf16-padded": (
+        8,
+        None,
+        False,
+        100,
+        {"zero_point": "integer", "scale_dtype": torch.bfloat16},
+    ),
+    "4bit-g32-int-zero-act-order-outliers": (
+        4,
+        32,
+        False,
+        96,
+        {"zero_point": "integer", "act_order": True, "outliers": 1},
+    ),
 }
 
 
@@ -156,7 +197,15 @@ def test_every_case_matches_the_reference(case):
 
 def test_replace_tensors_one_at_a_time(case):
     m, other = case(), case(seed=5)
-    for name in ("weight", "weight_scale", "weight_min", "weight_outlier_value", "weight_outlier_index", "bias"):
+    for name in (
+        "weight",
+        "weight_scale",
+        "weight_min",
+        "weight_zero",
+        "weight_outlier_value",
+        "weight_outlier_index",
+        "bias",
+    ):
         if getattr(m, name) is not None:
             assert mutated(m, lambda m, name=name: m.replace_tensors(**{name: getattr(other, name)})), name
             assert torch.equal(getattr(m, name), getattr(other, name))
@@ -184,6 +233,7 @@ def test_load_quantized_and_load_state_dict(case):
         act_order=m.weight_perm is not None,
         scale_dtype=m.weight_scale.dtype,
         seed=7,
+        zero_point=m.zero_point,
     )
     assert mutated(m, lambda m: m.load_quantized(q))
     assert mutated(m, lambda m: m.load_state_dict(other.state_dict()))  # copies in place
@@ -204,6 +254,7 @@ def test_dtype_moves_and_storage_dtypes(case):
     assert m.weight_scale.dtype == torch.float32
     dtypes = m.storage_dtypes()
     assert "bias" not in dtypes and dtypes["weight"] == torch.int32
+    assert dtypes.get("weight_zero", torch.uint8) == torch.uint8  # integer zero points stay uint8
     half = {name: torch.float16 for name in ("weight_scale", "weight_min") if name in dtypes}
     assert not mutated(m, lambda m: m.set_storage_dtypes(half))
     assert m.weight_scale.dtype == torch.float16
@@ -393,6 +444,15 @@ def test_bad_replacements_name_the_tensor_and_change_nothing():
     with pytest.raises(ValueError, match=r"weight_scale: values must be finite"):
         big.set_storage_dtypes({"weight_scale": torch.float16})
     assert big.weight_scale.dtype == torch.float32
+    integer = _module(4, 32, False, 96, zero_point="integer")
+    prime(integer)
+    with pytest.raises(ValueError, match=r"weight_zero: zero points must be integers in \[0, 15\] for 4-bit codes"):
+        integer.replace_tensors(weight_zero=torch.full((OUT, 3), 16, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"weight_zero: this QuantLinear has no such tensor"):
+        m.replace_tensors(weight_zero=torch.zeros(OUT, 3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"weight_min: this QuantLinear has no such tensor"):
+        integer.replace_tensors(weight_min=torch.zeros(OUT, 3).half())
+    assert integer.kernel_layout("cpu") is not None
     outl = _module(4, 32, False, 96, outliers=2)
     with pytest.raises(ValueError, match=r"weight_outlier_index: values must be column indices in \[0, 96\)"):
         outl.replace_tensors(weight_outlier_index=torch.full((OUT, 2), -1, dtype=torch.int16))

@@ -123,7 +123,7 @@ def fold_scales(producer: nn.Module, consumers: list[nn.Linear], s: torch.Tensor
 
 # --- the pipeline --------------------------------------------------------------------------
 def _fake_quant(spec: QuantizationSpec, bits: int, dtype: torch.dtype):
-    return lambda w: fake_quantize(w, bits, spec.group_size, spec.symmetric, dtype)
+    return lambda w: fake_quantize(w, bits, spec.group_size, spec.symmetric, dtype, spec.zero_point)
 
 
 def _sensitivity_bits(model, config, names, windows, spec, scale_dtype) -> dict[str, int]:

@@ -11,13 +11,27 @@ better than both, per group:
   the best iterate; it also tries a fresh min/max grid and keeps, per group, whichever reconstructs
   the target with the smaller squared error;
 * ``"rtn"`` is the plain fresh round-to-nearest grid, for comparison.
+
+A module with integer zero points (``zero_point="integer"``) keeps them: the refit works with the
+float32 minimum ``-zero * scale`` and snaps every refitted minimum to the nearest whole step
+(`snap_minimum`), so every candidate grid, and the stored result, has an integer zero point.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .scheme import QuantizedWeight, group_params, grouped, masked_range, pack_groups, reconstruct, round_codes
+from .scheme import (
+    QuantizedWeight,
+    check_zero_point,
+    group_params,
+    grouped,
+    masked_range,
+    pack_groups,
+    reconstruct,
+    round_codes,
+    snap_minimum,
+)
 
 REQUANTIZE_METHODS = ("refit", "rtn")
 
@@ -34,8 +48,10 @@ def _refit(
     minimum: torch.Tensor | None,
     bits: int,
     dtype: torch.dtype,
+    integer: bool = False,
 ):
-    """Least-squares scale (and minimum) per group ``[..., G, 1]`` for fixed ``codes``."""
+    """Least-squares scale (and minimum) per group ``[..., G, 1]`` for fixed ``codes``; ``integer``: the
+    minimum snapped to the nearest integer zero point of the new scale."""
     m = mask.float()
     count = m.sum(-1, keepdim=True).clamp_min(1.0)
     tiny = torch.finfo(dtype).tiny if dtype != torch.float16 else 2.0**-24
@@ -51,6 +67,8 @@ def _refit(
     cov = ((codes - c_mean) * (wg - t_mean) * m).sum(-1, keepdim=True)
     s = torch.where((var > 0) & (cov / var.clamp_min(1e-12) > tiny), cov / var.clamp_min(1e-12), scale)
     s = _stored(s, dtype)
+    if integer:
+        return s, snap_minimum(t_mean - s * c_mean, s, bits)
     return s, _stored(t_mean - s * c_mean, dtype)
 
 
@@ -66,14 +84,22 @@ def requantize_weight(
     exclude: torch.Tensor | None = None,
     method: str = "refit",
     iters: int = 8,
+    zero_point: str = "float",
+    zero: torch.Tensor | None = None,
 ) -> QuantizedWeight:
     """Quantize ``weight [out, in]`` with the given scheme, starting from the previous grid
-    (``scale``/``minimum`` ``[out, G]``) when ``method="refit"``. ``exclude`` (bool ``[out, in]``) marks
-    weights stored exactly elsewhere (outliers). Returns a `QuantizedWeight` without outliers."""
+    (``scale``/``minimum`` ``[out, G]``, or ``scale``/``zero`` for ``zero_point="integer"``) when
+    ``method="refit"``. ``exclude`` (bool ``[out, in]``) marks weights stored exactly elsewhere (outliers).
+    Returns a `QuantizedWeight` without outliers (with integer zero points for ``zero_point="integer"``)."""
     if method not in REQUANTIZE_METHODS:
         raise ValueError(f"method={method!r} is not allowed; allowed values: {', '.join(REQUANTIZE_METHODS)}")
-    if method == "refit" and scale is None:
-        raise ValueError("method='refit' needs the previous scale (and minimum for asymmetric schemes)")
+    check_zero_point(zero_point)
+    integer = not symmetric and zero_point == "integer"
+    if method == "refit" and (scale is None or (not symmetric and (zero if integer else minimum) is None)):
+        raise ValueError(
+            "method='refit' needs the previous scale (and minimum, or zero for integer zero points, for "
+            "asymmetric schemes)"
+        )
     w = weight.detach().float()
     out, n = w.shape
     wg, mask = grouped(w, group_size)
@@ -86,11 +112,16 @@ def requantize_weight(
         return (((reconstruct(round_codes(wg, s, m, bits), s, m, bits) - wg) ** 2) * fm).sum(-1, keepdim=True)
 
     wmin, wmax = masked_range(wg, mask)
-    best_s, best_m = group_params(wmin, wmax, bits, symmetric, scale_dtype)
+    best_s, best_m = group_params(wmin, wmax, bits, symmetric, scale_dtype, zero_point)
     best_err = error(best_s, best_m)
     if method == "refit":
         s = scale.float().unsqueeze(-1).to(w.device)
-        m = None if symmetric else minimum.float().unsqueeze(-1).to(w.device)
+        if symmetric:
+            m = None
+        elif integer:
+            m = -(zero.float().unsqueeze(-1).to(w.device) * s)
+        else:
+            m = minimum.float().unsqueeze(-1).to(w.device)
         for _ in range(iters + 1):
             err = error(s, m)
             better = err < best_err
@@ -98,13 +129,13 @@ def requantize_weight(
             best_s = torch.where(better, s, best_s)
             if m is not None:
                 best_m = torch.where(better, m, best_m)
-            s, m = _refit(wg, mask, round_codes(wg, s, m, bits), s, m, bits, scale_dtype)
-    return pack_groups(wg, best_s, best_m, bits, group_size, n, scale_dtype)
+            s, m = _refit(wg, mask, round_codes(wg, s, m, bits), s, m, bits, scale_dtype, integer)
+    return pack_groups(wg, best_s, best_m, bits, group_size, n, scale_dtype, zero_point)
 
 
 def requantize_linear(module, weight: torch.Tensor, method: str = "refit") -> None:
     """Store ``weight [out, in]`` (float) in the `QuantLinear` ``module`` with its own scheme: codes,
-    scales and minima re-fitted by `requantize_weight`; kept outliers stay at their positions and take
+    scales and minima (or integer zero points) re-fitted by `requantize_weight`; kept outliers stay at their positions and take
     the new weight's values there (exactly, in float16). An act-order module keeps its column order."""
     perm = module.weight_perm
     if perm is not None:  # quantize in stored column order, where the groups are
@@ -124,6 +155,8 @@ def requantize_linear(module, weight: torch.Tensor, method: str = "refit") -> No
         minimum=None if module.weight_min is None else module.weight_min.detach(),
         exclude=exclude,
         method=method,
+        zero_point=getattr(module, "zero_point", "float"),
+        zero=None if getattr(module, "weight_zero", None) is None else module.weight_zero.detach(),
     )
     if index is not None:
         q.outlier_index = index.detach().clone()

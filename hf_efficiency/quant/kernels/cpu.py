@@ -11,6 +11,11 @@ The kernel reads our packed words in place for 8-, 4- and 2-bit codes (no second
 weight); 3-bit codes are repacked to 4 bits and 5/6-bit codes to 8 bits once per module (held
 beside the module, not saved). Groups must be whole blocks of 32 codes (group sizes 32, 64, ...,
 or per channel); other modules keep the ``dequant`` path.
+
+The kernel computes asymmetric groups as ``u * scale + minimum``. For modules with integer zero points
+(``weight_zero``) the layout holds float32 copies of the scales and of the minima ``-zero * scale``
+(``8 * out * G`` bytes, dropped with the layout): for 16-bit scales ``u * scale + (-zero * scale)`` is
+exactly ``(u - zero) * scale``, and it is the reference float32 de-quantization's own operation.
 """
 
 from __future__ import annotations
@@ -129,8 +134,8 @@ class CpuLayout:
     offset: int
     group: int  # codes per group (a multiple of 32)
     padded_in: int  # in_features rounded up to 32
-    scale: torch.Tensor  # the module's own tensors (any change of them drops the cached layout)
-    minimum: torch.Tensor | None
+    scale: torch.Tensor  # the module's own tensors (any change of them drops the cached layout), or float32
+    minimum: torch.Tensor | None  # copies (scale, -zero * scale) for integer zero points
     perm: torch.Tensor | None  # int64 act-order permutation
     vector_bits: int
     gemm: object  # the extension's quant_gemm
@@ -160,6 +165,13 @@ def layout(module: QuantLinear) -> CpuLayout:
     q = words.contiguous().view(torch.uint8)
     offset = 2 ** (module.bits - 1) if module.symmetric else 0
     group = padded if module.group_size is None else module.group_size
+    zero = getattr(module, "weight_zero", None)
+    if zero is None:
+        scale = module.weight_scale.detach()
+        minimum = None if module.weight_min is None else module.weight_min.detach()
+    else:  # float32 copies: u * s + (-z * s), the reference float32 de-quantization
+        scale = module.weight_scale.detach().float().contiguous()
+        minimum = (-(zero.detach().float() * scale)).contiguous()
     return CpuLayout(
         q=q,
         copied=bits != module.bits,
@@ -167,8 +179,8 @@ def layout(module: QuantLinear) -> CpuLayout:
         offset=offset,
         group=group,
         padded_in=padded,
-        scale=module.weight_scale.detach(),
-        minimum=None if module.weight_min is None else module.weight_min.detach(),
+        scale=scale,
+        minimum=minimum,
         perm=None if module.weight_perm is None else module.weight_perm.detach().long(),
         vector_bits=vector_bits(),
         gemm=extension().quant_gemm,
@@ -176,9 +188,12 @@ def layout(module: QuantLinear) -> CpuLayout:
 
 
 def layout_bytes(module: QuantLinear) -> int:
-    """Bytes the kernel layout adds beside the module: a repacked copy for 3-, 5- and 6-bit codes."""
+    """Bytes the kernel layout adds beside the module: a repacked copy for 3-, 5- and 6-bit codes, and
+    float32 scales and minima for integer zero points."""
     bits = KERNEL_BITS.get(module.bits, module.bits)
-    return 0 if bits == module.bits else module.out_features * (-(-module.in_features // 32) * 32) * bits // 8
+    codes = 0 if bits == module.bits else module.out_features * (-(-module.in_features // 32) * 32) * bits // 8
+    zero = getattr(module, "weight_zero", None)
+    return codes + (0 if zero is None else 2 * 4 * zero.numel())
 
 
 def dequantize(module: QuantLinear, lay: CpuLayout) -> torch.Tensor:

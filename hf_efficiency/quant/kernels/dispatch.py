@@ -120,7 +120,15 @@ def dequantize_weight(module: "QuantLinear", dtype: torch.dtype) -> torch.Tensor
         w = cpu_kernel.dequantize(module, module.kernel_layout("cpu", lambda: cpu_kernel.layout(module)))
         return unpermute_columns(w, getattr(module, "weight_perm", None))
     codes = unpack(module.weight, module.bits, module.in_features)
-    w = dequantize_codes(codes, module.weight_scale, module.weight_min, module.bits, module.group_size, dtype)
+    w = dequantize_codes(
+        codes,
+        module.weight_scale,
+        module.weight_min,
+        module.bits,
+        module.group_size,
+        dtype,
+        zero=getattr(module, "weight_zero", None),
+    )
     w = unpermute_columns(w, getattr(module, "weight_perm", None))
     return apply_outliers(w, module.weight_outlier_index, module.weight_outlier_value)
 
@@ -140,9 +148,13 @@ def int8_kernel_layout(module: "QuantLinear", dtype: torch.dtype) -> tuple[torch
 
 
 def int4_scales_and_zeros(module: "QuantLinear", dtype: torch.dtype) -> torch.Tensor:
-    """tinygemm's ``[G, out, 2]`` (scale, zero) with ``w = (u - 8) * scale + zero``."""
+    """tinygemm's ``[G, out, 2]`` (scale, zero) with ``w = (u - 8) * scale + zero`` (integer zero points
+    ``z``: the minimum ``-z * scale``, so ``zero = (8 - z) * scale``)."""
     scale = module.weight_scale.float()
-    if module.weight_min is None:
+    weight_zero = getattr(module, "weight_zero", None)
+    if weight_zero is not None:
+        zero = -(weight_zero.float() * scale) + 8 * scale
+    elif module.weight_min is None:
         zero = torch.zeros_like(scale)
     else:
         zero = module.weight_min.float() + 8 * scale

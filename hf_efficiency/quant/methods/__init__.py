@@ -53,6 +53,7 @@ def weight_format(spec: Any, bits: int, scale_dtype: torch.dtype) -> WeightForma
         clip=spec.clip,
         clip_grid=spec.clip_grid,
         clip_max_shrink=spec.clip_max_shrink,
+        zero_point=getattr(spec, "zero_point", "float"),
     )
 
 

@@ -116,6 +116,8 @@ class WeightFormat:
     clip: str = "none"
     clip_grid: int = 20
     clip_max_shrink: float = 0.5
+    #: asymmetric grids: ``"float"`` (a float minimum per group) or ``"integer"`` (an integer zero point)
+    zero_point: str = "float"
 
 
 class LayerContext(Protocol):

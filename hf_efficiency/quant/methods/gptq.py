@@ -7,7 +7,9 @@ propagated into the not-yet-quantized columns through the upper Cholesky factor 
 eagerly, the rest lazily once per block (one matmul).
 
 Group parameters (scale, minimum) follow :mod:`hf_efficiency.quant.core.scheme` exactly: same min/max
-fit, same optional MSE shrink search, rounded to ``scale_dtype`` before codes are computed, and
+fit, same optional MSE shrink search, rounded to ``scale_dtype`` before codes are computed (with
+``zero_point="integer"`` the minimum is ``-zero * scale`` for an integer zero point, so the column sweep
+rounds on exactly the integer grid that is stored), and
 groups of ``group_size`` consecutive columns in the original column order (last group may be
 partial). Without act-order a group's parameters are fitted from the current, already
 error-updated weights when the sweep reaches its first column (standard GPTQ). With act-order the
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core.packing import SUPPORTED_BITS
-from ..core.scheme import QuantizedWeight, fit_group_params, grouped, num_groups, pack_groups
+from ..core.scheme import QuantizedWeight, check_zero_point, fit_group_params, grouped, num_groups, pack_groups
 from .base import MethodOptions, QuantMethod, boolean, float_open, option, positive_int
 
 logger = logging.getLogger(__name__)
@@ -92,6 +94,7 @@ def gptq_quantize(
     clip_grid: int = 20,
     clip_max_shrink: float = 0.5,
     exclude: torch.Tensor | None = None,
+    zero_point: str = "float",
 ) -> tuple[QuantizedWeight, torch.Tensor | None]:
     """Quantize ``weight [out, in]`` with GPTQ against ``hessian [in, in]`` (proportional to ``X^T X``).
 
@@ -111,6 +114,7 @@ def gptq_quantize(
         clip: ``"none"`` (min/max params) or ``"mse"`` (``scheme``'s shrink grid search per group).
         clip_grid, clip_max_shrink: the shrink grid for ``clip="mse"``.
         exclude: optional bool ``[out, in]``; True marks weights kept exactly elsewhere.
+        zero_point: asymmetric grids: ``"float"`` (stored minimum) or ``"integer"`` (uint8 zero point).
 
     Returns:
         ``(QuantizedWeight, kept)``. ``kept`` is ``None`` without ``exclude``; otherwise a float32
@@ -136,6 +140,7 @@ def gptq_quantize(
         raise ValueError(f"group_size={group_size!r} must be a positive int or None")
     if clip not in _CLIPS:
         raise ValueError(f"clip={clip!r} is not allowed; allowed values: {', '.join(_CLIPS)}")
+    check_zero_point(zero_point)
     if clip == "mse" and (int(clip_grid) < 1 or not 0.0 <= clip_max_shrink < 1.0):
         raise ValueError(f"clip_grid={clip_grid!r} must be >= 1 and clip_max_shrink={clip_max_shrink!r} in [0, 1)")
     if not (isinstance(block_size, int) and block_size > 0):
@@ -185,7 +190,7 @@ def gptq_quantize(
         else:
             valid = torch.nn.functional.pad(valid_all, (0, pad)).reshape(out, n_groups, g)
         static_scale, static_min = fit_group_params(
-            wg, valid, bits, symmetric, scale_dtype, clip, clip_grid, clip_max_shrink
+            wg, valid, bits, symmetric, scale_dtype, clip, clip_grid, clip_max_shrink, zero_point
         )
         perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
         h = h[perm][:, perm]
@@ -232,7 +237,15 @@ def gptq_quantize(
             end = min(i1 + g, n)
             valid = None if ex_t is None else ~ex_t[i1:end].t().unsqueeze(1)
             sc, mn = fit_group_params(
-                wt[i1:end].t().unsqueeze(1), valid, bits, symmetric, scale_dtype, clip, clip_grid, clip_max_shrink
+                wt[i1:end].t().unsqueeze(1),
+                valid,
+                bits,
+                symmetric,
+                scale_dtype,
+                clip,
+                clip_grid,
+                clip_max_shrink,
+                zero_point,
             )
             s_cur = sc.reshape(out)
             m_cur = None if mn is None else mn.reshape(out)
@@ -275,7 +288,7 @@ def gptq_quantize(
         scale = torch.stack(group_scales, 1).unsqueeze(-1)
         minimum = torch.stack(group_mins, 1).unsqueeze(-1) if group_mins else None
     kept = None if exclude is None else torch.where(exclude.to(device), final, 0.0)
-    qw = pack_groups(grouped(final, group_size)[0], scale, minimum, bits, group_size, n, scale_dtype)
+    qw = pack_groups(grouped(final, group_size)[0], scale, minimum, bits, group_size, n, scale_dtype, zero_point)
     return qw, (None if kept is None else kept.contiguous())
 
 
@@ -320,6 +333,7 @@ class GPTQ(QuantMethod):
             clip_grid=fmt.clip_grid,
             clip_max_shrink=fmt.clip_max_shrink,
             exclude=exclude,
+            zero_point=fmt.zero_point,
         )
 
     def describe(self, options: MethodOptions, clip: str) -> str:

@@ -37,6 +37,17 @@ Parametrization. HQQ stores an inverse scale ``s`` and a zero ``z`` with
 parametrization, with ``scale`` and ``minimum`` rounded to ``scale_dtype`` at every iterate, so
 the codes and the error that selects the best iterate are exactly what gets stored.
 
+Integer zero points (``zero_point="integer"``). HQQ's zero step moves the grid by a fraction of a step,
+which an integer zero point cannot hold, and rounding the zero inside the update would undo almost every
+such move (the mean residual is far below half a step) and stall the loop at the start. So the
+half-quadratic iterates run exactly as above (float minimum, the ``float`` trajectory); each iterate is
+snapped to its nearest integer zero point (``minimum -> -clamp(round(-minimum / scale)) * scale``), its
+mean ``|W - W_r|`` is measured on that integer grid, and the best *snapped* iterate is kept (the loop
+stops when neither the float nor the snapped error improves). The start is the integer round-to-nearest
+grid (range including 0), so the result is never worse than it on that measure; with the zero-only
+default the gain over it is small (a group only moves when its float zero drifts past half a step),
+the scale step (``optimize_scale``) has more room.
+
 All groups are processed at once as ``[out, G, g]``; the padded tail of a partial last group and
 ``exclude``-d weights (outliers kept exactly elsewhere) carry zero weight everywhere: they widen
 no range and count in no mean. Excluded weights still get their nearest (clamped) code.
@@ -49,7 +60,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core.packing import SUPPORTED_BITS
-from ..core.scheme import QuantizedWeight, group_params, grouped, pack_groups
+from ..core.scheme import QuantizedWeight, check_zero_point, group_params, grouped, pack_groups, snap_minimum
 from .base import MethodOptions, QuantMethod, boolean, int_in, option
 
 # Over-relaxation of the scale step: a step of 1.5x the least-squares scale correction (the minimum
@@ -75,6 +86,7 @@ def hqq_quantize(
     kappa: float = 1.01,
     optimize_scale: bool = False,
     exclude: torch.Tensor | None = None,
+    zero_point: str = "float",
 ) -> QuantizedWeight:
     """Asymmetric group-wise quantization of ``weight [out, in]`` with HQQ-optimized parameters.
 
@@ -92,10 +104,15 @@ def hqq_quantize(
             zero-point-only optimization.
         exclude: optional bool ``[out, in]``; ``True`` marks weights represented exactly
             elsewhere (outliers), which are ignored when fitting the groups.
+        zero_point: ``"float"`` (a float minimum per group) or ``"integer"`` (an integer zero point,
+            see the module docstring).
 
     Returns:
-        ``QuantizedWeight`` with ``minimum`` set (asymmetric form ``u * scale + minimum``).
+        ``QuantizedWeight`` with ``minimum`` set (asymmetric form ``u * scale + minimum``), or with
+        ``zero`` set for ``zero_point="integer"`` (``(u - zero) * scale``).
     """
+    check_zero_point(zero_point)
+    integer = zero_point == "integer"
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits={bits} is not supported; allowed values: {SUPPORTED_BITS}")
     if weight.dim() != 2:
@@ -142,10 +159,21 @@ def hqq_quantize(
     else:
         wmin = wg.amin(-1, keepdim=True)
         wmax = wg.amax(-1, keepdim=True)
-    scale, minimum = group_params(wmin, wmax, bits, False, scale_dtype)  # min/max start, stored values
+    # min/max start, stored values (integer: the integer round-to-nearest grid, its range including 0)
+    scale, minimum = group_params(wmin, wmax, bits, False, scale_dtype, zero_point)
     tiny = torch.finfo(scale_dtype).tiny if scale_dtype != torch.float16 else 2.0**-24
 
+    def snapped_error(scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
+        """Mean |W - W_r| per group on the grid of ``scale`` and ``minimum`` (already integer-snapped)."""
+        inv_s = 1.0 / scale
+        x = torch.addcmul(-minimum * inv_s, wg, inv_s)
+        r = x.sub_(x.round().clamp(0.0, qmax))
+        if m is not None:
+            r.mul_(m)
+        return r.abs_().sum(-1, keepdim=True).mul_(scale * inv_count)
+
     best_err = torch.full_like(scale, float("inf"))
+    best_float_err = torch.full_like(scale, float("inf"))  # integer: the float trajectory's own best
     best_scale, best_min = scale, minimum
     vecdot = torch.linalg.vecdot
     for it in range(iters + 1):
@@ -160,12 +188,24 @@ def hqq_quantize(
             rs.mul_(m)
         a = rs.abs()
         err = a.sum(-1, keepdim=True).mul_(scale * inv_count)  # mean |W - W_r| per group
-        better = err < best_err
-        if not bool(better.any()):
-            break
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
-        best_min = torch.where(better, minimum, best_min)
+        if integer:  # keep the best integer-snapped iterate; go on while either error improves
+            snapped = snap_minimum(minimum, scale, bits)
+            err_int = snapped_error(scale, snapped)
+            better = err_int < best_err
+            float_better = err < best_float_err
+            if not bool(better.any()) and not bool(float_better.any()):
+                break
+            best_float_err = torch.where(float_better, err, best_float_err)
+            best_err = torch.where(better, err_int, best_err)
+            best_scale = torch.where(better, scale, best_scale)
+            best_min = torch.where(better, snapped, best_min)
+        else:
+            better = err < best_err
+            if not bool(better.any()):
+                break
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, scale, best_scale)
+            best_min = torch.where(better, minimum, best_min)
         if it == iters:
             break
         # 2.-3. W - W_e = W_r + d with d = r - shrink_p(r) = sign(r) * min(|r|, |r|**(p-1) / beta):
@@ -202,7 +242,7 @@ def hqq_quantize(
         beta *= kappa
 
     wg_orig = grouped(w, group_size)[0] if exclude is not None else wg  # excluded: nearest code
-    return pack_groups(wg_orig, best_scale, best_min, bits, group_size, n, scale_dtype)
+    return pack_groups(wg_orig, best_scale, best_min, bits, group_size, n, scale_dtype, zero_point)
 
 
 @dataclass
@@ -233,6 +273,7 @@ class HalfQuadratic(QuantMethod):
             iters=options.iters,
             optimize_scale=options.optimize_scale,
             exclude=exclude,
+            zero_point=fmt.zero_point,
         )
         return q, None
 

@@ -20,6 +20,7 @@ def round_to_nearest(weight: torch.Tensor, fmt: WeightFormat, exclude: torch.Ten
         fmt.clip_max_shrink,
         fmt.scale_dtype,
         exclude=exclude,
+        zero_point=fmt.zero_point,
     )
 
 

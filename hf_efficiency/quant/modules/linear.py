@@ -4,7 +4,10 @@ State (the checkpoint keys, so a saved model reloads by name):
 
 * ``weight``: int32 ``[out, ceil(in/32) * bits]`` packed codes (see :mod:`.packing`)
 * ``weight_scale``: ``[out, G]`` per-group scales
-* ``weight_min``: ``[out, G]`` per-group minima (asymmetric schemes only)
+* ``weight_min``: ``[out, G]`` per-group minima (asymmetric schemes with ``zero_point="float"`` only):
+  ``w = u * scale + min``
+* ``weight_zero``: uint8 ``[out, G]`` per-group integer zero points in ``[0, 2**bits - 1]`` (asymmetric
+  schemes with ``zero_point="integer"`` only, the GPTQ/AWQ grid): ``w = (u - zero) * scale``
 * ``bias``: float, as in the original layer
 * ``weight_outlier_index`` / ``weight_outlier_value``: ``[out, k]`` column indices (int16, or
   int32 beyond 32767 columns) and float16 values of the weights kept exactly (outlier keeping)
@@ -33,7 +36,7 @@ from torch import nn
 from ...constants import SCALE_DTYPES
 from ..core.outliers import outlier_index_dtype
 from ..core.packing import packed_words
-from ..core.scheme import QuantizedWeight, num_groups, quantize_weight
+from ..core.scheme import ZERO_POINTS, QuantizedWeight, num_groups, quantize_weight
 from ..kernels import dispatch as kernels
 
 _SCALE_TORCH_DTYPES = {name: getattr(torch, name) for name in SCALE_DTYPES}
@@ -43,6 +46,7 @@ TENSOR_NAMES = (
     "weight",
     "weight_scale",
     "weight_min",
+    "weight_zero",
     "weight_outlier_index",
     "weight_outlier_value",
     "weight_perm",
@@ -70,7 +74,12 @@ def _check_finite(name: str, value: torch.Tensor) -> None:
 
 
 class QuantLinear(nn.Module):
-    """Linear layer with packed ``bits``-bit weights, group-wise scales and optional minima."""
+    """Linear layer with packed ``bits``-bit weights, group-wise scales and optional minima or integer
+    zero points.
+
+    ``zero_point`` (asymmetric modules): ``"float"`` stores a float minimum per group (``weight_min``, in
+    the scale dtype), ``"integer"`` an integer zero point (``weight_zero``, uint8). Symmetric modules have
+    neither (``zero_point`` is ``"float"``; asking for ``"integer"`` with ``symmetric=True`` raises)."""
 
     hf_efficiency_quantized = True
 
@@ -89,6 +98,7 @@ class QuantLinear(nn.Module):
         outliers: int = 0,
         act_mode: str | None = None,
         act_order: bool = False,
+        zero_point: str = "float",
     ) -> None:
         super().__init__()
         self._kernel_cache: dict[str, Any] = {}  # derived layouts, never saved (see `kernel_layout`)
@@ -96,6 +106,14 @@ class QuantLinear(nn.Module):
             raise ValueError(f"act_mode={act_mode!r} is not allowed; allowed values: None, 'dynamic', 'static'")
         if act_mode is not None and (bits != 8 or group_size is not None or not symmetric):
             raise ValueError("int8 activations need 8-bit symmetric per-channel weights")
+        if zero_point not in ZERO_POINTS:
+            raise ValueError(f"zero_point={zero_point!r} is not allowed; allowed values: {', '.join(ZERO_POINTS)}")
+        if symmetric and zero_point == "integer":
+            raise ValueError(
+                "zero_point='integer' is not allowed with symmetric=True (a symmetric grid has the implicit zero "
+                "point 2**(bits-1)); allowed values: 'float'"
+            )
+        self.zero_point = zero_point
         self.in_features = in_features
         self.out_features = out_features
         self.bits = bits
@@ -111,12 +129,18 @@ class QuantLinear(nn.Module):
         self.weight_scale = nn.Parameter(
             torch.empty(out_features, groups, dtype=scale_dtype, device=device), requires_grad=False
         )
-        if symmetric:
+        if symmetric or zero_point == "integer":
             self.register_parameter("weight_min", None)
         else:
             self.weight_min = nn.Parameter(
                 torch.empty(out_features, groups, dtype=scale_dtype, device=device), requires_grad=False
             )
+        if zero_point == "integer":
+            self.weight_zero = nn.Parameter(
+                torch.empty(out_features, groups, dtype=torch.uint8, device=device), requires_grad=False
+            )
+        else:
+            self.register_parameter("weight_zero", None)
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, dtype=bias_dtype, device=device))
         else:
@@ -155,16 +179,28 @@ class QuantLinear(nn.Module):
         clip_grid: int = 20,
         clip_max_shrink: float = 0.5,
         scale_dtype: torch.dtype = torch.float16,
+        zero_point: str = "float",
     ) -> "QuantLinear":
         """Quantize a float ``nn.Linear`` with round-to-nearest (and the optional clip search)."""
-        q = quantize_weight(linear.weight, bits, group_size, symmetric, clip, clip_grid, clip_max_shrink, scale_dtype)
+        q = quantize_weight(
+            linear.weight,
+            bits,
+            group_size,
+            symmetric,
+            clip,
+            clip_grid,
+            clip_max_shrink,
+            scale_dtype,
+            zero_point=zero_point,
+        )
         return cls.from_quantized(linear, q, symmetric=symmetric)
 
     @classmethod
     def from_quantized(
         cls, linear: nn.Linear, q: QuantizedWeight, *, symmetric: bool, act_mode: str | None = None
     ) -> "QuantLinear":
-        """A module holding ``q`` (any algorithm's result) with ``linear``'s bias."""
+        """A module holding ``q`` (any algorithm's result) with ``linear``'s bias (integer zero points when
+        ``q`` has them)."""
         module = cls(
             linear.in_features,
             linear.out_features,
@@ -178,6 +214,7 @@ class QuantLinear(nn.Module):
             outliers=0 if q.outlier_index is None else q.outlier_index.shape[1],
             act_mode=act_mode,
             act_order=q.perm is not None,
+            zero_point="integer" if q.zero is not None else "float",
         )
         module.load_quantized(q)
         if linear.bias is not None:
@@ -199,6 +236,14 @@ class QuantLinear(nn.Module):
             )
         if self.weight_min is not None and q.minimum is None:
             raise ValueError("asymmetric QuantLinear needs a minimum tensor")
+        if (self.weight_zero is None) != (q.zero is None):
+            raise ValueError(
+                "quantized weight and module disagree on integer zero points "
+                f"(weight: {'integer' if q.zero is not None else 'none'}, module: zero_point={self.zero_point!r}, "
+                f"symmetric={self.symmetric})"
+            )
+        if q.zero is not None:
+            self._check_zero("weight_zero", q.zero)
         k = 0 if q.outlier_index is None else q.outlier_index.shape[1]
         if k != self.outliers:
             raise ValueError(f"quantized weight keeps {k} outliers per row; this module holds {self.outliers}")
@@ -213,6 +258,8 @@ class QuantLinear(nn.Module):
         self.weight_scale.data = q.scale.to(self.weight_scale.device)
         if self.weight_min is not None:
             self.weight_min.data = q.minimum.to(self.weight_min.device)
+        if self.weight_zero is not None:
+            self.weight_zero.data = q.zero.to(device=self.weight_zero.device, dtype=torch.uint8).contiguous()
         if k:
             self.weight_outlier_index.data = q.outlier_index.to(self.weight_outlier_index.dtype).to(self.weight.device)
             self.weight_outlier_value.data = q.outlier_value.to(torch.float16).to(self.weight.device)
@@ -226,6 +273,7 @@ class QuantLinear(nn.Module):
         weight: torch.Tensor | None = None,
         weight_scale: torch.Tensor | None = None,
         weight_min: torch.Tensor | None = None,
+        weight_zero: torch.Tensor | None = None,
         weight_outlier_index: torch.Tensor | None = None,
         weight_outlier_value: torch.Tensor | None = None,
         weight_perm: torch.Tensor | None = None,
@@ -235,14 +283,15 @@ class QuantLinear(nn.Module):
         """Replace the given tensors (``None``: keep) with copies of the values, all or none of them.
 
         Each value must have the current tensor's shape, dtype and device; float values must be finite
-        (``input_scale`` positive too) and index values (``weight_outlier_index``, ``weight_perm``)
-        columns in ``[0, in_features)``. Otherwise a ``ValueError`` naming the tensor is raised and the
+        (``input_scale`` positive too), index values (``weight_outlier_index``, ``weight_perm``)
+        columns in ``[0, in_features)`` and zero points (``weight_zero``) in ``[0, 2**bits - 1]``. Otherwise a ``ValueError`` naming the tensor is raised and the
         module is unchanged. The cached kernel layouts are dropped.
         """
         given = {
             "weight": weight,
             "weight_scale": weight_scale,
             "weight_min": weight_min,
+            "weight_zero": weight_zero,
             "weight_outlier_index": weight_outlier_index,
             "weight_outlier_value": weight_outlier_value,
             "weight_perm": weight_perm,
@@ -276,6 +325,24 @@ class QuantLinear(nn.Module):
                 raise ValueError(f"input_scale: must be positive, got {value.item()}")
         elif name in _INDEX_TENSORS and (int(value.min()) < 0 or int(value.max()) >= self.in_features):
             raise ValueError(f"{name}: values must be column indices in [0, {self.in_features})")
+        elif name == "weight_zero":
+            self._check_zero(name, value)
+
+    def _check_zero(self, name: str, value: torch.Tensor) -> None:
+        if tuple(value.shape) != tuple(self.weight_scale.shape):
+            raise ValueError(
+                f"{name}: shape {tuple(value.shape)} does not match the module's {tuple(self.weight_scale.shape)}"
+            )
+        if value.is_floating_point() or value.dtype == torch.bool or value.is_complex():
+            raise ValueError(f"{name}: expected an integer tensor, got dtype {value.dtype}")
+        if (
+            value.device.type != "meta"
+            and value.numel()
+            and (int(value.min()) < 0 or int(value.max()) > 2**self.bits - 1)
+        ):
+            raise ValueError(
+                f"{name}: zero points must be integers in [0, {2**self.bits - 1}] for {self.bits}-bit codes"
+            )
 
     def set_input_scale(self, scale: torch.Tensor | float) -> None:
         """Set the static activation scale (``act_mode="static"``) to ``scale``: a positive finite number or
@@ -305,6 +372,10 @@ class QuantLinear(nn.Module):
             value = current.detach().to(dtype)
             _check_finite(name, value)
             converted[name] = value
+        if "weight_zero" in converted and converted["weight_zero"].dtype != torch.uint8:
+            raise ValueError(
+                f"weight_zero: dtype {converted['weight_zero'].dtype} is not allowed; allowed values: torch.uint8"
+            )
         if self.weight_min is not None:
             scale_dtype = converted.get("weight_scale", self.weight_scale).dtype
             min_dtype = converted.get("weight_min", self.weight_min).dtype
@@ -384,11 +455,12 @@ class QuantLinear(nn.Module):
 
     @property
     def storage_bits_per_weight(self) -> float:
-        """Bits actually stored per weight, scales and minima included."""
+        """Bits actually stored per weight, scales and minima (or zero points) included."""
         tensors = (
             self.weight,
             self.weight_scale,
             self.weight_min,
+            self.weight_zero,
             self.weight_outlier_index,
             self.weight_outlier_value,
             self.weight_perm,
@@ -400,6 +472,7 @@ class QuantLinear(nn.Module):
         extra = f", outliers={self.outliers}" if self.outliers else ""
         extra += f", act_mode={self.act_mode!r}" if self.act_mode else ""
         extra += ", act_order=True" if self.weight_perm is not None else ""
+        extra += ", zero_point='integer'" if self.weight_zero is not None else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"bits={self.bits}, group_size={self.group_size}, symmetric={self.symmetric}{extra}"

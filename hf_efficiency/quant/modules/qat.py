@@ -28,7 +28,7 @@ from torch import nn
 
 from ...config import SECTIONS, EfficiencyConfig, QuantizationSpec, saved_section
 from ..core.mixed import bits_for_module
-from ..core.scheme import dequantize_codes, minmax_codes
+from ..core.scheme import dequantize_codes, integer_zero, minmax_codes
 from .linear import QuantLinear, scale_dtype_of
 from .replace import linears_to_quantize, modules_to_not_convert, set_submodule
 
@@ -43,17 +43,28 @@ def fake_quantize_weight(
     symmetric: bool,
     scale_dtype: torch.dtype = torch.float16,
     dtype: torch.dtype | None = None,
+    zero_point: str = "float",
 ) -> torch.Tensor:
     """The weight ``[out, in]`` a `QuantLinear` quantized from ``weight`` computes with, in ``dtype``
     (default: the weight's), without packing. Scale and minimum come from each group's min/max and
     are rounded to ``scale_dtype``; the reconstruction is the dequantization `QuantLinear` runs, so
-    the result is bit-identical to ``QuantLinear.from_linear(...).dequantize_weight(dtype)``."""
+    the result is bit-identical to ``QuantLinear.from_linear(...).dequantize_weight(dtype)`` (with the
+    same ``zero_point``)."""
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
     dtype = dtype or weight.dtype
-    codes, scale, minimum = minmax_codes(weight, bits, group_size, symmetric, scale_dtype)
+    codes, scale, minimum = minmax_codes(weight, bits, group_size, symmetric, scale_dtype, zero_point)
+    zero = None
+    if minimum is not None and zero_point == "integer":
+        zero, minimum = integer_zero(minimum, scale, bits).squeeze(-1), None
     return dequantize_codes(
-        codes, scale.squeeze(-1), None if minimum is None else minimum.squeeze(-1), bits, group_size, dtype
+        codes,
+        scale.squeeze(-1),
+        None if minimum is None else minimum.squeeze(-1),
+        bits,
+        group_size,
+        dtype,
+        zero=zero,
     )
 
 
@@ -62,13 +73,13 @@ class _StraightThrough(torch.autograd.Function):
     identity (the straight-through estimator)."""
 
     @staticmethod
-    def forward(ctx, weight, bits, group_size, symmetric, scale_dtype, dtype):
+    def forward(ctx, weight, bits, group_size, symmetric, scale_dtype, dtype, zero_point="float"):
         ctx.weight_dtype = weight.dtype
-        return fake_quantize_weight(weight, bits, group_size, symmetric, scale_dtype, dtype)
+        return fake_quantize_weight(weight, bits, group_size, symmetric, scale_dtype, dtype, zero_point)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad.to(ctx.weight_dtype), None, None, None, None, None
+        return grad.to(ctx.weight_dtype), None, None, None, None, None, None
 
 
 class FakeQuantLinear(nn.Linear):
@@ -99,6 +110,7 @@ class FakeQuantLinear(nn.Linear):
         group_size: int | None,
         symmetric: bool,
         scale_dtype: torch.dtype = torch.float16,
+        zero_point: str = "float",
     ) -> None:
         if isinstance(bits, bool) or bits not in QuantizationSpec.BITS:
             raise ValueError(
@@ -108,11 +120,17 @@ class FakeQuantLinear(nn.Linear):
             isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1
         ):
             raise ValueError(f"group_size={group_size!r} is not allowed; allowed values: None or a positive integer")
+        if zero_point not in ("float", "integer") or (symmetric and zero_point == "integer"):
+            raise ValueError(
+                f"zero_point={zero_point!r} is not allowed; allowed values: 'float'"
+                + ("" if symmetric else ", 'integer'")
+            )
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.bits = bits
         self.group_size = group_size
         self.symmetric = bool(symmetric)
         self.scale_dtype = scale_dtype
+        self.zero_point = zero_point
 
     @classmethod
     def from_linear(
@@ -123,6 +141,7 @@ class FakeQuantLinear(nn.Linear):
         group_size: int | None,
         symmetric: bool,
         scale_dtype: torch.dtype = torch.float16,
+        zero_point: str = "float",
     ) -> FakeQuantLinear:
         """A fake-quantized layer sharing ``linear``'s weight and bias parameters (no copy)."""
         module = cls(
@@ -135,6 +154,7 @@ class FakeQuantLinear(nn.Linear):
             group_size=group_size,
             symmetric=symmetric,
             scale_dtype=scale_dtype,
+            zero_point=zero_point,
         )
         module.weight = linear.weight
         module.bias = linear.bias
@@ -143,10 +163,14 @@ class FakeQuantLinear(nn.Linear):
 
     def quantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight this layer computes with (no gradient), in ``dtype`` (default: the weight's)."""
-        return fake_quantize_weight(self.weight, self.bits, self.group_size, self.symmetric, self.scale_dtype, dtype)
+        return fake_quantize_weight(
+            self.weight, self.bits, self.group_size, self.symmetric, self.scale_dtype, dtype, self.zero_point
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = _StraightThrough.apply(self.weight, self.bits, self.group_size, self.symmetric, self.scale_dtype, x.dtype)
+        w = _StraightThrough.apply(
+            self.weight, self.bits, self.group_size, self.symmetric, self.scale_dtype, x.dtype, self.zero_point
+        )
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, w, bias)
 
@@ -154,7 +178,12 @@ class FakeQuantLinear(nn.Linear):
         """A packed `QuantLinear` computing with exactly this layer's fake-quantized weight."""
         with torch.no_grad():
             return QuantLinear.from_linear(
-                self, bits=self.bits, group_size=self.group_size, symmetric=self.symmetric, scale_dtype=self.scale_dtype
+                self,
+                bits=self.bits,
+                group_size=self.group_size,
+                symmetric=self.symmetric,
+                scale_dtype=self.scale_dtype,
+                zero_point=self.zero_point,
             )
 
     def to_linear(self) -> nn.Linear:
@@ -168,7 +197,10 @@ class FakeQuantLinear(nn.Linear):
         return linear
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, bits={self.bits}, group_size={self.group_size}, symmetric={self.symmetric}"
+        extra = ", zero_point='integer'" if self.zero_point == "integer" else ""
+        return (
+            f"{super().extra_repr()}, bits={self.bits}, group_size={self.group_size}, symmetric={self.symmetric}{extra}"
+        )
 
 
 def _qat_config(config: EfficiencyConfig | QuantizationSpec | dict[str, Any]) -> EfficiencyConfig:
@@ -276,6 +308,7 @@ def prepare_qat(model: nn.Module, config: EfficiencyConfig | QuantizationSpec | 
             group_size=spec.group_size,
             symmetric=spec.symmetric,
             scale_dtype=scale_dtype,
+            zero_point=spec.zero_point,
         )
         set_submodule(model, name, fq)
     setattr(model, QAT_ATTRIBUTE, config)
@@ -306,12 +339,14 @@ def convert_qat_modules(model: nn.Module) -> tuple[EfficiencyConfig, list[str]]:
         )
     for name in names:
         fq = model.get_submodule(name)
-        expected = (bits_for_module(name, spec), spec.group_size, spec.symmetric, scale_dtype)
-        if (fq.bits, fq.group_size, fq.symmetric, fq.scale_dtype) != expected:
+        expected = (bits_for_module(name, spec), spec.group_size, spec.symmetric, scale_dtype, spec.zero_point)
+        got = (fq.bits, fq.group_size, fq.symmetric, fq.scale_dtype, getattr(fq, "zero_point", "float"))
+        if got != expected:
             raise ValueError(
                 f"{name} is a FakeQuantLinear with bits={fq.bits}, group_size={fq.group_size}, "
-                f"symmetric={fq.symmetric}, scale_dtype={fq.scale_dtype}, but the recorded config gives "
-                f"(bits, group_size, symmetric, scale_dtype)={expected}; the saved checkpoint would not reload"
+                f"symmetric={fq.symmetric}, scale_dtype={fq.scale_dtype}, zero_point={got[4]!r}, but the recorded "
+                f"config gives (bits, group_size, symmetric, scale_dtype, zero_point)={expected}; the saved "
+                "checkpoint would not reload"
             )
     for name in names:
         quant = model.get_submodule(name).to_quant_linear()

@@ -92,6 +92,7 @@ def replace_with_quant_linear(
             outliers=outlier_count(linear.in_features, spec.outliers),
             act_mode=act_mode,
             act_order=fmt["act_order"],
+            zero_point=fmt.get("zero_point", "float"),
         )
         shell.requires_grad_(False)
         set_submodule(model, name, shell)
