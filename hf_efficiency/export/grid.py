@@ -17,6 +17,8 @@ on the grid a target can hold, given as a `GridTarget`:
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -328,6 +330,59 @@ def _round_integer(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
     s = _expand(scale, group_size, n)
     z = _expand(zero.float(), group_size, n)
     return torch.clamp(torch.round(w / s) + z, 0, 2**bits - 1).to(torch.uint8)
+
+
+def whole_group_size(group_size: int | None, n: int, min_block: int = 16) -> int | None:
+    """The group size a row of ``n`` weights can be written with when a format needs groups that divide the
+    row (compressed-tensors, and vLLM's GPTQ/AWQ kernels): ``None`` (per channel) for per channel or one group
+    covering the row; ``group_size`` when it divides ``n``; else the largest size dividing both when it is at
+    least ``min_block`` (each scale then repeated over its blocks with `regroup`, which is exact); ``0`` when
+    there is none."""
+    if group_size is None:
+        return None
+    if n % group_size == 0:
+        return group_size
+    if group_size > n:
+        return None
+    block = math.gcd(group_size, n)
+    return block if block >= min_block else 0
+
+
+def whole_groups(modules: dict) -> dict[str, int | None]:
+    """Per module (name -> `QuantLinear`), the group size to write it with when a format needs groups that
+    divide the row: `whole_group_size` of its own, and for modules sharing a group size, the largest size
+    that works for all of them (so they keep sharing one: SmolLM2's g128 becomes g64 for its 576-wide inputs
+    and, for one model-wide size, g64 for its 1536-wide ones too). ``0``: no such size for that module."""
+    own = {name: whole_group_size(m.group_size, m.in_features) for name, m in modules.items()}
+    shared: dict[int, int] = {}
+    for name, m in modules.items():
+        if m.group_size is not None and own[name]:
+            shared[m.group_size] = math.gcd(shared.get(m.group_size, 0), own[name])
+    return {
+        name: own[name] if m.group_size is None or not own[name] else shared[m.group_size]
+        for name, m in modules.items()
+    }
+
+
+def regroup(grid: Grid, block: int | None) -> Grid:
+    """``grid`` with groups of ``block`` weights (``None``: per channel), each group's scale, zero point or
+    minimum repeated over the blocks it covers: the same weights, exactly. ``block`` must divide the grid's
+    group size (or the row, for a per-channel grid)."""
+    size = grid.in_features if grid.group_size is None else grid.group_size
+    if block is None or block == grid.group_size:
+        if block is None and grid.group_size is not None and grid.groups != 1:
+            raise ValueError(f"{grid.name}: a grid of {grid.groups} groups cannot be written per channel")
+        return grid if block == grid.group_size else dataclasses.replace(grid, group_size=None)
+    if size % block or (grid.group_size is None and grid.in_features % block):
+        raise ValueError(f"{grid.name}: blocks of {block} do not tile groups of {size}")
+    index = torch.arange(-(-grid.in_features // block)) * block // size
+
+    def pick(t):
+        return None if t is None else t[:, index].contiguous()
+
+    return dataclasses.replace(
+        grid, scale=pick(grid.scale), zero=pick(grid.zero), minimum=pick(grid.minimum), group_size=block
+    )
 
 
 def num_groups(grid: Grid) -> int:

@@ -170,3 +170,23 @@ def test_g_idx_follows_the_permutation():
     g_idx = g.g_idx()
     # stored column j (group j // 32) holds input feature perm[j]
     assert torch.equal(g_idx[perm.long()], torch.arange(64, dtype=torch.int32) // 32)
+
+
+def test_whole_group_sizes_and_exact_regrouping():
+    from hf_efficiency.export.grid import regroup, whole_group_size, whole_groups
+
+    assert whole_group_size(None, 576) is None
+    assert whole_group_size(128, 1536) == 128
+    assert whole_group_size(128, 576) == 64  # SmolLM2's hidden size: 4.5 groups of 128
+    assert whole_group_size(40, 64) == 0  # shares only 8
+    assert whole_group_size(1024, 576) is None  # one group covers the row
+    wide = QuantLinear.from_linear(linear(576, 16), bits=4, group_size=128, symmetric=False)
+    deep = QuantLinear.from_linear(linear(1536, 16), bits=4, group_size=128, symmetric=False)
+    assert whole_groups({"wide": wide, "deep": deep}) == {"wide": 64, "deep": 64}  # one size for both
+    for m in (wide, deep):
+        g = module_grid("m", m, FLOAT_MIN)
+        r = regroup(g, 64)
+        assert r.group_size == 64 and r.groups == -(-m.in_features // 64)
+        assert torch.equal(r.dequantize(), m.dequantize_weight())
+    with pytest.raises(ValueError, match="blocks of 48 do not tile groups of 128"):
+        regroup(module_grid("m", deep, FLOAT_MIN), 48)
