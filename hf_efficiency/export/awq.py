@@ -46,8 +46,18 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from ..quant.core.scheme import unpermute_columns
-from .base import ExportReport, float_linears, float_tensors, quantized_linears, resolve_dtype
-from .gptq import engine_dtype, export_options, format_name, output_embedding_name, write_folder
+from .base import (
+    ExportReport,
+    engine_dtype,
+    export_options,
+    float_linears,
+    float_tensors,
+    output_embedding_name,
+    quantized_linears,
+    resolve_dtype,
+    write_folder,
+)
+from .gptq import format_name
 from .grid import ExportError, Grid, GridTarget, module_grid, regroup, whole_groups
 
 logger = logging.get_logger(__name__)

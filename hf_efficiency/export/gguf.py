@@ -63,7 +63,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from .base import ExportReport, ModuleChange, quantized_linears, resolve_dtype, tied_output_key
+from .base import ExportReport, ModuleChange, output_embedding_name, quantized_linears, resolve_dtype, tied_output_key
 from .gguf_blocks import BLOCK, block_type, decode_raw, encode_blocks, exact_float_encoding, float_raw, q8_0_nearest
 from .gguf_metadata import (
     copy_fields,
@@ -168,7 +168,7 @@ def write_gguf(
             if family.norm_shift and key.endswith("norm.weight"):
                 t = 1.0 + t.float()  # Gemma's RMSNorm computes x * (1 + w) in float32
             tensors.append((gguf_name, float_raw("F32", t.float()), "F32"))
-        elif key == embed_key or (owner == _output_name(model) and tied is None):
+        elif key == embed_key or (owner == output_embedding_name(model) and tied is None):
             type_name, raw = _embedding(key, t, embeddings, report)
             tensors.append((gguf_name, raw, type_name))
             if key != embed_key:
@@ -324,12 +324,6 @@ def _input_embedding_key(model: nn.Module) -> str | None:
     emb = get_in() if get_in else None
     name = next((n for n, m in model.named_modules() if m is emb), None) if emb is not None else None
     return None if name is None else f"{name}.weight"
-
-
-def _output_name(model: nn.Module) -> str | None:
-    get_out = getattr(model, "get_output_embeddings", None)
-    out = get_out() if get_out else None
-    return next((n for n, m in model.named_modules() if m is out), None) if out is not None else None
 
 
 def _vocab_rows(model: nn.Module, config) -> int:

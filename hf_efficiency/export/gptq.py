@@ -45,7 +45,6 @@ config declares float16 for a float32 model (the float tensors are stored as the
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections import Counter
@@ -61,14 +60,14 @@ from ..formats.gptq import pack_rows
 from ..quant.core.scheme import grouped, unpermute_columns
 from .base import (
     ExportReport,
-    copy_tokenizer,
+    engine_dtype,
+    export_options,
     float_linears,
     float_tensors,
-    model_dtype,
-    plain_config,
+    output_embedding_name,
     quantized_linears,
     resolve_dtype,
-    write_safetensors_folder,
+    write_folder,
 )
 from .grid import ExportError, Grid, GridTarget, module_grid, regroup, whole_groups
 
@@ -82,78 +81,6 @@ _ALIGN = 32  # codes per block of `bits` int32 words
 
 
 # ----------------------------------------------------------------------------- shared with the AWQ writer
-
-
-def export_options(options: dict[str, Any], defaults: dict[str, Any], fmt: str) -> dict[str, Any]:
-    """``defaults`` updated with the user's format ``options``; a `ValueError` names unknown keys and bad values."""
-    unknown = sorted(set(options) - set(defaults))
-    if unknown:
-        raise ValueError(
-            f"unknown {fmt} export option(s) {', '.join(map(repr, unknown))}; allowed keys: {', '.join(defaults)}"
-        )
-    out = {**defaults, **options}
-    if not isinstance(out["progress"], bool):
-        raise ValueError(f"progress={out['progress']!r} is not allowed; allowed values: True, False")
-    return out
-
-
-def output_embedding_name(model: nn.Module) -> str | None:
-    """The module name of the model's output embedding (``lm_head``), if it has one."""
-    get_out = getattr(model, "get_output_embeddings", None)
-    out = get_out() if callable(get_out) else None
-    if out is None:
-        return None
-    return next((n for n, m in model.named_modules() if m is out), None)
-
-
-def engine_dtype(model: nn.Module, float_dtype: torch.dtype | None, report: ExportReport, fmt: str) -> torch.dtype:
-    """The dtype ``config.json`` declares: the float tensors' dtype, but float16 instead of float32 (GPTQ and
-    AWQ engines refuse float32); the choice is noted in ``report``."""
-    dtype = model_dtype(model, float_dtype)
-    if dtype == torch.float32:
-        report.notes.append(
-            f"config.json declares dtype float16: {fmt} engines (vLLM, TGI) run float16/bfloat16 only; the float "
-            "tensors (embeddings, norms, float linears) are stored in float32 and cast on load "
-            "(pass dtype='float16' to store them in float16)"
-        )
-        return torch.float16
-    if dtype == torch.bfloat16:
-        report.notes.append(
-            "the model is bfloat16: vLLM holds the float16 scales in the model dtype, so serving in bfloat16 rounds "
-            "them; serve with dtype='float16' to compute with exactly the exported weights"
-        )
-    return dtype
-
-
-def write_folder(
-    model: nn.Module,
-    out_dir: str | os.PathLike,
-    tensors: dict[str, torch.Tensor],
-    quantization_config: dict[str, Any],
-    *,
-    dtype: torch.dtype,
-    tokenizer,
-    max_shard_size: int | str,
-    report: ExportReport,
-    extra_files: dict[str, dict[str, Any]] | None = None,
-) -> None:
-    """Write ``tensors``, config.json (with ``quantization_config``), generation config, ``extra_files``
-    (JSON) and the tokenizer; the file names go to ``report.files``."""
-    config = plain_config(model, dtype)
-    config["quantization_config"] = quantization_config
-    files = write_safetensors_folder(
-        out_dir,
-        tensors,
-        config,
-        max_shard_size=max_shard_size,
-        generation_config=getattr(model, "generation_config", None),
-    )
-    for name, data in (extra_files or {}).items():
-        with open(os.path.join(out_dir, name), "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-        files.append(name)
-    files += copy_tokenizer(out_dir, getattr(model.config, "_name_or_path", None), tokenizer)
-    report.files = files
 
 
 def per_column(t: torch.Tensor, group_size: int | None, n: int) -> torch.Tensor:
