@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -40,7 +41,9 @@ sys.path.insert(0, str(ROOT))
 
 import hf_efficiency  # noqa: F401  (registers the plugin)
 from hf_efficiency import EfficiencyConfig
+from hf_efficiency.data import load_text, token_windows
 from hf_efficiency.demo import bundled_gguf_path, resolve_model_path
+from hf_efficiency.evaluate import perplexity
 from hf_efficiency.export import export_model
 
 ENGINES_DIR = Path(os.environ.get("HF_EFFICIENCY_ENGINES_DIR", Path.home() / ".cache" / "hf-efficiency" / "engines"))
@@ -189,10 +192,14 @@ def main() -> None:
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     results["cpu_flags"] = sorted({f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16") if f in flags})
 
+    windows = token_windows(tokenizer, load_text("kjv", "evaluation"), 512, 16384)
+
     def check(name, engine, model, folder, job_extra=None, python=None, script=None):
         print(f"{name}: {engine}", flush=True)
         ours, our_lp = our_greedy(model, prompts)
         job = {"model": str(folder), "prompts": prompts, "max_new_tokens": NEW_TOKENS, **(job_extra or {})}
+        if engine == "llama.cpp":  # its activations are quantized: compare perplexity too
+            job["windows"] = windows.tolist()
         start = time.perf_counter()
         out = run_engine(python, script, job)
         entry = {"export": name, "engine": engine, "folder": str(folder), "wall_seconds": time.perf_counter() - start}
@@ -202,6 +209,10 @@ def main() -> None:
         else:
             entry.update(compare(ours, our_lp, out, tokenizer))
             entry["engine_seconds"] = out.get("seconds")
+            if out.get("predicted"):
+                entry["engine_perplexity"] = math.exp(out["nll"] / out["predicted"])
+                entry["our_perplexity"] = perplexity(model, windows, progress=False)["perplexity"]
+                print(f"  perplexity ours {entry['our_perplexity']:.4f}, engine {entry['engine_perplexity']:.4f}")
             print(
                 f"  identical prompts {entry['identical']}/5, matching tokens {entry['matching_tokens']}/160",
                 flush=True,
@@ -270,26 +281,38 @@ def main() -> None:
 
 
 def write_tables(results: dict, only: str | None) -> None:
+    """Write engines.json / engines.md; with ``--only``, that engine's rows replace its rows of the last run."""
     RESULTS.mkdir(exist_ok=True)
-    suffix = "" if only is None else f"_{only}"
-    (RESULTS / f"engines{suffix}.json").write_text(json.dumps(results, indent=2))
+    previous = RESULTS / "engines.json"
+    if only is not None and previous.exists():
+        old = json.loads(previous.read_text())
+        engine = {"llama": "llama.cpp", "vllm": "vLLM"}[only]
+        kept = [c for c in old.get("checks", []) if c["engine"] != engine]
+        results = {**old, **results, "checks": kept + results["checks"]}
+        if only != "llama" and "gguf_round_trip" in old:
+            results["gguf_round_trip"] = old["gguf_round_trip"]
+    (RESULTS / "engines.json").write_text(json.dumps(results, indent=2))
     lines = [
         "| export | engine | identical greedy continuations (of 5) | matching tokens (of 160) | "
-        "at the first difference: our log-prob gap / engine's | engine s |",
-        "|---|---|---|---|---|---|",
+        "at the first difference: our log-prob gap / engine's | perplexity ours / engine | engine s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for c in results["checks"]:
         if "error" in c:
-            lines.append(f"| {c['export']} | {c['engine']} | failed: {c['error'][:120]!r} | | | |")
+            lines.append(f"| {c['export']} | {c['engine']} | failed: {c['error'][:120]!r} | | | | |")
             continue
         gaps = [
             f"{r['our_gap']:.3f} / {r.get('engine_gap', float('nan')):.3f} ({r['tokens'][0]!r} vs {r['tokens'][1]!r})"
             for r in c["prompts"]
             if not r["identical"]
         ]
+        ppl = "-"
+        if "engine_perplexity" in c:
+            delta = 100 * (c["engine_perplexity"] / c["our_perplexity"] - 1)
+            ppl = f"{c['our_perplexity']:.3f} / {c['engine_perplexity']:.3f} ({delta:+.2f}%)"
         lines.append(
             f"| {c['export']} | {c['engine']} | {c['identical']} | {c['matching_tokens']} | "
-            f"{'; '.join(gaps) or '-'} | {c.get('engine_seconds') or 0:.1f} |"
+            f"{'; '.join(gaps) or '-'} | {ppl} | {c.get('engine_seconds') or 0:.1f} |"
         )
     if "gguf_round_trip" in results:
         rt = results["gguf_round_trip"]
@@ -304,7 +327,7 @@ def write_tables(results: dict, only: str | None) -> None:
         "with its own kernels (quantized activations for the dot products). Command: `python benchmarks/engine_checks.py`."
     )
     text = "\n".join(lines) + "\n"
-    (RESULTS / f"engines{suffix}.md").write_text(text)
+    (RESULTS / "engines.md").write_text(text)
     print(text)
 
 

@@ -75,12 +75,9 @@ def push_to_hub(
     if export_format is None and (lossy or tokenizer is not None or export_options):
         raise TypeError("lossy=, tokenizer= and export_options= apply with export_format= only")
     api = _api()
-    repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as tmp_dir:
-        if export_format is None:
-            model.save_pretrained(tmp_dir, max_shard_size=max_shard_size)
-            save_model_card(model, tmp_dir, base_model=base_model, metrics=metrics, tags=tags, repo_id=repo_id)
-        else:
+        report = None
+        if export_format is not None:  # before the repo exists: a refused export creates nothing
             from ..export import export_model
 
             report = export_model(
@@ -92,6 +89,11 @@ def push_to_hub(
                 max_shard_size=max_shard_size,
                 **(export_options or {}),
             )
+        repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        if report is None:
+            model.save_pretrained(tmp_dir, max_shard_size=max_shard_size)
+            save_model_card(model, tmp_dir, base_model=base_model, metrics=metrics, tags=tags, repo_id=repo_id)
+        else:
             card = render_export_card(model, report, repo_id=repo_id, base_model=base_model, tags=tags)
             card.save(os.path.join(tmp_dir, "README.md"))
         operations = _operations(tmp_dir)

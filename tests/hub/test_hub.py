@@ -319,3 +319,30 @@ def test_save_model_card_and_bad_input(quantized, tmp_path: Path, float_dir: Pat
 def test_template_is_found() -> None:
     text = template_text()
     assert text.startswith("---\n{{card_data}}\n---") and "{{metrics_section}}" in text
+
+
+# --- push_to_hub(export_format=...) --------------------------------------------------------------
+def test_push_export_uploads_the_format_and_an_engine_card(float_dir: Path, hub: FakeHub, tmp_path: Path) -> None:
+    cfg = EfficiencyConfig(
+        base_model=BASE, quantization={"bits": 4, "group_size": 32, "clip": "none", "zero_point": "integer"}
+    )
+    model = AutoModelForCausalLM.from_pretrained(float_dir, efficiency_config=cfg).eval()
+    model.push_to_hub("me/tiny-awq", export_format="awq")
+    (commit,) = hub.commits
+    assert commit["paths"] == ["README.md", "config.json", "generation_config.json", "model.safetensors"]
+    qc = json.loads(commit["files"]["config.json"])["quantization_config"]
+    assert (qc["quant_method"], qc["version"], qc["bits"], qc["group_size"]) == ("awq", "gemm", 4, 32)
+    card = commit["files"]["README.md"].decode()
+    assert "vllm serve me/tiny-awq --quantization awq" in card
+    assert "every quantized weight is written exactly" in card and "base_model: org/tiny-llama" in card
+    # what was uploaded loads back with the same logits through our AWQ reader
+    again = hf_efficiency.load_compressed(hub.write(tmp_path / "down"), dtype=torch.float32)
+    assert torch.equal(_logits(again), _logits(model))
+
+
+def test_push_export_refuses_before_uploading(quantized, hub: FakeHub) -> None:
+    with pytest.raises(hf_efficiency.export.ExportError, match="float minima are not whole steps"):
+        quantized.push_to_hub("me/tiny-gptq", export_format="gptq")
+    assert hub.commits == [] and hub.repos == []  # nothing created
+    with pytest.raises(TypeError, match="lossy=, tokenizer= and export_options= apply with export_format= only"):
+        quantized.push_to_hub("me/tiny", lossy=True)
