@@ -50,6 +50,8 @@ _DISTILL_EXPORTS = (
 
 # Community-format readers (GGUF, GPTQ, AWQ, compressed-tensors), also on first use.
 _FORMAT_EXPORTS = ("load_compressed", "load_gguf")
+# Writers of the formats serving engines load (compressed-tensors, GPTQ, AWQ, GGUF), also on first use.
+_EXPORT_EXPORTS = ("export_model",)
 
 
 def __getattr__(name: str):
@@ -61,12 +63,17 @@ def __getattr__(name: str):
         from . import formats
 
         return getattr(formats, name)
+    if name in _EXPORT_EXPORTS:
+        from . import export
+
+        return getattr(export, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
     *_DISTILL_EXPORTS,
     *_FORMAT_EXPORTS,
+    *_EXPORT_EXPORTS,
     "ActivationSpec",
     "CalibrationSpec",
     "FORMAT_VERSION",

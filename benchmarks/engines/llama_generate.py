@@ -3,7 +3,7 @@
     python llama_generate.py JOB.json OUT.json
 
 JOB: ``{"model": file.gguf, "prompts": [[token ids], ...], "max_new_tokens": 32, "threads": 2,
-"windows": [[token ids], ...]}``. OUT: ``{"tokens": [[ids], ...], "top": [[[[id, logit], ...] per step] per
+"windows": [[token ids], ...], "kv_type": 0}`` (the KV cache's ggml type: 0 float32, 1 float16). OUT: ``{"tokens": [[ids], ...], "top": [[[[id, logit], ...] per step] per
 prompt], "seconds": s, "n_vocab": ..., "nll": total negative log-likelihood, "predicted": count}``. Prompts go in
 as token ids (no tokenization by llama.cpp), and each step's top logits are recorded so a differing token can
 be shown to be a near-tie; ``windows`` (optional) are scored for perplexity: every token after the first of
@@ -29,6 +29,8 @@ def main(job_path: str, out_path: str) -> None:
         logits_all=True,
         verbose=False,
         seed=0,
+        type_k=job.get("kv_type", 1),
+        type_v=job.get("kv_type", 1),
     )
     tokens, top = [], []
     start = time.perf_counter()
