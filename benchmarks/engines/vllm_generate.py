@@ -54,6 +54,4 @@ def main(job_path: str, out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
-    sys.stdout.flush()
-    os._exit(0)  # the results are written; vLLM's engine teardown can abort ("terminate called ...")
+    main(sys.argv[1], sys.argv[2])  # vLLM's teardown may still abort after this: the caller reads the results
