@@ -80,7 +80,7 @@ from .base import (
     resolve_dtype,
     write_safetensors_folder,
 )
-from .grid import ExportError, Grid, GridTarget, module_grid, whole_group_size
+from .grid import ExportError, Grid, GridTarget, module_grid, regroup, whole_group_size
 
 logger = logging.get_logger(__name__)
 
@@ -312,14 +312,12 @@ def _module_tensors(
     n, out, bits = grid.in_features, grid.out_features, grid.bits
     dtype = _scale_dtype(module, scale_dtype)
     codes = unpermute_columns(grid.codes, grid.perm)  # input-feature order
-    scale, zero = grid.scale, grid.zero
     size = whole_group_size(grid.group_size, n)
     note = ""
     if size is not None and size != grid.group_size:  # ragged groups: each scale repeated over its blocks
-        own = (torch.arange(n // size) * size) // grid.group_size  # the grid group of each stored block
-        scale = scale.index_select(1, own)
-        zero = None if zero is None else zero.index_select(1, own)
         note = f" (its g{grid.group_size} scales repeated over blocks of {size})"
+        grid = regroup(grid, size)
+    scale, zero = grid.scale, grid.zero
     legacy = False
     if grid.perm is not None and size is not None:
         stored_block = torch.arange(n, dtype=torch.int32) // size
