@@ -39,6 +39,8 @@ class QuantizeOp(ConversionOps):
         weight = value[0] if isinstance(value, list) else value
         module, _ = get_module_from_name(model, full_layer_name)
         spec = self.hf_quantizer.quantization_config.quantization
+        if getattr(module, "source_layout", "linear") == "conv1d":
+            weight = weight.t()  # GPT-2's Conv1D stores [in, out]
         q = quantize_matrix(weight, spec, module.bits, scale_dtype=module.weight_scale.dtype, outliers=module.outliers)
         module.invalidate_kernel_cache()
         prefix = full_layer_name.rsplit(".", 1)[0]

@@ -243,13 +243,15 @@ def quantized_copy(target: nn.Module, spec: QuantizationSpec) -> nn.Module:
     from ..quant.core.mixed import bits_for_module
     from ..quant.methods import quantize_matrix
     from ..quant.modules.linear import QuantLinear, scale_dtype_of
-    from ..quant.modules.replace import linears_to_quantize, set_submodule
+    from ..quant.modules.replace import linearize, linears_to_quantize, set_submodule
 
     if spec.needs_calibration:
         raise ValueError(f"a self-draft cannot use calibrated method {spec.method!r}; use rtn or hqq")
     draft = _copy_sharing(target)
     skip = list(spec.modules_to_not_convert) if spec.modules_to_not_convert is not None else ["lm_head"]
-    for name in linears_to_quantize(draft, skip):
+    names = linears_to_quantize(draft, skip)
+    linearize(draft, names)  # GPT-2's Conv1D -> the equivalent nn.Linear (the draft's own modules)
+    for name in names:
         linear = draft.get_submodule(name)
         q = quantize_matrix(
             linear.weight, spec, bits_for_module(name, spec), scale_dtype=scale_dtype_of(spec.scale_dtype)

@@ -12,7 +12,8 @@ from hf_efficiency import EfficiencyConfig
 from hf_efficiency.demo import kjv_text
 from hf_efficiency.quant import QuantLinear
 from hf_efficiency.quant.calibrated.capture import collect_layer_stats, find_decoder_layers
-from hf_efficiency.quant.calibrated.pipeline import fold_scales, scaling_groups
+from hf_efficiency.families import family_of
+from hf_efficiency.quant.calibrated.pipeline import fold_group, scaling_groups
 from hf_efficiency.quant.core.mixed import allocate_bits, bits_for_module, module_matches
 from hf_efficiency.quant.core.outliers import outlier_scores, select_outliers
 from hf_efficiency.quant.core.scheme import fake_quantize
@@ -120,12 +121,13 @@ def test_fold_scales_keeps_the_float_layer_equivalent(tiny_dir):
     with torch.no_grad():
         ref = model(ids).logits
         _, layers = find_decoder_layers(model)
+        family = family_of(model)
         for layer in layers:
-            groups = scaling_groups(layer)
+            groups = scaling_groups(layer, family, model.config)
             assert len(groups) == 4  # q/k/v, o (no shared kv heads), gate/up, down
-            for producer, consumers in groups:
+            for group, consumers in groups:
                 s = torch.rand(layer.get_submodule(consumers[0]).in_features) * 4 + 0.25
-                fold_scales(producer, [layer.get_submodule(c) for c in consumers], s)
+                fold_group(layer, group, family, s)
         assert torch.allclose(model(ids).logits, ref, atol=1e-4)
 
 

@@ -23,6 +23,7 @@ from transformers.utils import logging
 
 from ...config import CalibrationSpec
 from ...data import load_text, token_windows
+from ...families import find_decoder_layers  # noqa: F401 - re-exported (the layer walk is generic)
 
 logger = logging.get_logger(__name__)
 
@@ -46,19 +47,6 @@ def calibration_windows(spec: CalibrationSpec, tokenizer: Any) -> torch.LongTens
             f"(calibration.samples={spec.samples}); using {windows.shape[0]}"
         )
     return windows
-
-
-def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The ``nn.ModuleList`` of decoder layers (``model.model.layers`` and the like)."""
-    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) and (n is None or len(module) == n):
-            if name.endswith("layers") or name.endswith(".h") or name.endswith("blocks"):
-                return name, module
-    raise ValueError(
-        f"could not find the decoder layers of {type(model).__name__} (an nn.ModuleList named '*layers', "
-        "'*.h' or '*blocks' with config.num_hidden_layers entries); calibrated methods need them"
-    )
 
 
 class _Stop(Exception):

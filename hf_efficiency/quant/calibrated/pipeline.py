@@ -18,19 +18,27 @@ from torch import nn
 from transformers.utils import logging
 
 from ...config import EfficiencyConfig, QuantizationSpec
+from ...families import (
+    Family,
+    ScalingGroup,
+    UnsupportedFamilyError,
+    family_of,
+    find_decoder_layers,
+    fold_scales,
+    require_family,
+)
 from ..core.mixed import allocate_bits, bits_for_module, mean_bits
 from ..core.scheme import fake_quantize
 from ..methods import get_method, quantize_matrix, weight_format
 from ..methods.awq import smoothquant_scales
 from ..modules.linear import QuantLinear, outlier_count, scale_dtype_of
-from ..modules.replace import linears_to_quantize, set_submodule
+from ..modules.replace import linearize, linears_to_quantize, set_submodule
 from .capture import (
     InputStats,
     calibration_windows,
     capture_first_layer_inputs,
     collect_layer_stats,
     collect_model_input_rms,
-    find_decoder_layers,
     run_layer,
 )
 
@@ -52,30 +60,11 @@ class PipelineReport:
     mean_bits: float | None = None
 
 
-# --- structure: which producer feeds which consumers -------------------------------------------
-def scaling_groups(layer: nn.Module) -> list[tuple[nn.Module, list[str]]]:
-    """``(producer, consumer linear names)`` pairs of a Llama-style decoder layer whose input
-    channels can be rescaled exactly: input norm -> q/k/v, post-attention norm -> gate/up,
-    up -> down, and v -> o when no key/value heads are shared (v's rows map 1:1 to o's columns)."""
-    try:
-        attn, mlp = layer.self_attn, layer.mlp
-        norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
-        _ = attn.q_proj, attn.k_proj, mlp.gate_proj, mlp.down_proj  # must exist
-        v, o, up = attn.v_proj, attn.o_proj, mlp.up_proj
-    except AttributeError as e:
-        raise NotImplementedError(
-            f"AWQ/SmoothQuant scale folding supports Llama-style decoder layers (input_layernorm, "
-            f"self_attn.q/k/v/o_proj, post_attention_layernorm, mlp.gate/up/down_proj: Llama, Mistral, Qwen2, "
-            f"SmolLM, ...); {type(layer).__name__} has no {e.name!r}"
-        ) from e
-    for norm in (norm1, norm2):
-        if "gemma" in type(norm).__name__.lower() or not isinstance(getattr(norm, "weight", None), torch.Tensor):
-            raise NotImplementedError(f"cannot fold scales into {type(norm).__name__} (needs y = weight * x_hat)")
-    groups = [(norm1, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"])]
-    if v.out_features == o.in_features:
-        groups.append((v, ["self_attn.o_proj"]))
-    groups += [(norm2, ["mlp.gate_proj", "mlp.up_proj"]), (up, ["mlp.down_proj"])]
-    return groups
+# --- structure: which producer feeds which consumers (read from the family description) -------------
+def scaling_groups(layer: nn.Module, family: Family, config: Any = None) -> list[tuple[ScalingGroup, list[str]]]:
+    """``(group, consumer linear names)`` of a decoder layer whose input channels can be rescaled exactly,
+    as the model's family describes them (see `hf_efficiency.families`)."""
+    return [(g, list(g.consumers)) for g in family.groups_for(layer, config)]
 
 
 @dataclass
@@ -91,13 +80,20 @@ class _Layer:
     spec: QuantizationSpec
     scale_dtype: torch.dtype
     report: PipelineReport
+    family: Family | None = None
+    config: Any = None
 
-    def scaling_groups(self) -> list[tuple[nn.Module, list[str]]]:
-        return scaling_groups(self.layer)
+    def scaling_groups(self) -> list[tuple[ScalingGroup, list[str]]]:
+        if self.family is None:
+            raise UnsupportedFamilyError("scale folding needs the model's family description")
+        return scaling_groups(self.layer, self.family, self.config)
 
-    def fold(self, producer: nn.Module, consumers: list[str], scales: torch.Tensor) -> None:
-        fold_scales(producer, [self.layer.get_submodule(c) for c in consumers], scales)
+    def fold(self, group: ScalingGroup, consumers: list[str], scales: torch.Tensor) -> None:
+        fold_group(self.layer, group, self.family, scales)
         self.stats[consumers[0]].scale_inputs(scales)
+
+    def attention_logit_linears(self) -> tuple[str, ...]:
+        return self.family.attention_logit_linears if self.family is not None else ()
 
     def fake_quant(self, bits: int):
         return _fake_quant(self.spec, bits, self.scale_dtype)
@@ -106,19 +102,15 @@ class _Layer:
         getattr(self.report, key)[name] = value
 
 
-@torch.no_grad()
-def fold_scales(producer: nn.Module, consumers: list[nn.Linear], s: torch.Tensor) -> None:
-    """Divide the producer's output channels by ``s`` and multiply the consumers' input columns
-    by ``s`` (exact in float)."""
-    s = s.to(producer.weight.device)
-    if isinstance(producer, nn.Linear):
-        producer.weight.div_(s.to(producer.weight.dtype).unsqueeze(1))
-    else:
-        producer.weight.div_(s.to(producer.weight.dtype))
-    if getattr(producer, "bias", None) is not None:
-        producer.bias.div_(s.to(producer.bias.dtype))
-    for linear in consumers:
-        linear.weight.mul_(s.to(linear.weight.dtype).unsqueeze(0))
+def fold_group(layer: nn.Module, group: ScalingGroup, family: Family, scales: torch.Tensor) -> None:
+    """Fold ``scales`` into one scaling group of ``layer`` (exact in float)."""
+    fold_scales(
+        layer.get_submodule(group.producer),
+        [layer.get_submodule(c) for c in group.consumers],
+        scales,
+        part=group.part,
+        norm_weight_offset=family.norm_weight_offset,
+    )
 
 
 # --- the pipeline --------------------------------------------------------------------------
@@ -172,6 +164,7 @@ def quantize_calibrated(
     names = linears_to_quantize(model, skip)
     if not names:
         raise ValueError(f"quantization matched no nn.Linear module (modules_to_not_convert={skip!r})")
+    linearize(model, names)  # GPT-2's Conv1D -> the equivalent nn.Linear
 
     if spec.target_bits is not None:
         alloc = _sensitivity_bits(model, config, names, windows, spec, scale_dtype)
@@ -188,6 +181,12 @@ def quantize_calibrated(
 
     method = get_method(spec.method)
     smooth = act.smoothquant if act is not None else None
+    family = family_of(model)
+    if method.folds_input_scales or smooth is not None:
+        what = f"method {method.name!r}" if method.folds_input_scales else "SmoothQuant (activations.smoothquant)"
+        family = require_family(model, f"{what} folds scales into the preceding norms and linears and")
+        if not family.scaling_groups:
+            family.groups_for(layers[0], model.config)  # raises, naming the family and what is missing
     act_mode = act.mode if act is not None else None
     in_layers = set()
     for i, layer in enumerate(tqdm(layers, desc=f"quantizing layers ({method.name})", disable=not progress)):
@@ -205,16 +204,26 @@ def quantize_calibrated(
         bits_of = {n: bits_for_module(prefix + n, spec) for n in local}
 
         if smooth is not None and not method.folds_input_scales:
-            for producer, consumers in scaling_groups(layer):
+            for group, consumers in scaling_groups(layer, family, model.config):
                 if not all(c in stats for c in consumers):
                     continue  # a consumer is skipped (kept in float): leave this group alone
                 st: InputStats = stats[consumers[0]]
                 linears = [layer.get_submodule(c) for c in consumers]
                 s = smoothquant_scales(st.absmax.cpu(), [lin.weight for lin in linears], smooth)
-                fold_scales(producer, linears, s)
+                fold_group(layer, group, family, s)
                 st.scale_inputs(s)
         ctx = _Layer(
-            layer, prefix, local, stats, bits_of, weight_format(spec, spec.bits, scale_dtype), spec, scale_dtype, report
+            layer,
+            prefix,
+            local,
+            stats,
+            bits_of,
+            weight_format(spec, spec.bits, scale_dtype),
+            spec,
+            scale_dtype,
+            report,
+            family,
+            model.config,
         )
         method.prepare_layer(ctx, spec.options)
 

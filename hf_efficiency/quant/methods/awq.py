@@ -137,8 +137,9 @@ class AWQ(QuantMethod):
             ctx.fold(producer, consumers, s)
         if not options.clip:
             return
+        skip_clip = set(ctx.attention_logit_linears())
         for n in ctx.names:
-            if n.endswith(("q_proj", "k_proj")):
+            if n in skip_clip:
                 continue  # as llm-awq: q/k errors are absorbed by the softmax
             lin = ctx.layer.get_submodule(n)
             clamped = awq_search_clip(

@@ -130,10 +130,14 @@ class LayerContext(Protocol):
     bits: dict[str, int]  # name -> width
     fmt: WeightFormat  # the section's format (at its default width)
 
-    def scaling_groups(self) -> list[tuple[nn.Module, list[str]]]:
-        """``(producer, consumer names)`` whose input channels can be rescaled exactly."""
+    def scaling_groups(self) -> list[tuple[Any, list[str]]]:
+        """``(group, consumer names)`` whose input channels can be rescaled exactly (from the model's
+        family description, `hf_efficiency.families`)."""
 
-    def fold(self, producer: nn.Module, consumers: list[str], scales: torch.Tensor) -> None:
+    def attention_logit_linears(self) -> tuple[str, ...]:
+        """The separate q/k projections (relative names) whose rounding errors the softmax absorbs."""
+
+    def fold(self, group: Any, consumers: list[str], scales: torch.Tensor) -> None:
         """Divide the producer's output channels and multiply the consumers' input columns by
         ``scales`` (the float model is unchanged), and rescale the recorded statistics."""
 

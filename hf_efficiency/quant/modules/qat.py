@@ -30,7 +30,7 @@ from ...config import SECTIONS, EfficiencyConfig, QuantizationSpec, saved_sectio
 from ..core.mixed import bits_for_module
 from ..core.scheme import dequantize_codes, integer_zero, minmax_codes
 from .linear import QuantLinear, scale_dtype_of
-from .replace import linears_to_quantize, modules_to_not_convert, set_submodule
+from .replace import linearize, linears_to_quantize, modules_to_not_convert, set_submodule
 
 #: attribute of a prepared model holding its `EfficiencyConfig`
 QAT_ATTRIBUTE = "hf_efficiency_qat"
@@ -299,6 +299,7 @@ def prepare_qat(model: nn.Module, config: EfficiencyConfig | QuantizationSpec | 
             f"quantization matched no nn.Linear module (modules_to_not_convert={skip!r}); nothing would be trained "
             "quantization-aware"
         )
+    linearize(model, names)  # GPT-2's Conv1D -> the equivalent nn.Linear
     scale_dtype = scale_dtype_of(spec.scale_dtype)
     for name in names:
         linear = model.get_submodule(name)

@@ -9,6 +9,7 @@ from torch import nn
 from transformers.utils import logging
 
 from ...config import QuantizationSpec
+from ...families import conv1d_to_linear
 from .linear import QuantLinear, outlier_count, scale_dtype_of
 
 logger = logging.get_logger(__name__)
@@ -35,21 +36,56 @@ def tied_output_embedding(model: nn.Module) -> nn.Module | None:
 def modules_to_not_convert(model: nn.Module, spec: QuantizationSpec) -> list[str]:
     """Module names/patterns kept in float: ``spec.modules_to_not_convert`` when given, else
     transformers' own default (the output embedding and the model's ``_keep_in_fp32_modules``),
-    exactly as the quantizer applies it."""
+    exactly as the quantizer applies it, plus the family's never-quantized modules (routers)."""
     if spec.modules_to_not_convert is not None:
         return list(spec.modules_to_not_convert)
     from transformers.quantizers.base import HfQuantizer
 
-    return HfQuantizer.get_modules_to_not_convert(model, None, getattr(model, "_keep_in_fp32_modules", None))
+    from ...families import family_of
+
+    keep = HfQuantizer.get_modules_to_not_convert(model, None, getattr(model, "_keep_in_fp32_modules", None))
+    family = family_of(model)
+    extra = [n for n in (family.never_quantize if family is not None else ()) if n not in keep]
+    return list(keep) + extra
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's ``Conv1D``: a linear layer storing its weight ``[in, out]``."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def is_linear(module: nn.Module) -> bool:
+    """``nn.Linear`` or GPT-2's ``Conv1D`` (the layers quantization replaces)."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of an ``nn.Linear`` or a ``Conv1D``."""
+    if is_conv1d(module):
+        return int(module.weight.shape[0]), int(module.weight.shape[1])
+    return module.in_features, module.out_features
+
+
+def linearize(model: nn.Module, names: list[str]) -> int:
+    """Replace each ``Conv1D`` among ``names`` by the ``nn.Linear`` computing the same (exact), so that the
+    quantization code sees one layout; returns how many were replaced."""
+    count = 0
+    for name in names:
+        module = model.get_submodule(name)
+        if is_conv1d(module):
+            set_submodule(model, name, conv1d_to_linear(module))
+            count += 1
+    return count
 
 
 def linears_to_quantize(model: nn.Module, skip: list[str] | None) -> list[str]:
-    """Names of the ``nn.Linear`` modules that the spec quantizes, in model order. A head tied to the input
-    embeddings stays float even when no pattern keeps it (its weight is the embedding matrix)."""
+    """Names of the ``nn.Linear`` (and GPT-2 ``Conv1D``) modules that the spec quantizes, in model order. A
+    head tied to the input embeddings stays float even when no pattern keeps it (its weight is the embedding
+    matrix)."""
     tied = tied_output_embedding(model)
     names = []
     for n, m in model.named_modules():
-        if not isinstance(m, nn.Linear) or is_skipped(n, skip):
+        if not is_linear(m) or is_skipped(n, skip):
             continue
         if m is tied:
             logger.warning(f"{n} is tied to the input embeddings (tie_word_embeddings=True): it stays float")
@@ -79,9 +115,10 @@ def replace_with_quant_linear(
     for name in names:
         linear = model.get_submodule(name)
         fmt = spec.format_of(name)
+        in_features, out_features = linear_features(linear)
         shell = QuantLinear(
-            linear.in_features,
-            linear.out_features,
+            in_features,
+            out_features,
             linear.bias is not None,
             bits=fmt["bits"],
             group_size=fmt["group_size"],
@@ -95,6 +132,8 @@ def replace_with_quant_linear(
             zero_point=fmt.get("zero_point", "float"),
         )
         shell.requires_grad_(False)
+        if is_conv1d(linear):
+            shell.source_layout = "conv1d"  # a float checkpoint stores this weight [in, out]: QuantizeOp transposes
         set_submodule(model, name, shell)
     return names
 
