@@ -2,11 +2,17 @@
 
 * on-the-fly (``from_pretrained(fp_model, efficiency_config=...)``): linears become empty
   `QuantLinear` shells on the meta device; each float weight is quantized by `QuantizeOp` as it
-  is read from disk, so the full float model never sits in memory.
+  is read from disk, so the full float model never sits in memory. A mixture-of-experts family's
+  fused experts modules stay float (meta) until transformers' converters have merged a layer's
+  per-expert checkpoint tensors into ``gate_up_proj`` / ``down_proj``; `QuantizeOp` then swaps the
+  module for a `QuantExperts` and quantizes the fused tensor expert by expert (one layer's fused
+  float tensor in memory at a time).
 * calibrated (``awq``, ``gptq``, automatic mixed precision, static activations, SmoothQuant,
   outliers with calibration data): the float weights load as they are, then
-  :func:`~.pipeline.quantize_calibrated` runs layer by layer on the calibration data.
-* pre-quantized (our checkpoint): the same shells, then the checkpoint headers are validated and
+  :func:`~.pipeline.quantize_calibrated` runs layer by layer on the calibration data (experts with
+  round-to-nearest).
+* pre-quantized (our checkpoint): the same shells (`QuantExperts` ones included, unless the checkpoint
+  predates quantized experts and stores them in float), then the checkpoint headers are validated and
   the packed tensors load by name.
 """
 
@@ -20,10 +26,18 @@ from transformers.utils import logging
 
 from ..config import FORMAT_VERSION, QUANT_METHOD, EfficiencyConfig
 from ..data import base_model_of
+from ..families import family_of
 from ..quant.methods import quantize_matrix
+from ..quant.modules.experts import GATE_UP, QuantExperts
 from ..quant.modules.linear import QuantLinear
-from ..quant.modules.replace import dequantize_model, modules_to_not_convert, replace_with_quant_linear
-from .checkpoint import validate_checkpoint
+from ..quant.modules.replace import (
+    dequantize_model,
+    experts_to_quantize,
+    modules_to_not_convert,
+    replace_with_quant_linear,
+    set_submodule,
+)
+from .checkpoint import checkpoint_keys, validate_checkpoint
 
 logger = logging.get_logger(__name__)
 
@@ -39,6 +53,8 @@ class QuantizeOp(ConversionOps):
         weight = value[0] if isinstance(value, list) else value
         module, _ = get_module_from_name(model, full_layer_name)
         spec = self.hf_quantizer.quantization_config.quantization
+        if not isinstance(module, QuantLinear):
+            return self._convert_experts(weight, full_layer_name, model, kwargs.get("missing_keys"))
         if getattr(module, "source_layout", "linear") == "conv1d":
             weight = weight.t()  # GPT-2's Conv1D stores [in, out]
         q = quantize_matrix(weight, spec, module.bits, scale_dtype=module.weight_scale.dtype, outliers=module.outliers)
@@ -54,6 +70,23 @@ class QuantizeOp(ConversionOps):
             out[f"{prefix}.weight_outlier_value"] = q.outlier_value
         return out
 
+    def _convert_experts(self, weight, full_layer_name: str, model, missing_keys) -> dict:
+        """A fused float expert tensor (``<experts>.gate_up_proj`` or ``.down_proj``): swap the experts module for
+        a `QuantExperts` on the tensor's device (first of its two tensors) and quantize the tensor into it."""
+        quantizer = self.hf_quantizer
+        spec = quantizer.quantization_config.quantization
+        desc = family_of(model).experts
+        name, _, param = full_layer_name.rpartition(".")
+        module = model.get_submodule(name)
+        if not isinstance(module, QuantExperts):
+            module = QuantExperts.shell(module, spec, name, desc=desc, device=weight.device)
+            set_submodule(model, name, module)
+        module.quantize_fused_("gate_up" if param == desc.gate_up else "down", weight, spec)
+        quantizer.loaded_expert_tensors.add(full_layer_name)
+        if missing_keys is not None:
+            missing_keys.discard(full_layer_name)  # loaded, under the QuantExperts' own names
+        return {}
+
 
 class EfficiencyHfQuantizer(HfQuantizer):
     """Applies an `EfficiencyConfig` inside ``from_pretrained``."""
@@ -64,6 +97,8 @@ class EfficiencyHfQuantizer(HfQuantizer):
     def __init__(self, quantization_config: EfficiencyConfig, **kwargs) -> None:
         super().__init__(quantization_config, **kwargs)
         self.quantized_modules: list[str] = []
+        self.float_experts: list[str] = []  # on the fly: experts modules `QuantizeOp` quantizes as they load
+        self.loaded_expert_tensors: set[str] = set()
 
     def update_attn_implementation(self, config):
         """Build the model with the saved ``attention.implementation`` unless one was asked for."""
@@ -87,8 +122,12 @@ class EfficiencyHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         # calibrated methods quantize after the float weights are loaded
         if self.quantization_config.quantization is not None and not self._calibrates:
+            skip = self._skip_list(model)
+            experts = self.pre_quantized and _saved_experts_quantized(model, checkpoint_files)
+            if not self.pre_quantized:
+                self.float_experts = experts_to_quantize(model, skip)
             self.quantized_modules = replace_with_quant_linear(
-                model, self.quantization_config.quantization, self._skip_list(model), self._act_mode()
+                model, self.quantization_config.quantization, skip, self._act_mode(), experts=experts
             )
             if self.pre_quantized and checkpoint_files:
                 validate_checkpoint(model, checkpoint_files)
@@ -103,7 +142,12 @@ class EfficiencyHfQuantizer(HfQuantizer):
         if self.pre_quantized or self._calibrates:
             return False
         module, tensor_name = get_module_from_name(model, param_name)
-        return isinstance(module, QuantLinear) and tensor_name == "weight"
+        if isinstance(module, QuantLinear):
+            return tensor_name == "weight"
+        if not self.float_experts:
+            return False
+        desc = family_of(model).experts
+        return tensor_name in (desc.gate_up, desc.down) and param_name.rpartition(".")[0] in self.float_experts
 
     def get_quantize_ops(self):
         return QuantizeOp(self)
@@ -114,6 +158,8 @@ class EfficiencyHfQuantizer(HfQuantizer):
             from ..peft.methods import init_unloaded_peft_parameters
 
             init_unloaded_peft_parameters(model, warn=self.pre_quantized)  # before any calibration pass
+        if self.float_experts:
+            self._check_experts_loaded(model)
         if self._calibrates:
             from ..quant.calibrated.pipeline import quantize_calibrated
 
@@ -141,6 +187,24 @@ class EfficiencyHfQuantizer(HfQuantizer):
 
             mark_trainable(model, peft)
         return model
+
+    def _check_experts_loaded(self, model) -> None:
+        """Raise naming the first experts module whose float tensors were not all in the checkpoint (it would
+        otherwise keep randomly initialized weights)."""
+        desc = family_of(model).experts
+        for name in self.float_experts:
+            for param in (desc.gate_up, desc.down):
+                if f"{name}.{param}" not in self.loaded_expert_tensors:
+                    raise ValueError(
+                        f"the checkpoint has no {param} tensor for {name} (per-expert or fused); the mixture-of-experts "
+                        "tensors cannot be quantized"
+                    )
+        self.quantized_modules += [
+            f"{name}.{n}"
+            for name in self.float_experts
+            for n, m in model.get_submodule(name).named_modules()
+            if isinstance(m, QuantLinear)
+        ]
 
     def _calibration_tokenizer(self, model):
         from transformers import AutoTokenizer
@@ -180,8 +244,25 @@ class EfficiencyHfQuantizer(HfQuantizer):
         if isinstance(dtype, str):  # a saved config's dtype is a string
             dtype = getattr(torch, dtype)
         count = dequantize_model(model, dtype or torch.float32)
-        logger.info(f"dequantized {count} QuantLinear modules to {dtype}")
+        logger.info(f"dequantized {count} QuantLinear / QuantExperts modules to {dtype}")
         return model
+
+
+def _saved_experts_quantized(model, checkpoint_files) -> bool:
+    """Whether a checkpoint of ours holds `QuantExperts` tensors for the model's experts. Checkpoints written
+    before experts were quantized store them in float (per-expert or fused keys): those keep the float module.
+    A checkpoint with neither counts as quantized, so that validation names the missing tensors."""
+    family = family_of(model)
+    if family is None or family.experts is None or not checkpoint_files:
+        return True
+    keys = checkpoint_keys(checkpoint_files)
+    marker = f".{family.experts.module.rpartition('.')[2]}."  # ".experts."
+    if any(f"{marker}{GATE_UP}." in k for k in keys):
+        return True
+    if any(marker in k for k in keys):
+        logger.info("the checkpoint stores the mixture-of-experts tensors in float: they load unquantized")
+        return False
+    return True
 
 
 def attach_quantizer(model, config: EfficiencyConfig, names: list[str]) -> None:

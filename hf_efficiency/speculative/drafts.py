@@ -75,7 +75,9 @@ class ModelDrafter(Drafter):
     def reset(self) -> None:
         from transformers.cache_utils import DynamicCache
 
-        self.cache = DynamicCache(config=getattr(self.model, "config", None))
+        from .slots import rollback_cache
+
+        self.cache = rollback_cache(DynamicCache(config=getattr(self.model, "config", None)))
 
     def propose(
         self, slots: Slots, k: int, *, warp: Warp | None, do_sample: bool, generator: torch.Generator | None
@@ -169,39 +171,35 @@ def _shallow(module: nn.Module) -> nn.Module:
 
 def _decoder_layers(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
     """The base model, the attribute name of its decoder-layer list and the list."""
-    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
-    if not isinstance(base, nn.Module):
-        raise ValueError(
-            f"{type(model).__name__} has no base model attribute {model.base_model_prefix!r}; "
-            "early-exit drafts need a decoder with a list of layers"
-        )
-    n = getattr(model.config, "num_hidden_layers", None)
-    for name, child in base.named_children():
-        if isinstance(child, nn.ModuleList) and (n is None or len(child) == n):
-            return base, name, child
-    raise ValueError(
-        f"could not find the decoder layers of {type(model).__name__} (an nn.ModuleList of "
-        f"num_hidden_layers={n} modules in {type(base).__name__})"
-    )
+    from ..families import find_decoder_layers
+
+    path, layers = find_decoder_layers(model)  # model.layers, OPT's model.decoder.layers, GPT-2's transformer.h
+    parent, _, name = path.rpartition(".")
+    return (model.get_submodule(parent) if parent else model), name, layers
 
 
 def early_exit_model(target: nn.Module, num_layers: int) -> nn.Module:
     """A view of ``target`` running only its first ``num_layers`` decoder layers, then its final norm
     and head. It shares every tensor with the target (no copy)."""
-    base, name, layers = _decoder_layers(target)
+    from ..families import find_decoder_layers
+
+    _, name, layers = _decoder_layers(target)
     if not 1 <= num_layers < len(layers):
         raise ValueError(f"early-exit:{num_layers} needs 1 <= K < {len(layers)} (the target's decoder layers)")
     config = copy.deepcopy(target.config)
     config.num_hidden_layers = num_layers
     if isinstance(getattr(config, "layer_types", None), list):
         config.layer_types = config.layer_types[:num_layers]
-    inner = _shallow(base)
-    inner._modules[name] = nn.ModuleList(list(layers)[:num_layers])
-    inner.config = config
-    outer = _shallow(target)
-    outer._modules[target.base_model_prefix] = inner
-    outer.config = config
-    return outer.eval()
+    path = find_decoder_layers(target)[0].split(".")[:-1]  # the modules from the target down to the list's owner
+    chain = [target] + [target.get_submodule(".".join(path[: i + 1])) for i in range(len(path))]
+    views = [_shallow(m) for m in chain]
+    views[-1]._modules[name] = nn.ModuleList(list(layers)[:num_layers])
+    for view, child_name, child in zip(views, path, views[1:]):
+        view._modules[child_name] = child
+    for view in views:
+        if hasattr(view, "config"):
+            view.config = config
+    return views[0].eval()
 
 
 def _copy_sharing(target: nn.Module, convert: Callable[[Tensor], Tensor] | None = None) -> nn.Module:

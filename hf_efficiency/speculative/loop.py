@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..config import SpeculativeSpec
 from .drafts import Drafter, build_drafter
-from .slots import Slots, crop_cache, forward_slots
+from .slots import Slots, crop_cache, forward_slots, rollback_cache
 from .verify import greedy_verify, sampling_verify
 from .warp import row_warp
 
@@ -225,7 +225,7 @@ def speculative_generate(
     start = time.perf_counter()
     b, device = input_ids.shape[0], input_ids.device
     slots = Slots(input_ids, mask)
-    t_cache = saved_kv_cache(target) or DynamicCache(config=getattr(target, "config", None))
+    t_cache = rollback_cache(saved_kv_cache(target) or DynamicCache(config=getattr(target, "config", None)))
     drafter.reset()
     control = DraftLength(spec)
     # bookkeeping on the host: one transfer of the step's results instead of a sync per token

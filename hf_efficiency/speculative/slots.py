@@ -81,8 +81,16 @@ def forward_slots(model: nn.Module, cache, ids: Tensor, mask: Tensor, keep: int)
     return out.logits[:, -keep:].float()
 
 
+def rollback_cache(cache):
+    """Make ``cache`` able to drop rejected tokens: sliding-window layers (Mistral, Gemma 2/3, ...) keep their
+    past until the next `crop_cache` instead of discarding it at the window. Returns the cache."""
+    if hasattr(cache, "activate_past_recording"):
+        cache.activate_past_recording()
+    return cache
+
+
 def crop_cache(cache, length: int) -> None:
-    """Drop cached slots beyond ``length`` (transformers 5 crops by a negative count)."""
+    """Drop cached slots beyond ``length`` (transformers 5 crops by a negative count); ``crop(0)`` also trims
+    sliding-window layers that recorded their past back to the window."""
     extra = cache.get_seq_length() - length
-    if extra > 0:
-        cache.crop(-extra)
+    cache.crop(-extra if extra > 0 else 0)

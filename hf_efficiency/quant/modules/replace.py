@@ -1,4 +1,5 @@
-"""Swap `nn.Linear` layers of a model for `QuantLinear` (structure only; no tensor math here)."""
+"""Swap `nn.Linear` layers of a model for `QuantLinear`, and a mixture-of-experts family's fused experts modules
+for `QuantExperts` (structure only; no tensor math here)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from torch import nn
 from transformers.utils import logging
 
 from ...config import QuantizationSpec
-from ...families import conv1d_to_linear
+from ...families import conv1d_to_linear, family_of, find_decoder_layers
+from .experts import QuantExperts
 from .linear import QuantLinear, outlier_count, scale_dtype_of
 
 logger = logging.get_logger(__name__)
@@ -40,8 +42,6 @@ def modules_to_not_convert(model: nn.Module, spec: QuantizationSpec) -> list[str
     if spec.modules_to_not_convert is not None:
         return list(spec.modules_to_not_convert)
     from transformers.quantizers.base import HfQuantizer
-
-    from ...families import family_of
 
     keep = HfQuantizer.get_modules_to_not_convert(model, None, getattr(model, "_keep_in_fp32_modules", None))
     family = family_of(model)
@@ -94,6 +94,37 @@ def linears_to_quantize(model: nn.Module, skip: list[str] | None) -> list[str]:
     return names
 
 
+def experts_to_quantize(model: nn.Module, skip: list[str] | None) -> list[str]:
+    """Names of the fused mixture-of-experts modules (``family.experts.module`` of each decoder layer that has
+    one) that the spec quantizes, in model order; empty for families without experts."""
+    family = family_of(model)
+    if family is None or family.experts is None:
+        return []
+    layers_name, layers = find_decoder_layers(model)
+    names = []
+    for i, layer in enumerate(layers):
+        try:
+            module = layer.get_submodule(family.experts.module)
+        except AttributeError:  # a dense layer (decoder_sparse_step, mlp_only_layers)
+            continue
+        name = f"{layers_name}.{i}.{family.experts.module}"
+        if not isinstance(module, QuantExperts) and not is_skipped(name, skip):
+            names.append(name)
+    return names
+
+
+def replace_with_quant_experts(model: nn.Module, spec: QuantizationSpec, names: list[str]) -> list[str]:
+    """Replace the fused experts modules ``names`` by empty `QuantExperts` shells on their own device (meta during
+    ``from_pretrained``); returns the names of the per-expert `QuantLinear` modules they hold."""
+    desc = family_of(model).experts
+    linears = []
+    for name in names:
+        shell = QuantExperts.shell(model.get_submodule(name), spec, name, desc=desc)
+        set_submodule(model, name, shell)
+        linears += [f"{name}.{n}" for n, m in shell.named_modules() if isinstance(m, QuantLinear)]
+    return linears
+
+
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     """Put ``module`` at the dotted path ``name`` of ``model`` (replacing what is there)."""
     parent_name, _, child = name.rpartition(".")
@@ -102,13 +133,21 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def replace_with_quant_linear(
-    model: nn.Module, spec: QuantizationSpec, skip: list[str] | None, act_mode: str | None = None
+    model: nn.Module,
+    spec: QuantizationSpec,
+    skip: list[str] | None,
+    act_mode: str | None = None,
+    *,
+    experts: bool = True,
 ) -> list[str]:
     """Replace the selected linears by empty `QuantLinear` shells on the linears' own device
     (meta during ``from_pretrained``), with each module's format (``module_bits``, ``module_formats``),
-    outlier count and activation mode. Returns the replaced names; raises if nothing matched."""
+    outlier count and activation mode, and (``experts=True``) the family's fused experts modules by
+    `QuantExperts` shells (weight-only). Returns the names of every `QuantLinear` made, per-expert ones
+    included; raises if nothing matched."""
     names = linears_to_quantize(model, skip)
-    if not names:
+    expert_names = experts_to_quantize(model, skip)
+    if not names and not expert_names:
         raise ValueError(
             f"quantization matched no nn.Linear module (modules_to_not_convert={skip!r}); nothing would be quantized"
         )
@@ -126,7 +165,7 @@ def replace_with_quant_linear(
             scale_dtype=scale_dtype_of(fmt["scale_dtype"]),
             bias_dtype=linear.weight.dtype,
             device=linear.weight.device,
-            outliers=outlier_count(linear.in_features, spec.outliers),
+            outliers=outlier_count(in_features, spec.outliers),
             act_mode=act_mode,
             act_order=fmt["act_order"],
             zero_point=fmt.get("zero_point", "float"),
@@ -135,12 +174,18 @@ def replace_with_quant_linear(
         if is_conv1d(linear):
             shell.source_layout = "conv1d"  # a float checkpoint stores this weight [in, out]: QuantizeOp transposes
         set_submodule(model, name, shell)
+    if experts:
+        names = names + replace_with_quant_experts(model, spec, expert_names)
     return names
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype) -> int:
-    """Replace every `QuantLinear` by an ``nn.Linear`` holding its dequantized weight."""
+    """Replace every `QuantExperts` by its original fused module and every other `QuantLinear` by an
+    ``nn.Linear``, holding the dequantized weights; returns how many modules were replaced."""
+    experts = [n for n, m in model.named_modules() if isinstance(m, QuantExperts)]
+    for name in experts:
+        set_submodule(model, name, model.get_submodule(name).to_float(dtype))
     names = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     for name in names:
         set_submodule(model, name, model.get_submodule(name).to_linear(dtype))
-    return len(names)
+    return len(experts) + len(names)
