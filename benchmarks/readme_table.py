@@ -1,4 +1,4 @@
-"""Copy a generated table into README.md between its markers.
+"""Copy a generated table into README.md (and any docs page carrying the same markers) between its markers.
 
 python benchmarks/readme_table.py            # quantization (benchmarks/results/quantization.md)
 python benchmarks/readme_table.py memory     # memory (benchmarks/results/memory.md)
@@ -22,10 +22,17 @@ def main(name: str = "quantization") -> None:
         readme = fh.read()
     if start not in readme or end not in readme:
         raise SystemExit(f"README.md lacks the {start} / {end} markers")
-    readme = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{table}\n{end}", readme, flags=re.S)
-    with open(path, "w") as fh:
-        fh.write(readme)
-    print(f"README.md: {name} table copied")
+    docs = os.path.join(ROOT, "docs")
+    pages = [os.path.join(d, f) for d, _, fs in os.walk(docs) for f in fs if f.endswith(".md")]
+    for page in [path] + sorted(pages):
+        with open(page) as fh:
+            text = fh.read()
+        if start not in text or end not in text:
+            continue
+        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{table}\n{end}", text, flags=re.S)
+        with open(page, "w") as fh:
+            fh.write(text)
+        print(f"{os.path.relpath(page, ROOT)}: {name} table copied")
 
 
 if __name__ == "__main__":

@@ -287,3 +287,30 @@ def test_moe_families_describe_their_fused_experts():
         e, two_i, h = getattr(experts, fam.experts.gate_up).shape
         assert e == getattr(model.config, fam.experts.num_experts_attr) == 4
         assert h == 64 and two_i == 2 * getattr(model.config, fam.experts.intermediate_attr)
+
+
+# --- attention implementations and the quantized KV cache ---------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+def test_blockwise_attention_matches_eager(float_dirs, family):
+    """The exact block-wise attention ("flash" on CPU) computes what eager attention computes, soft-capping
+    and sliding windows included."""
+    eager = AutoModelForCausalLM.from_pretrained(float_dirs[family], attn_implementation="eager")
+    blockwise = AutoModelForCausalLM.from_pretrained(float_dirs[family], attn_implementation="hf_efficiency_blockwise")
+    assert blockwise.config._attn_implementation == "hf_efficiency_blockwise"
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(4))  # longer than the windows
+    with torch.no_grad():
+        ref, out = eager(ids).logits, blockwise(ids).logits
+    assert ((out - ref).norm() / ref.norm()).item() <= 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_quantized_kv_cache_decodes(float_dirs, family):
+    """Greedy decoding with int8 keys and values (`QuantizedKVCache`) follows the float cache's tokens."""
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(5))
+    plain = AutoModelForCausalLM.from_pretrained(float_dirs[family])
+    ref = plain.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
+    model = AutoModelForCausalLM.from_pretrained(
+        float_dirs[family], efficiency_config={"attention": {"kv_cache_bits": 8, "kv_group_size": 16}}
+    )
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
+    assert torch.equal(out, ref)
