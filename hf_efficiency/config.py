@@ -25,8 +25,10 @@ from .constants import KV_BITS, QUANT_BITS, QUANT_METHOD, SCALE_DTYPES, STORAGE_
 #: 2 added methods hqq/awq/gptq, outliers, mixed precision and int8 activations; 3 added
 #: ``quantization.module_formats`` (5/6-bit codes, any group size, per-module scale dtype, act-order
 #: ``weight_perm``), written by the community-format readers (GGUF, GPTQ, AWQ, compressed-tensors); 4 added
-#: ``quantization.zero_point`` (integer zero points, the uint8 ``weight_zero`` tensor).
-FORMAT_VERSION = 4
+#: ``quantization.zero_point`` (integer zero points, the uint8 ``weight_zero`` tensor); 5 added quantized
+#: mixture-of-experts (`QuantExperts`: ``...experts.gate_up_projs.<e>.*`` / ``down_projs.<e>.*``), which an older
+#: reader would silently skip, leaving random experts: it must refuse instead.
+FORMAT_VERSION = 5
 
 
 def _fail(section: str, key: str, value: Any, allowed: str) -> None:

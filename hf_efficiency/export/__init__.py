@@ -5,7 +5,8 @@ One entry point, :func:`export_model` (also ``model.save_pretrained(dir, export_
 ``hf-efficiency export`` command and ``push_to_hub(..., export_format=...)``). Each quantized linear is
 written on the format's grid exactly, or, with ``lossy=True``, converted to the nearest grid the format
 holds with the change measured per module (`ExportReport.changes`); by default a module the format
-cannot hold exactly raises `ExportError` naming it and the reason.
+cannot hold exactly raises `ExportError` naming it and the reason. Models holding quantized mixture-of-experts
+tensors (`QuantExperts`) are refused with an `ExportError` naming the module.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from .base import ExportReport, ModuleChange
+from .base import ExportReport, ModuleChange, refuse_quant_experts
 from .grid import ExportError, Grid, GridTarget, module_grid
 
 #: format name -> (module of this package, writer function)
@@ -52,6 +53,7 @@ def export_model(
         raise ValueError(f"export_format={export_format!r} is not allowed; allowed values: {', '.join(WRITERS)}")
     if not isinstance(lossy, bool):
         raise ValueError(f"lossy={lossy!r} is not allowed; allowed values: True, False")
+    refuse_quant_experts(model)  # before anything is written
     module_name, function = WRITERS[export_format]
     writer = getattr(importlib.import_module(f"{__name__}.{module_name}"), function)
     report = ExportReport(format=export_format, path=os.fspath(out_dir))

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..quant.modules.experts import QuantExperts
 from ..quant.modules.linear import QuantLinear
 from .grid import ExportError, Grid
 
@@ -89,8 +90,23 @@ class ExportReport:
         return "\n".join(lines)
 
 
+def refuse_quant_experts(model: nn.Module) -> None:
+    """Raise `ExportError` naming the first `QuantExperts` module: no writer holds quantized fused
+    mixture-of-experts tensors (the engines' MoE layouts per format are not implemented)."""
+    names = [name for name, m in model.named_modules() if isinstance(m, QuantExperts)]
+    if names:
+        raise ExportError(
+            f"{names[0]} holds quantized mixture-of-experts tensors (QuantExperts; {len(names)} such module(s)): "
+            "exporting MoE experts to engine formats is not supported. Keep the model in the hf-efficiency format "
+            "(save_pretrained), or keep the experts in float (add 'experts' to quantization.modules_to_not_convert) "
+            "for an export"
+        )
+
+
 def quantized_linears(model: nn.Module) -> dict[str, QuantLinear]:
-    """Every `QuantLinear` of ``model`` by its module name (model order); an `ExportError` when there is none."""
+    """Every `QuantLinear` of ``model`` by its module name (model order); an `ExportError` when there is none
+    or when the model holds `QuantExperts` (see `refuse_quant_experts`)."""
+    refuse_quant_experts(model)
     found = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not found:
         raise ExportError(

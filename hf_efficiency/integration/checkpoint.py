@@ -2,7 +2,9 @@
 
 transformers silently re-initializes missing tensors and only logs unexpected ones; for packed
 weights that would be garbage. We read the safetensors headers (no tensor data) and check every
-tensor a `QuantLinear` needs: present, right shape, right dtype, file not truncated.
+tensor a `QuantLinear` needs (the per-expert ones of a `QuantExperts` included): present, right shape,
+right dtype, file not truncated. Checkpoint keys are read through the model's weight renamings (transformers
+saves Mixtral's ``mlp`` as ``block_sparse_moe``), as ``from_pretrained`` reads them.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from torch import nn
 from ..formats.safetensors_header import CheckpointError, read_header
 from ..quant.modules.linear import QuantLinear
 
-__all__ = ["CheckpointError", "expected_tensors", "read_header", "validate_checkpoint"]
+__all__ = ["CheckpointError", "checkpoint_keys", "expected_tensors", "read_header", "validate_checkpoint"]
 
 _DTYPE_NAMES = {
     "torch.int32": "I32",
@@ -38,14 +40,36 @@ def expected_tensors(model: nn.Module) -> dict[str, tuple[str, tuple[int, ...]]]
     return out
 
 
+def checkpoint_keys(checkpoint_files: Iterable[str | os.PathLike]) -> set[str]:
+    """Every tensor key in the headers of the safetensors ``checkpoint_files`` (other files are skipped)."""
+    keys: set[str] = set()
+    for path in checkpoint_files:
+        if os.fspath(path).endswith(".safetensors"):
+            keys.update(read_header(path))
+    return keys
+
+
+def _renamer(model: nn.Module):
+    """Key -> the model's name for it, through the model's registered weight renamings (no converters)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, apply_renamings
+
+        renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    except Exception:  # noqa: BLE001 - a model transformers has no mapping machinery for: keys as saved
+        return lambda key: key
+    return lambda key: apply_renamings(key, renamings) if renamings else key
+
+
 def validate_checkpoint(model: nn.Module, checkpoint_files: Iterable[str | os.PathLike]) -> None:
     """Raise `CheckpointError` naming the first problem; return silently when all is well."""
     found: dict[str, tuple[str, tuple[int, ...], str]] = {}
+    rename = _renamer(model)
     for path in checkpoint_files:
         if not os.fspath(path).endswith(".safetensors"):
             raise CheckpointError(f"{path}: hf-efficiency checkpoints are safetensors only")
         for key, entry in read_header(path).items():
-            found[key] = (entry["dtype"], tuple(entry["shape"]), os.fspath(path))
+            found[rename(key)] = (entry["dtype"], tuple(entry["shape"]), os.fspath(path))
     for key, (dtype, shape) in expected_tensors(model).items():
         if key not in found:
             raise CheckpointError(

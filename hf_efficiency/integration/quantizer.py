@@ -196,8 +196,8 @@ class EfficiencyHfQuantizer(HfQuantizer):
             for param in (desc.gate_up, desc.down):
                 if f"{name}.{param}" not in self.loaded_expert_tensors:
                     raise ValueError(
-                        f"the checkpoint has no {param} tensor for {name} (per-expert or fused); the mixture-of-experts "
-                        "tensors cannot be quantized"
+                        f"the checkpoint has no {param} tensor for {name} (per-expert or fused); the "
+                        "mixture-of-experts tensors cannot be quantized"
                     )
         self.quantized_modules += [
             f"{name}.{n}"

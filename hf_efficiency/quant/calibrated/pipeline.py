@@ -2,7 +2,8 @@
 
 For each decoder layer: capture its linears' input statistics (inputs come from the already
 quantized layers before it), fold AWQ / SmoothQuant scales into the preceding norm or linear,
-quantize every selected linear with the configured method, swap in `QuantLinear` modules, and run
+quantize every selected linear with the configured method, swap in `QuantLinear` modules (and the
+layer's fused mixture-of-experts tensors for a `QuantExperts`, round-to-nearest for awq/gptq), and run
 the quantized layer to produce the next layer's inputs. With ``calibration.device`` set, each
 layer is moved there for its turn only.
 """
@@ -31,8 +32,9 @@ from ..core.mixed import allocate_bits, bits_for_module, mean_bits
 from ..core.scheme import fake_quantize
 from ..methods import get_method, quantize_matrix, weight_format
 from ..methods.awq import smoothquant_scales
+from ..modules.experts import QuantExperts, experts_spec
 from ..modules.linear import QuantLinear, outlier_count, scale_dtype_of
-from ..modules.replace import linearize, linears_to_quantize, set_submodule
+from ..modules.replace import experts_to_quantize, linearize, linears_to_quantize, set_submodule
 from .capture import (
     InputStats,
     calibration_windows,
@@ -162,7 +164,8 @@ def quantize_calibrated(
     windows = calibration_windows(cal, tokenizer)
     report.calibration_tokens = windows.numel()
     names = linears_to_quantize(model, skip)
-    if not names:
+    expert_names = experts_to_quantize(model, skip)
+    if not names and not expert_names:
         raise ValueError(f"quantization matched no nn.Linear module (modules_to_not_convert={skip!r})")
     linearize(model, names)  # GPT-2's Conv1D -> the equivalent nn.Linear
 
@@ -170,6 +173,7 @@ def quantize_calibrated(
         alloc = _sensitivity_bits(model, config, names, windows, spec, scale_dtype)
         spec.module_bits = {n: b for n, b in alloc.items() if b != spec.bits} or None
         report.mean_bits = mean_bits(alloc, {n: model.get_submodule(n).weight.numel() for n in names})
+    expert_spec = experts_spec(spec) if expert_names else spec  # rtn for awq/gptq (warns once)
 
     layers_name, layers = find_decoder_layers(model)
     home = next(model.parameters()).device
@@ -194,6 +198,7 @@ def quantize_calibrated(
         local = [n[len(prefix) :] for n in names if n.startswith(prefix)]
         in_layers.update(prefix + n for n in local)
         if not local:
+            _quantize_experts(model, [n for n in expert_names if n.startswith(prefix)], expert_spec)
             batches = _advance(layer, batches, device, home)
             continue
         layer.to(device)
@@ -245,6 +250,7 @@ def quantize_calibrated(
 
                 module.set_input_scale(static_scale_from_samples(st.sample().abs(), act.percentile))
             set_submodule(layer, n, module)
+        _quantize_experts(model, [n for n in expert_names if n.startswith(prefix)], expert_spec)
         del stats
         if method.propagates_float_outputs:
             # e.g. AWQ: its scaling is exact in float and its rounding is local; as llm-awq, the next
@@ -277,6 +283,14 @@ def quantize_calibrated(
     report.module_bits = {n: bits_for_module(n, spec) for n in names}
     report.seconds = time.perf_counter() - start
     return config, report
+
+
+def _quantize_experts(model: nn.Module, names: list[str], spec: QuantizationSpec) -> None:
+    """Swap the fused experts modules ``names`` for `QuantExperts` (no calibration statistics: calibrated
+    methods fall back to round-to-nearest, see `QuantExperts.from_float`)."""
+    for name in names:
+        experts = QuantExperts.from_float(model.get_submodule(name), spec, name, desc=family_of(model).experts)
+        set_submodule(model, name, experts)
 
 
 def _to(value: Any, device: torch.device) -> Any:
