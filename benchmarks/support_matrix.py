@@ -108,7 +108,9 @@ def main() -> None:
     md += (
         f"\n\nEach cell is a test of `tests/test_families.py` / `tests/memory/test_families.py` on a tiny random model "
         f"built from the family's transformers config ({passed} of {total} tests passed; "
-        "`python benchmarks/support_matrix.py`)."
+        "`python benchmarks/support_matrix.py`). Mixture-of-experts rows: AWQ and GPTQ calibrate attention (and "
+        "Qwen2-MoE's shared expert); the routed experts (`QuantExperts`) are rounded to nearest in the same format, "
+        "weight-only under W8A8; routers stay float."
     )
     out = os.path.join(ROOT, "benchmarks", "results")
     os.makedirs(out, exist_ok=True)
