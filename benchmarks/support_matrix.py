@@ -41,9 +41,18 @@ COLUMNS = {
     "QLoRA": ("tests/test_families.py", "test_qlora_training_step", None),
 }
 NAMES = {
-    "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2 / Qwen2.5", "qwen3": "Qwen3", "gemma2": "Gemma 2",
-    "gemma3_text": "Gemma 3", "phi3": "Phi-3", "gpt2": "GPT-2", "opt": "OPT", "qwen2_moe": "Qwen2-MoE",
-    "qwen3_moe": "Qwen3-MoE", "mixtral": "Mixtral",
+    "llama": "Llama",
+    "mistral": "Mistral",
+    "qwen2": "Qwen2 / Qwen2.5",
+    "qwen3": "Qwen3",
+    "gemma2": "Gemma 2",
+    "gemma3_text": "Gemma 3",
+    "phi3": "Phi-3",
+    "gpt2": "GPT-2",
+    "opt": "OPT",
+    "qwen2_moe": "Qwen2-MoE",
+    "qwen3_moe": "Qwen3-MoE",
+    "mixtral": "Mixtral",
 }
 
 
@@ -80,8 +89,12 @@ def table(results: list[tuple[str, str, str]]) -> tuple[str, dict]:
         row = cells[family] = {}
         for column, (file, prefix, token) in COLUMNS.items():
             states = [
-                s for f, n, s in results
-                if f.endswith(file) and n.startswith(prefix) and family in _tokens(n) and (token is None or token in _tokens(n))
+                s
+                for f, n, s in results
+                if f.endswith(file)
+                and n.startswith(prefix)
+                and family in _tokens(n)
+                and (token is None or token in _tokens(n))
             ]
             failed = sum(s != "passed" for s in states)
             row[column] = "-" if not states else ("yes" if not failed else f"FAIL ({failed}/{len(states)})")

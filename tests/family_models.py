@@ -37,8 +37,13 @@ FAMILY_CONFIGS: dict[str, dict] = {
     "mistral": {"sliding_window": 16},
     "qwen2": {},  # q/k/v biases are built in
     "qwen3": {},  # q/k norms are built in
-    "gemma2": {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "sliding_window": 16,
-               "query_pre_attn_scalar": 16, "attn_implementation": "eager"},
+    "gemma2": {
+        "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0,
+        "sliding_window": 16,
+        "query_pre_attn_scalar": 16,
+        "attn_implementation": "eager",
+    },
     "gemma3_text": {"sliding_window": 16, "query_pre_attn_scalar": 16},  # layer_types: sliding, full, ...
     "phi3": {"head_dim": None},
     "gpt2": "gpt2",
@@ -55,12 +60,35 @@ def family_config(model_type: str, equal_heads: bool = False, **overrides) -> Pr
     """The tiny config of ``model_type`` (see the module docstring)."""
     spec = FAMILY_CONFIGS[model_type]
     if spec == "gpt2":
-        kw = dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=512, bos_token_id=EOS,
-                  eos_token_id=EOS, pad_token_id=EOS, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        kw = dict(
+            vocab_size=VOCAB,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=512,
+            bos_token_id=EOS,
+            eos_token_id=EOS,
+            pad_token_id=EOS,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
     elif spec == "opt":
-        kw = dict(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, word_embed_proj_dim=64, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=512, bos_token_id=EOS, eos_token_id=EOS,
-                  pad_token_id=EOS, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+        kw = dict(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            ffn_dim=128,
+            word_embed_proj_dim=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+            bos_token_id=EOS,
+            eos_token_id=EOS,
+            pad_token_id=EOS,
+            dropout=0.0,
+            attention_dropout=0.0,
+            activation_dropout=0.0,
+        )
     else:
         kw = {**_COMMON, **spec}
         if equal_heads:
@@ -68,7 +96,9 @@ def family_config(model_type: str, equal_heads: bool = False, **overrides) -> Pr
         kw = {k: v for k, v in kw.items() if v is not None}
     kw.update(overrides)
     if model_type == "gemma3_text":
-        kw["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(kw["num_hidden_layers"])]
+        kw["layer_types"] = [
+            "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(kw["num_hidden_layers"])
+        ]
     attn = kw.pop("attn_implementation", None)
     config = AutoConfig.for_model(model_type, **kw)
     if attn:

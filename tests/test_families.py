@@ -163,8 +163,9 @@ def test_scale_folding_keeps_float_outputs(family):
             groups = scaling_groups(layer, fam, model.config)
             assert len(groups) == GROUP_COUNT.get(family, 4)
             for group, consumers in groups:
-                width = layer.get_submodule(consumers[0]).weight.shape[-1 if "Linear" in type(
-                    layer.get_submodule(consumers[0])).__name__ else 0]
+                width = layer.get_submodule(consumers[0]).weight.shape[
+                    -1 if "Linear" in type(layer.get_submodule(consumers[0])).__name__ else 0
+                ]
                 before = layer.get_submodule(group.producer).weight.clone()
                 fold_group(layer, group, fam, torch.rand(width, generator=g) * 4 + 0.25)
                 assert not torch.equal(layer.get_submodule(group.producer).weight, before)
@@ -185,9 +186,7 @@ def test_speculative_decoding_is_greedy_identical(family):
     ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(2))
     plain = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
     for draft in ("early-exit:1", "int8"):
-        out = model.generate(
-            ids, max_new_tokens=16, do_sample=False, draft_model=draft, return_dict_in_generate=True
-        )
+        out = model.generate(ids, max_new_tokens=16, do_sample=False, draft_model=draft, return_dict_in_generate=True)
         assert torch.equal(out.sequences, plain), draft
         assert out.speculative_stats.drafted > 0
 
@@ -238,8 +237,14 @@ def neox_dir(tmp_path_factory):
     """GPT-NeoX: a family we do not describe."""
     path = tmp_path_factory.mktemp("neox")
     config = AutoConfig.for_model(
-        "gpt_neox", vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, eos_token_id=256, pad_token_id=256,
+        "gpt_neox",
+        vocab_size=257,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        eos_token_id=256,
+        pad_token_id=256,
     )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
@@ -264,7 +269,8 @@ def test_undescribed_family_takes_the_generic_path_where_one_exists(neox_dir, me
 
 
 def test_require_family_and_register_family():
-    from hf_efficiency.families import FAMILIES as REGISTRY, Family, ScalingGroup, register_family
+    from hf_efficiency.families import FAMILIES as REGISTRY
+    from hf_efficiency.families import Family, ScalingGroup, register_family
 
     config = family_config("llama")
     assert require_family(config, "x").name == "llama"
