@@ -30,6 +30,7 @@ from .activations import (
     checkpointed_layer_bytes,
     head_saved_bytes,
     inference_layer_workspace,
+    layer_forward_bytes,
     layer_saved_bytes,
     training_logits_bytes,
 )
@@ -183,6 +184,16 @@ def _weights(
     return q_bytes + emb_bytes + other + cache, details, largest
 
 
+#: config fields of dropout applied inside the layers while training
+_DROPOUT_FIELDS = ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "dropout", "hidden_dropout")
+
+
+def _dropout_probability(config) -> float:
+    """The largest dropout probability the config applies in training (0.0 when none)."""
+    values = [getattr(config, name, None) for name in _DROPOUT_FIELDS]
+    return max([float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)], default=0.0)
+
+
 def _optimizer_bytes(optimizer: str, shapes: list[tuple[int, ...]], state_bytes: int) -> int:
     total = 0
     for shape in shapes:
@@ -267,10 +278,15 @@ def estimate_memory(
     quantized = quantize_structure(meta, eff) if spec is not None else []
     lm_head_name, tied = output_embedding_names(meta)
     notes: list[str] = []
-    if not shape.gated_mlp or shape.model_type in ("gpt2", "opt", "bloom", "falcon", "gpt_neox"):
+    if shape.family is None:
         notes.append(
-            f"activation rules are exact for Llama-style layers (RMSNorm, gated MLP); {shape.model_type} "
-            "differs (LayerNorm, plain MLP, dropout), so its activations are approximate"
+            f"model type {shape.model_type!r} has no family description (hf_efficiency.families): its activations "
+            "are estimated with Llama's layer rules (RMSNorm, gated MLP, rotary q/k), so they are approximate"
+        )
+    dropout = _dropout_probability(config)
+    if mode == "training" and dropout:
+        notes.append(
+            f"the config trains with dropout (p={dropout:g}); the dropout masks inside the layers are not counted"
         )
     weights, details, largest_q = _weights(meta, quantized, spec, device, compute, mode)
     if spec is not None and spec.target_bits is not None:
@@ -307,8 +323,8 @@ def estimate_memory(
         return out
 
     assert setup is not None
-    # CUDA's fused dropout keeps a bool mask; the CPU kernel keeps a mask in the compute dtype
-    plan = plan_training(meta, shape, setup, lm_head_name, tied, dropout_mask_bytes=1 if device == "cuda" else a)
+    # CUDA's fused dropout keeps a bool mask; the CPU kernel keeps a mask in the dtype it drops out (0)
+    plan = plan_training(meta, shape, setup, lm_head_name, tied, dropout_mask_bytes=1 if device == "cuda" else 0)
     out.trainable_parameters = plan.trainable_parameters
     out.details["training_method"] = setup.method
     added_bytes = 4 if setup.uses_lora or setup.method == "adapters" else pbytes  # peft keeps adapters in fp32
@@ -330,22 +346,28 @@ def estimate_memory(
         notes.append("mixed precision with 16-bit weights: fp32 master copy and fp32 optimizer states")
     elif mixed_precision is not None:
         linear_numel = sum(
-            m.in_features * m.out_features
+            m.weight.numel()
             for _, m in meta.named_modules()
-            if isinstance(m, nn.Linear) and m.weight.is_floating_point()
+            if (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D") and m.weight.is_floating_point()
         )
         out.weight_copies = linear_numel * 2
         notes.append("autocast over fp32 weights: 16-bit copies of the linear weights live until backward")
 
     per_seq = 0
     if gradient_checkpointing:
-        full = [layer_saved_bytes(shape, lt, seq, a, attn_implementation) for lt in plan.layers]
+        full = [
+            layer_saved_bytes(shape, lt, seq, a, attn_implementation, layer=k, batch=batch_size)
+            for k, lt in enumerate(plan.layers)
+        ]
         per_seq = sum(checkpointed_layer_bytes(shape, seq, a) for lt in plan.layers if lt.grad_in or lt.trains)
         recomputed = max(full, default=0)  # one layer recomputed at a time during backward
         per_seq += recomputed
         out.details["recomputed_layer_per_sequence"] = recomputed
     else:
-        per_seq = sum(layer_saved_bytes(shape, lt, seq, a, attn_implementation) for lt in plan.layers)
+        per_seq = sum(
+            layer_saved_bytes(shape, lt, seq, a, attn_implementation, layer=k, batch=batch_size)
+            for k, lt in enumerate(plan.layers)
+        )
     per_seq += head_saved_bytes(
         shape,
         seq,
@@ -353,9 +375,13 @@ def estimate_memory(
         grad=plan.trainable_parameters > 0,
         norm_trainable=plan.final_norm_trainable,
         lm_head_trainable=plan.lm_head_trainable,
-        attention_grad=any(attention_needs_grad(lt) for lt in plan.layers),
+        rope_tables=shape.rope_tables(k for k, lt in enumerate(plan.layers) if attention_needs_grad(lt)),
     )
     out.activations = batch_size * per_seq
+    # merged LoRA weights of the experts (peft's ParamWrapper): once per forward; with checkpointing only the
+    # recomputed layer holds them
+    forward = [layer_forward_bytes(lt) for lt in plan.layers]
+    out.activations += max(forward, default=0) if gradient_checkpointing else sum(forward)
     out.logits = batch_size * training_logits_bytes(shape, seq, a)
     out.workspace = (
         _optimizer_step_bytes(optimizer, device, plan.trainable_parameters, plan.largest_trainable, state_bytes)

@@ -43,7 +43,7 @@ from torch import nn
 
 from .scenarios import DTYPES, MemoryScenario, resolve_dtype
 from .shapes import load_config
-from .training import TrainingSetup
+from .training import TrainingSetup, lora_targets
 
 
 @dataclass
@@ -181,7 +181,8 @@ def build_model(
         from .. import register
 
         register()  # peft learns QuantLinear (idempotent; needed if peft was half-imported at registration)
-        targets = setup.lora_targets if isinstance(setup.lora_targets, str) else list(setup.lora_targets)
+        targets = lora_targets(setup, config)  # the default q/k/v/o names: the family's attention projections
+        targets = targets if isinstance(targets, str) else list(targets)
         model = get_peft_model(
             model, LoraConfig(r=setup.lora_rank, target_modules=targets, lora_dropout=setup.lora_dropout)
         )
