@@ -163,17 +163,26 @@ def test_default_lora_targets_are_the_family_attention_projections():
     assert est.trainable_parameters == 2 * per_layer
 
 
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "int4"])
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
-def test_moe_inference_estimate_within_10_percent_of_measured_peak(model_type):
+def test_moe_inference_estimate_within_10_percent_of_measured_peak(model_type, quantized):
+    # quantized: larger experts, so that the 4-bit expert weights (not a constant ~10 MB of CPU GEMM buffers
+    # beside the 16 MB of logits) are what the estimate is judged on
+    wide = 2 if quantized else 1
     experts = (
-        {"moe_intermediate_size": 256, "num_experts": 16, "num_experts_per_tok": 4, "norm_topk_prob": True}
+        {
+            "moe_intermediate_size": 256 * wide,
+            "num_experts": 16 * wide,
+            "num_experts_per_tok": 4,
+            "norm_topk_prob": True,
+        }
         if model_type == "qwen3_moe"
-        else {"num_local_experts": 8, "num_experts_per_tok": 2}
+        else {"num_local_experts": 8 * wide, "num_experts_per_tok": 2}
     )
     cfg = AutoConfig.for_model(
         model_type,
         hidden_size=512,
-        intermediate_size=704,
+        intermediate_size=704 * wide,
         num_hidden_layers=4,
         num_attention_heads=8,
         num_key_value_heads=4,
@@ -183,6 +192,8 @@ def test_moe_inference_estimate_within_10_percent_of_measured_peak(model_type):
         **experts,
     )
     kwargs = dict(mode="inference", batch_size=1, sequence_length=512, device="cpu")
+    if quantized:  # experts become QuantExperts (per-expert 4-bit QuantLinear), attention QuantLinear
+        kwargs["efficiency_config"] = {"quantization": {"method": "rtn", "bits": 4, "group_size": 32}}
     est = estimate_memory(cfg, **kwargs)
     measured = measure_memory(cfg, isolate=True, **kwargs)
     assert measured.resident_after_setup > 0.9 * est.weights
