@@ -400,3 +400,27 @@ def test_w8a8_path_override_gives_the_same_numbers_and_bad_names_fail(tiny_dir, 
 def test_new_config_keys_reject_bad_values_with_the_allowed_ones(sections, message):
     with pytest.raises(ValueError, match=message):
         EfficiencyConfig(**sections)
+
+
+class _BosTokenizer:
+    """Bytes as ids, BOS (300) first when special tokens are added: as Gemma's tokenizer encodes text."""
+
+    bos_token_id = 300
+
+    def __call__(self, text, add_special_tokens=True, **kwargs):
+        ids = list(text.encode())
+        return {"input_ids": ([300] if add_special_tokens else []) + ids}
+
+
+def test_calibration_windows_start_with_bos_when_the_tokenizer_adds_it():
+    from hf_efficiency.config import CalibrationSpec
+    from hf_efficiency.quant.calibrated.capture import adds_bos, calibration_windows
+
+    spec = CalibrationSpec(dataset=[CAL_TEXT], samples=3, sequence_length=16)
+    windows = calibration_windows(spec, _BosTokenizer())
+    text = list(CAL_TEXT.encode())
+    assert adds_bos(_BosTokenizer()) and windows.shape == (3, 16)
+    assert windows[:, 0].tolist() == [300] * 3
+    assert windows[:, 1:].reshape(-1).tolist() == text[: 3 * 15]  # 15 text tokens per window, in order
+    plain = calibration_windows(spec, make_byte_tokenizer())  # no BOS: windows of 16 text tokens
+    assert not adds_bos(make_byte_tokenizer()) and plain.reshape(-1).tolist() == text[: 3 * 16]

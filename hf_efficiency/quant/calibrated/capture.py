@@ -28,15 +28,33 @@ from ...families import find_decoder_layers  # noqa: F401 - re-exported (the lay
 logger = logging.get_logger(__name__)
 
 
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer starts encoded text with its BOS token (Gemma's does: the model is only ever run
+    with it, and without it its activations are unlike any real input's)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    try:
+        ids = tokenizer("a")["input_ids"]
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot encode a string gets plain windows
+        return False
+    return bool(ids) and ids[0] == bos
+
+
 def calibration_windows(spec: CalibrationSpec, tokenizer: Any) -> torch.LongTensor:
-    """``[samples, sequence_length]`` token windows of the calibration text."""
+    """``[samples, sequence_length]`` token windows of the calibration text. When the tokenizer puts a BOS
+    token before encoded text (`adds_bos`), each window is BOS followed by ``sequence_length - 1`` text
+    tokens, as the model sees text in use."""
     text = load_text(spec.dataset, split="calibration")
     if not text.strip():
         raise ValueError("calibration data is empty: the calibration text has no characters to tokenize")
+    bos = adds_bos(tokenizer) and spec.sequence_length > 2
+    length = spec.sequence_length - 1 if bos else spec.sequence_length
     try:
-        windows = token_windows(
-            tokenizer, text, window=spec.sequence_length, num_tokens=spec.samples * spec.sequence_length
-        )
+        windows = token_windows(tokenizer, text, window=length, num_tokens=spec.samples * length)
+        if bos:
+            first = torch.full((windows.shape[0], 1), int(tokenizer.bos_token_id), dtype=windows.dtype)
+            windows = torch.cat([first, windows], dim=1)
     except ValueError as e:
         raise ValueError(
             f"calibration data is too short: {e}; give more text or a smaller calibration.sequence_length"
