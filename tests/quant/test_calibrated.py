@@ -10,9 +10,9 @@ from transformers import AutoModelForCausalLM
 
 from hf_efficiency import EfficiencyConfig
 from hf_efficiency.demo import kjv_text
+from hf_efficiency.families import family_of
 from hf_efficiency.quant import QuantLinear
 from hf_efficiency.quant.calibrated.capture import collect_layer_stats, find_decoder_layers
-from hf_efficiency.families import family_of
 from hf_efficiency.quant.calibrated.pipeline import fold_group, scaling_groups
 from hf_efficiency.quant.core.mixed import allocate_bits, bits_for_module, module_matches
 from hf_efficiency.quant.core.outliers import outlier_scores, select_outliers
