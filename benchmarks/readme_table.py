@@ -2,6 +2,11 @@
 
 python benchmarks/readme_table.py            # quantization (benchmarks/results/quantization.md)
 python benchmarks/readme_table.py memory     # memory (benchmarks/results/memory.md)
+python benchmarks/readme_table.py engines    # serving engines (benchmarks/results/engines.md)
+python benchmarks/readme_table.py gemma3     # Gemma-3-270M (benchmarks/results/gemma3.md)
+
+NAME is the results file's name and the README's ``<!-- NAME-table:start -->`` / ``<!-- NAME-table:end -->``
+markers.
 """
 
 from __future__ import annotations

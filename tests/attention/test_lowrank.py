@@ -91,6 +91,47 @@ def test_inside_a_model_with_saved_settings(tmp_path):
     assert torch.equal(out, eager.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False))
 
 
+def test_sliding_window_layers_are_exact_and_full_layers_are_approximated(tmp_path):
+    """Gemma 3 mixes sliding-window and full layers: the sliding layers (already local) are computed exactly,
+    padding included, and with a window covering the sequence the whole model equals eager (it used to read
+    the sliding mask's last row as "padding" and garble every earlier query)."""
+    from transformers import AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=6,
+        layer_types=["sliding_attention", "full_attention"],
+        query_pre_attn_scalar=8,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        initializer_range=0.5,
+    )
+    torch.manual_seed(0)
+    Gemma3ForCausalLM(cfg).save_pretrained(tmp_path / "fp")
+    eager = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", attn_implementation="eager").eval()
+    ids = torch.randint(1, 97, (2, 24), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    keep = mask.bool()
+    diffs = {}
+    with torch.no_grad():
+        ref = eager(ids, attention_mask=mask).logits
+        for landmarks, window in ((4, 64), (4, 8)):
+            attention = {"implementation": "hf_efficiency_lowrank", "lowrank_landmarks": landmarks}
+            model = AutoModelForCausalLM.from_pretrained(
+                tmp_path / "fp", efficiency_config={"attention": {**attention, "lowrank_window": window}}
+            ).eval()
+            diffs[window] = float((model(ids, attention_mask=mask).logits - ref)[keep].abs().max())
+    assert diffs[64] < 1e-5, diffs
+    assert diffs[8] > 1e-3, diffs  # the full layer is approximated
+
+
 def test_bad_arguments():
     from hf_efficiency import EfficiencyConfig
 
