@@ -14,7 +14,9 @@ once to float32 by `hf_efficiency.demo.gemma3_model_path` (``resolve_model_path(
   3 bits with groups of 128; W8A8 (int8 weights per channel, dynamic per-token int8 activations, with
   and without SmoothQuant 0.5). Every window starts with Gemma's BOS token (`evaluate.eval_windows` with
   ``bos=True``): Gemma is only ever run with it; the float model is also scored without it for reference.
-  Calibrated methods use the library's calibration windows (32 x 512 tokens of the KJV calibration slice).
+  Calibrated methods use the library's calibration windows (32 x 512 tokens of the KJV calibration slice,
+  BOS first as for every tokenizer that adds one). ``rtn-w8-g128-integer-zero-point`` is RTN int8 on the
+  integer zero-point grid (``zero_point="integer"``, which holds 0 exactly), beside the default float minimum.
 * ``decode``: greedy decode tokens/s (batch 1, median of runs) of float32, int8 and int4 g128 through the
   fused CPU kernel, in one run (float32 measured first and last).
 * ``speculative``: self-drafts (early exit, int8/int4 copies, n-gram lookup) against plain greedy:
@@ -85,6 +87,8 @@ QUALITY: dict[str, dict | str | None] = {"fp32": None, "fp32, windows without BO
 for _bits in (8, 4, 3):
     for _method in ("rtn", "hqq", "awq", "gptq"):
         QUALITY[f"{_method}-w{_bits}-g128"] = q(_method, _bits)
+    if _bits == 8:
+        QUALITY["rtn-w8-g128-integer-zero-point"] = q("rtn", 8, zero_point="integer")
 QUALITY["w8a8-dynamic"] = {"quantization": W8_CHANNEL, "activations": {"mode": "dynamic"}}
 QUALITY["w8a8-dynamic-smoothquant0.5"] = {
     "quantization": W8_CHANNEL,
@@ -605,8 +609,8 @@ def markdown(results: dict) -> str:
         f"Gemma-3-270M ({s['model']}) on {s['threads']} CPU threads, one run of `python benchmarks/gemma3_270m.py`. "
         f"Perplexity: the first {n_windows} windows of {window} tokens of the KJV evaluation slice, each window "
         f"= Gemma's BOS token + {window - 1} text tokens ({n_windows * (window - 1)} predicted tokens, the same for "
-        f"every row); calibrated methods use {s.get('calibration_samples', 32)} x 512 tokens of the KJV calibration "
-        "slice (no BOS: the library's calibration windows).",
+        f"every row); calibrated methods use {s.get('calibration_samples', 32)} windows of the KJV calibration slice, "
+        "BOS + 511 text tokens each (the library's calibration windows for a tokenizer that adds BOS).",
         "",
     ]
     rows = parts.get("quality", {})
