@@ -130,7 +130,7 @@ class Family:
                     f"the {self.name!r} family description names {g.producer} -> {', '.join(g.consumers)}, but "
                     f"{type(layer).__name__} has no such module ({e})"
                 ) from e
-            if post_norm and not isinstance(producer, nn.Linear) and not _is_conv1d(producer):
+            if post_norm and not isinstance(producer, nn.Linear) and not is_conv1d(producer):
                 continue
             if g.needs_one_value_head_per_query_head and _out_features(producer, g.part) != _in_features(consumers[0]):
                 continue
@@ -347,17 +347,18 @@ def decoder_layer_prefixes(model: nn.Module, num_layers: int) -> list[str]:
     raise ValueError(f"could not find the {num_layers} decoder layers in {type(model).__name__}")
 
 
-def _is_conv1d(module: nn.Module) -> bool:
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's ``Conv1D``: a linear layer storing its weight ``[in, out]``."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
 def _out_features(module: nn.Module, part: tuple[int, int] | None) -> int:
-    n = module.weight.shape[1] if _is_conv1d(module) else module.weight.shape[0]
+    n = module.weight.shape[1] if is_conv1d(module) else module.weight.shape[0]
     return n // part[1] if part else n
 
 
 def _in_features(module: nn.Module) -> int:
-    return module.weight.shape[0] if _is_conv1d(module) else module.weight.shape[-1]
+    return module.weight.shape[0] if is_conv1d(module) else module.weight.shape[-1]
 
 
 def _rows(n: int, part: tuple[int, int] | None) -> slice:
@@ -380,8 +381,8 @@ def fold_scales(
     (exact in float). Producers: ``nn.Linear`` / ``Conv1D`` (rows ``part`` of a fused one, bias too) or a
     norm computing ``(offset + w) * x_hat [+ b]``; consumers: ``nn.Linear`` or ``Conv1D``."""
     s = s.to(producer.weight.device)
-    if isinstance(producer, nn.Linear) or _is_conv1d(producer):
-        conv = _is_conv1d(producer)
+    if isinstance(producer, nn.Linear) or is_conv1d(producer):
+        conv = is_conv1d(producer)
         rows = _rows(producer.weight.shape[1] if conv else producer.weight.shape[0], part)
         if conv:
             producer.weight[:, rows].div_(s.to(producer.weight.dtype).unsqueeze(0))
@@ -398,7 +399,7 @@ def fold_scales(
         if getattr(producer, "bias", None) is not None:
             producer.bias.div_(s.to(producer.bias.dtype))
     for consumer in consumers:
-        if _is_conv1d(consumer):
+        if is_conv1d(consumer):
             consumer.weight.mul_(s.to(consumer.weight.dtype).unsqueeze(1))
         else:
             consumer.weight.mul_(s.to(consumer.weight.dtype).unsqueeze(0))
@@ -429,6 +430,7 @@ __all__ = [
     "family_of",
     "find_decoder_layers",
     "fold_scales",
+    "is_conv1d",
     "register_family",
     "require_family",
 ]

@@ -169,28 +169,20 @@ def _shallow(module: nn.Module) -> nn.Module:
     return clone
 
 
-def _decoder_layers(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
-    """The base model, the attribute name of its decoder-layer list and the list."""
-    from ..families import find_decoder_layers
-
-    path, layers = find_decoder_layers(model)  # model.layers, OPT's model.decoder.layers, GPT-2's transformer.h
-    parent, _, name = path.rpartition(".")
-    return (model.get_submodule(parent) if parent else model), name, layers
-
-
 def early_exit_model(target: nn.Module, num_layers: int) -> nn.Module:
     """A view of ``target`` running only its first ``num_layers`` decoder layers, then its final norm
     and head. It shares every tensor with the target (no copy)."""
     from ..families import find_decoder_layers
 
-    _, name, layers = _decoder_layers(target)
+    # model.layers, OPT's model.decoder.layers, GPT-2's transformer.h
+    list_path, layers = find_decoder_layers(target)
+    *path, name = list_path.split(".")  # path: the modules from the target down to the list's owner
     if not 1 <= num_layers < len(layers):
         raise ValueError(f"early-exit:{num_layers} needs 1 <= K < {len(layers)} (the target's decoder layers)")
     config = copy.deepcopy(target.config)
     config.num_hidden_layers = num_layers
     if isinstance(getattr(config, "layer_types", None), list):
         config.layer_types = config.layer_types[:num_layers]
-    path = find_decoder_layers(target)[0].split(".")[:-1]  # the modules from the target down to the list's owner
     chain = [target] + [target.get_submodule(".".join(path[: i + 1])) for i in range(len(path))]
     views = [_shallow(m) for m in chain]
     views[-1]._modules[name] = nn.ModuleList(list(layers)[:num_layers])

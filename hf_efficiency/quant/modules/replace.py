@@ -10,7 +10,7 @@ from torch import nn
 from transformers.utils import logging
 
 from ...config import QuantizationSpec
-from ...families import conv1d_to_linear, family_of, find_decoder_layers
+from ...families import conv1d_to_linear, family_of, find_decoder_layers, is_conv1d
 from .experts import QuantExperts
 from .linear import QuantLinear, outlier_count, scale_dtype_of
 
@@ -47,11 +47,6 @@ def modules_to_not_convert(model: nn.Module, spec: QuantizationSpec) -> list[str
     family = family_of(model)
     extra = [n for n in (family.never_quantize if family is not None else ()) if n not in keep]
     return list(keep) + extra
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """GPT-2's ``Conv1D``: a linear layer storing its weight ``[in, out]``."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
 
 
 def is_linear(module: nn.Module) -> bool:
