@@ -20,6 +20,7 @@ from transformers.utils import logging
 
 from .arguments import MutualDistillationTrainingArguments
 from .losses import mutual_kl_loss, token_mask
+from .trainer import ReplaysMissedEpochEvaluation
 
 logger = logging.get_logger(__name__)
 
@@ -60,16 +61,36 @@ class StudentGroup(nn.Module):
 
 
 class _PickBestAtEpochEnd(TrainerCallback):
+    """The teacher picks of mode "best" that happen at the end of an epoch, made so that a resume keeps them.
+
+    ``Trainer`` writes a ``save_strategy="steps"`` checkpoint at the end of the step that completes an
+    epoch, before ``on_epoch_end`` and the epoch's evaluation; a run resumed from it starts in the next
+    epoch and never runs those. So:
+
+    * without evaluation or ``exchange_steps`` (pick from the epoch's training loss), the pick is made at
+      the end of that step, before its checkpoint (``on_epoch_end`` still picks when training stops
+      inside an epoch);
+    * with ``eval_strategy="epoch"`` (pick from the eval loss), a run resumed from such a checkpoint
+      runs the epoch's evaluation it missed (``ReplaysMissedEpochEvaluation``).
+    """
+
     def __init__(self, trainer: MutualDistillationTrainer):
         self.trainer = trainer
 
+    def _active(self) -> bool:
+        a = self.trainer.args
+        return a.mutual_mode == "best" and a.exchange_steps == 0 and a.eval_strategy == "no"
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._active() and state.epoch is not None and float(state.epoch).is_integer():
+            self.trainer._pick_best_from_training()
+
     def on_epoch_end(self, args, state, control, **kwargs):
-        t = self.trainer
-        if t.args.mutual_mode == "best" and t.args.exchange_steps == 0 and t.args.eval_strategy == "no":
-            t._pick_best_from_training()
+        if self._active():
+            self.trainer._pick_best_from_training()  # no-op when on_step_end already picked
 
 
-class MutualDistillationTrainer(Trainer):
+class MutualDistillationTrainer(ReplaysMissedEpochEvaluation, Trainer):
     """Trains ``models`` (same or different architectures sharing a vocabulary) together.
 
     Same constructor as ``Trainer`` except that ``models`` (a list) replaces ``model``, and
@@ -107,6 +128,7 @@ class MutualDistillationTrainer(Trainer):
         self._eval_n = 0
         self._next_exchange = args.exchange_steps
         self.add_callback(_PickBestAtEpochEnd(self))
+        self._track_missed_epoch_evaluation()
 
     @property
     def students(self) -> list[nn.Module]:
@@ -241,7 +263,16 @@ class MutualDistillationTrainer(Trainer):
                 self.processing_class.save_pretrained(student_dir(output_dir, k))
         Path(output_dir, MUTUAL_STATE).write_text(
             json.dumps(
-                {"num_students": len(self.students), "best_index": self.best_index, "mode": self.args.mutual_mode},
+                {
+                    "num_students": len(self.students),
+                    "best_index": self.best_index,
+                    "mode": self.args.mutual_mode,
+                    # the running training losses the next "best" pick reads, and when it happens:
+                    # without them a resumed run re-picks at once from the few batches it has seen
+                    "train_loss_sums": self._train_ce.tolist(),  # float32 values: exact as JSON doubles
+                    "train_tokens": self._train_n,
+                    "next_exchange": self._next_exchange,
+                },
                 indent=2,
             )
         )
@@ -260,4 +291,14 @@ class MutualDistillationTrainer(Trainer):
             )
             st.load_state_dict(loaded.state_dict())
         self.best_index = state.get("best_index")
+        if "train_loss_sums" in state:
+            self._train_ce = torch.tensor(state["train_loss_sums"], dtype=self._train_ce.dtype)
+            self._train_n = int(state["train_tokens"])
+            self._next_exchange = int(state["next_exchange"])
+        elif self.args.mutual_mode == "best":
+            logger.warning(
+                "%s has no running training losses (written by an older version): the next teacher pick "
+                "reads only the batches seen after the resume",
+                resume_from_checkpoint,
+            )
         logger.info("Resumed %d students from %s", len(self.students), resume_from_checkpoint)

@@ -75,7 +75,9 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 class SnapshotCallback(TrainerCallback):
-    """Save the trained model every ``every_n_steps`` global steps, or at every epoch end when it is None.
+    """Save the trained model every ``every_n_steps`` global steps, or at every epoch end when it is None
+    (taken at the end of the optimizer step that completes the epoch, before that step's checkpoint, so a
+    run killed after the checkpoint and resumed from it has the snapshot too).
 
     Snapshots go to ``output_dir`` (default ``<args.output_dir>/snapshots``) as
     ``snapshot-{global_step:06d}`` folders written with ``model.save_pretrained(folder,
@@ -97,19 +99,28 @@ class SnapshotCallback(TrainerCallback):
         self.every_n_steps = every_n_steps
         self.output_dir = output_dir
         self.keep_last = keep_last
+        self._last_step: int | None = None  # global step of the last snapshot this callback took
 
     def snapshot_dir(self, args: TrainingArguments) -> str:
         """The folder holding the snapshots and ``snapshots.json``."""
         return self.output_dir or os.path.join(args.output_dir, "snapshots")
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        if self.every_n_steps is not None and state.global_step > 0 and state.global_step % self.every_n_steps == 0:
+        if self.every_n_steps is not None:
+            due = state.global_step > 0 and state.global_step % self.every_n_steps == 0
+        else:
+            # The step that completes an epoch: snapshot it here, before the Trainer writes this step's
+            # checkpoint. ``on_epoch_end`` comes after that checkpoint, and a run resumed from it starts in
+            # the next epoch, so a snapshot taken only there is lost when the run is killed in between.
+            due = state.epoch is not None and state.global_step > 0 and float(state.epoch).is_integer()
+        if due:
             self._snapshot(args, state, kwargs.get("model"), kwargs.get("processing_class"))
 
     def on_epoch_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if self.every_n_steps is None:
+        # training stopped inside an epoch (max_steps); an epoch that ran to its end was taken at its last step
+        if self.every_n_steps is None and self._last_step != state.global_step:
             self._snapshot(args, state, kwargs.get("model"), kwargs.get("processing_class"))
 
     def on_evaluate(
@@ -138,6 +149,7 @@ class SnapshotCallback(TrainerCallback):
     def _snapshot(
         self, args: TrainingArguments, state: TrainerState, model: nn.Module | None, processing_class: Any = None
     ) -> None:
+        self._last_step = state.global_step
         if not state.is_world_process_zero:
             return
         if model is None:

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer, TrainerCallback
 from transformers.utils import logging
 
 from ..vocab import check_same_vocabulary as same_vocabulary
@@ -30,7 +30,7 @@ from .losses import (
     token_similarity_loss,
     topk_response_loss,
 )
-from .projections import FeatureProjector, default_layer_map
+from .projections import PROJECTIONS_WEIGHTS, FeatureProjector, default_layer_map
 from .snapshots import SnapshotCallback
 from .teacher_cache import TEACHER_KEYS, TeacherCache, TeacherCacheCollator, TeacherCacheDataset
 
@@ -96,7 +96,70 @@ class _ComponentLog:
         return out
 
 
-class DistillationTrainer(Trainer):
+def missed_epoch_evaluation(args: Any, state: Any, train_dataloader: Any) -> bool:
+    """True when a run resumed at ``state`` starts from a ``save_strategy="steps"`` checkpoint written at the
+    step that completed an epoch whose ``eval_strategy="epoch"`` evaluation came after it.
+
+    ``Trainer`` writes such a checkpoint before ``on_epoch_end`` and the epoch's evaluation, and a run
+    resumed from it starts in the next epoch, so it never evaluates that epoch: the log, the best-metric
+    bookkeeping and the global RNG (every evaluation ``DataLoader`` iterator draws a seed from it, which
+    changes the next dropout masks) then differ from the uninterrupted run's.
+    """
+    if not 0 < state.global_step < state.max_steps or state.epoch is None:
+        return False
+    if args.eval_strategy != "epoch" or args.save_strategy != "steps" or args.eval_delay > state.epoch:
+        return False
+    try:
+        n = len(train_dataloader)
+    except TypeError:  # None, or an iterable dataset: no epochs to speak of
+        return False
+    ga = args.gradient_accumulation_steps
+    per_epoch = n // ga + int(n % ga > 0)
+    return per_epoch > 0 and state.global_step % per_epoch == 0
+
+
+class _FlagMissedEpochEvaluation(TrainerCallback):
+    def __init__(self, trainer: ReplaysMissedEpochEvaluation):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        self.trainer._missed_epoch_evaluation = missed_epoch_evaluation(args, state, train_dataloader)
+
+
+class ReplaysMissedEpochEvaluation:
+    """``Trainer`` mixin: a run resumed from a checkpoint that preceded its epoch's evaluation (see
+    :func:`missed_epoch_evaluation`) runs that evaluation where the interrupted run ran it, after the
+    checkpoint's RNG states are restored and before the next epoch's data is drawn. Call
+    ``self._track_missed_epoch_evaluation()`` in ``__init__``."""
+
+    _missed_epoch_evaluation = False
+
+    def _track_missed_epoch_evaluation(self) -> None:
+        self.add_callback(_FlagMissedEpochEvaluation(self))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        if self._missed_epoch_evaluation:
+            self._missed_epoch_evaluation = False
+            logger.info("Resumed at the end of an epoch: running the evaluation that followed the checkpoint")
+            metrics = self._evaluate(None, None)
+            self._determine_best_metric(metrics=metrics, trial=None)
+
+
+class _ClearProjectorGrads(TrainerCallback):
+    """Clears the projections' gradients after every optimizer step. ``Trainer`` zeroes only the model's
+    gradients (``model.zero_grad()``); without this the projections, which live outside the model, would
+    step on the sum of every gradient since the start of training (and a resumed run, which starts from
+    no gradient, would diverge from an uninterrupted one)."""
+
+    def __init__(self, projector: nn.Module):
+        self.projector = projector
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.projector.zero_grad(set_to_none=True)
+
+
+class DistillationTrainer(ReplaysMissedEpochEvaluation, Trainer):
     """``transformers.Trainer`` that trains ``model`` (the student) to imitate a frozen ``teacher_model``.
 
     Same constructor as ``Trainer``, plus ``teacher_model`` (a model, a path or Hub id, or None to read
@@ -108,7 +171,9 @@ class DistillationTrainer(Trainer):
     ``loss_is_scaled_for_ga = True``, so gradient accumulation over k micro-batches gives the update of one
     k-times larger batch. Evaluation reports the student's plain label loss (``exp(eval_loss)`` is its
     perplexity). Learned feature projections are optimized with the student and saved apart from it
-    (``distill_projections.safetensors``) in every checkpoint; resuming restores them.
+    (``distill_projections.safetensors``) in every checkpoint; resuming restores them. A run resumed with
+    ``train(resume_from_checkpoint=...)`` continues exactly where the checkpoint was written (bit-identical
+    weights on CPU), including a checkpoint that preceded its epoch's evaluation.
     """
 
     loss_is_scaled_for_ga = True
@@ -150,6 +215,9 @@ class DistillationTrainer(Trainer):
             self._check_vocab_sizes()
         self.projector = self._build_projector()
         self.layer_map = self.projector.layer_map if self.projector is not None else self._layer_map()
+        if self.projector is not None:
+            self.add_callback(_ClearProjectorGrads(self.projector))
+        self._track_missed_epoch_evaluation()
         if self.args.snapshot_strategy != "no":
             every = self.args.snapshot_steps if self.args.snapshot_strategy == "steps" else None
             self.add_callback(SnapshotCallback(every_n_steps=every, keep_last=self.args.snapshot_keep_last))
@@ -381,5 +449,14 @@ class DistillationTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if self.projector is not None and self.projector.load_from(resume_from_checkpoint):
+        if self.projector is None:
+            return
+        if self.projector.load_from(resume_from_checkpoint):
             logger.info("Restored feature projections from %s", resume_from_checkpoint)
+        elif any(p.requires_grad for p in self.projector.parameters()):
+            # fresh projections against a trained student (and an optimizer state that expects trained ones)
+            raise ValueError(
+                f"{resume_from_checkpoint} holds no learned feature projections ({PROJECTIONS_WEIGHTS}), but "
+                "this run trains them (feature_weight > 0, student and teacher widths differ): resume "
+                "from a checkpoint of the same feature-distillation run"
+            )
