@@ -94,8 +94,22 @@ def load_text(source: Any, split: str = "evaluation") -> str:
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"Text file not found: {path}")
-        return path.read_text(encoding="utf-8")
+        return read_text_file(path)
     raise ValueError(f"Unknown text source {source!r} (type {type(source).__name__}); expected {_ACCEPTED_SOURCES}")
+
+
+def read_text_file(path: str | os.PathLike) -> str:
+    """The UTF-8 text of ``path``; a file that is not UTF-8 text is a ``ValueError`` naming it and the first bad
+    byte (a calibration or evaluation file must be plain text)."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        kind = "a binary file" if b"\x00" in data[:8192] else "not UTF-8 text"
+        raise ValueError(
+            f"text file {os.fspath(path)!r} is {kind}: byte 0x{data[exc.start]:02x} at offset {exc.start} is not "
+            "valid UTF-8; give a plain-text file (UTF-8), e.g. one document per line"
+        ) from None
 
 
 def token_windows(tokenizer: Any, text: str, window: int = 512, num_tokens: int | None = 16384) -> torch.LongTensor:

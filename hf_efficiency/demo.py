@@ -248,7 +248,25 @@ def resolve_model_path(model: str | os.PathLike | None) -> str:
         return str(bundled_model_path())
     if name in GEMMA3_NAMES:
         return str(gemma3_model_path())
-    return os.fspath(model)
+    path = os.fspath(model)
+    if not os.path.exists(path) and _is_path_like(path):
+        raise FileNotFoundError(
+            f"model folder {path!r} does not exist (a Hub id has the form 'name' or 'org/name'; bundled models: "
+            f"{', '.join(SMOLLM2_NAMES + GEMMA3_NAMES)})"
+        )
+    return path
+
+
+def _is_path_like(name: str) -> bool:
+    """Whether ``name`` can only be a local path, never a Hub id (``org/name``)."""
+    return (
+        os.path.isabs(name)
+        or name.startswith((".", "~"))
+        or name.count("/") > 1
+        or os.sep != "/"
+        and os.sep in name
+        or name.endswith((".gguf", ".safetensors", ".json"))
+    )
 
 
 # --------------------------------------------------------------------------- text

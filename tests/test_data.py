@@ -45,7 +45,10 @@ def test_resolve_model_path(monkeypatch, tmp_path):
     for alias in (None, "bundled", "smollm2"):
         assert demo.resolve_model_path(alias) == str(tmp_path / "conv")
     assert demo.resolve_model_path("org/some-model") == "org/some-model"
+    (tmp_path / "m").mkdir()
     assert demo.resolve_model_path(tmp_path / "m") == str(tmp_path / "m")
+    with pytest.raises(FileNotFoundError, match=r"model folder '.*/absent' does not exist \(a Hub id has the form"):
+        demo.resolve_model_path(tmp_path / "absent")  # a path, never a Hub id: named, not sent to the Hub
 
 
 def test_resolve_model_path_gemma3(monkeypatch, tmp_path):

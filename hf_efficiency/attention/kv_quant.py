@@ -1,7 +1,8 @@
 """Per-token, per-group quantization of key/value states (pure tensor functions).
 
 A state ``[b, h, t, d]`` is split along ``d`` into groups of ``group_size`` channels; each token's group
-gets an asymmetric scale and minimum (float16) and ``bits``-wide codes (8, 4 or 2), packed into bytes
+gets an asymmetric scale and minimum (float16; float32 for a call whose states span beyond float16's range,
+about +-65504, where a float16 scale or minimum would be infinite) and ``bits``-wide codes (8, 4 or 2), packed into bytes
 (two 4-bit or four 2-bit codes per byte). Each token is quantized once, when it enters the cache, so
 appending and cropping never re-quantize (no drift), unlike caches that re-quantize the whole history.
 """
@@ -12,6 +13,8 @@ import torch
 from torch import Tensor
 
 from ..constants import KV_BITS
+
+_FLOAT16_MAX = torch.finfo(torch.float16).max
 
 
 def check_kv_args(bits: int, group_size: int, head_dim: int | None = None) -> None:
@@ -24,7 +27,9 @@ def check_kv_args(bits: int, group_size: int, head_dim: int | None = None) -> No
 
 
 def quantize_kv(x: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``(codes uint8 [b, h, t, d * bits / 8], scale [b, h, t, G], minimum [b, h, t, G])`` of ``x``."""
+    """``(codes uint8 [b, h, t, d * bits / 8], scale [b, h, t, G], minimum [b, h, t, G])`` of ``x``; scale and
+    minimum are float16 unless one of them would overflow it (then float32 for this call; appending to a cache
+    promotes the stored ones)."""
     b, h, t, d = x.shape
     check_kv_args(bits, group_size, d)
     xg = x.float().reshape(b, h, t, d // group_size, group_size)
@@ -38,7 +43,10 @@ def quantize_kv(x: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor, 
         codes = codes.reshape(b, h, t, d // per_byte, per_byte)
         shifts = torch.arange(per_byte, device=x.device, dtype=torch.uint8) * bits
         codes = (codes << shifts).sum(dim=-1, dtype=torch.uint8)  # disjoint bit fields: sum == or
-    return codes.contiguous(), scale.squeeze(-1).to(torch.float16), lo.squeeze(-1).to(torch.float16)
+    scale, lo = scale.squeeze(-1), lo.squeeze(-1)
+    fits = bool((scale <= _FLOAT16_MAX).all()) and bool((lo.abs() <= _FLOAT16_MAX).all())
+    store = torch.float16 if fits else torch.float32
+    return codes.contiguous(), scale.to(store), lo.to(store)
 
 
 def dequantize_kv(

@@ -20,6 +20,16 @@ def group_size(value: str) -> int | None:
         raise argparse.ArgumentTypeError(f"group size must be an integer or 'none', got {value!r}") from None
 
 
+def add_out_arguments(p: argparse.ArgumentParser) -> None:
+    """``--out`` (a folder written as a whole: refused when it exists and is not empty) and ``--overwrite``."""
+    p.add_argument("--out", required=True, help="output folder (must be new or empty unless --overwrite)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out folder as a whole (the new folder is written beside it, then renamed in)",
+    )
+
+
 def add_text_args(p: argparse.ArgumentParser) -> None:
     """The evaluation-text flags of `eval` and `quantize --eval`."""
     p.add_argument(

@@ -9,6 +9,8 @@ from typing import Any
 
 from transformers.utils import logging
 
+from .common import add_out_arguments
+
 logger = logging.get_logger("hf_efficiency.cli")
 
 HELP = "convert a GGUF file or a GPTQ / AWQ / compressed-tensors folder into our format, keeping its bits"
@@ -26,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="a .gguf file or a compressed folder (default: the bundled SmolLM2-135M Q4_1 GGUF)",
     )
-    p.add_argument("--out", required=True, help="output folder")
+    add_out_arguments(p)
     p.add_argument("--gguf-file", default=None, help="GGUF file name inside SOURCE when SOURCE is a folder")
     p.add_argument(
         "--dtype",
@@ -59,8 +61,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from ..evaluate import disk_bytes, weight_bytes
     from ..formats import detect_format, gguf_tokenizer, load_compressed
     from ..hub.model_card import save_model_card
+    from ..integration.checkpoint import check_local_folder
+    from ..saving import prepare_output_dir, replaced_output_dir
 
+    prepare_output_dir(args.out, args.overwrite)  # before the slow part
     source = args.source or str(bundled_gguf_path())
+    check_local_folder(source, args.gguf_file)
     kind = detect_format(source, args.gguf_file)
     kwargs: dict[str, Any] = {"dtype": getattr(torch, args.dtype)}
     if kind == "gguf":
@@ -71,26 +77,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     loaded = load_compressed(source, args.gguf_file, **kwargs)
     model, report = loaded if kind == "gguf" else (loaded, None)
     seconds = time.perf_counter() - start
-    os.makedirs(args.out, exist_ok=True)
-    model.save_pretrained(args.out, max_shard_size=args.max_shard_size)
-    if kind == "gguf":
-        try:
-            gguf_tokenizer(source, args.gguf_file).save_pretrained(args.out)
-        except (OSError, ValueError, KeyError) as e:
-            logger.warning(
-                f"{source}: transformers could not build a tokenizer from the GGUF metadata ({e}); "
-                "the converted folder has none"
-            )
-    else:
-        try:
-            AutoTokenizer.from_pretrained(source).save_pretrained(args.out)
-        except (OSError, ValueError):
-            logger.warning(f"{source} has no tokenizer; the converted folder has none either")
-        try:
-            GenerationConfig.from_pretrained(source).save_pretrained(args.out)
-        except OSError:
-            pass
-    save_model_card(model, args.out)
+    with replaced_output_dir(args.out, args.overwrite) as out:  # the whole folder appears at once
+        model.save_pretrained(out, max_shard_size=args.max_shard_size)
+        if kind == "gguf":
+            try:
+                gguf_tokenizer(source, args.gguf_file).save_pretrained(out)
+            except (OSError, ValueError, KeyError) as e:
+                logger.warning(
+                    f"{source}: transformers could not build a tokenizer from the GGUF metadata ({e}); "
+                    "the converted folder has none"
+                )
+        else:
+            try:
+                AutoTokenizer.from_pretrained(source).save_pretrained(out)
+            except (OSError, ValueError):
+                logger.warning(f"{source} has no tokenizer; the converted folder has none either")
+            try:
+                GenerationConfig.from_pretrained(source).save_pretrained(out)
+            except OSError:
+                pass
+        save_model_card(model, out)
     summary: dict[str, Any] = {
         "source": source,
         "format": kind,

@@ -10,6 +10,8 @@ from typing import Any
 
 from transformers.utils import logging
 
+from .common import add_out_arguments
+
 logger = logging.get_logger("hf_efficiency.cli")
 
 HELP = "export a quantized model to compressed-tensors, GPTQ, AWQ (vLLM, SGLang, TGI) or GGUF (llama.cpp, Ollama)"
@@ -33,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "SmolLM2-135M Q4_1 GGUF)",
     )
     p.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="the format to write")
-    p.add_argument("--out", required=True, help="output folder")
+    add_out_arguments(p)
     p.add_argument(
         "--lossy",
         action="store_true",
@@ -87,23 +89,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from ..demo import bundled_gguf_path
     from ..evaluate import disk_bytes
     from ..export import export_model
+    from ..saving import prepare_output_dir, replaced_output_dir
 
     source = args.model or str(bundled_gguf_path())
     if args.format != "gguf" and args.embeddings != "auto":
         raise ValueError("--embeddings applies to --format gguf only")
+    prepare_output_dir(args.out, args.overwrite)  # before the slow part
     start = time.perf_counter()
     model, tokenizer = _load(source, args.gguf_file)
     options: dict[str, Any] = {"embeddings": args.embeddings} if args.format == "gguf" else {}
-    report = export_model(
-        model,
-        args.out,
-        args.format,
-        lossy=args.lossy,
-        tokenizer=tokenizer,
-        dtype=args.dtype,
-        max_shard_size=args.max_shard_size,
-        **options,
-    )
+    with replaced_output_dir(args.out, args.overwrite) as out:  # the whole folder appears at once
+        report = export_model(
+            model,
+            out,
+            args.format,
+            lossy=args.lossy,
+            tokenizer=tokenizer,
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+            **options,
+        )
     result: dict[str, Any] = {
         "source": source,
         "format": args.format,

@@ -8,7 +8,7 @@ import os
 import time
 from typing import Any
 
-from .common import add_text_args, evaluate, group_size, load, protocol
+from .common import add_out_arguments, add_text_args, evaluate, group_size, load, protocol
 from .eval import print_human as print_eval
 from .methods import add_method_arguments, method_help, method_options, methods_table
 
@@ -22,7 +22,7 @@ DESCRIPTION = (
 def add_arguments(p: argparse.ArgumentParser) -> None:
     methods = methods_table()
     p.add_argument("model", nargs="?", default=None, help="model folder or Hub id (default: bundled SmolLM2-135M)")
-    p.add_argument("--out", required=True, help="output folder")
+    add_out_arguments(p)
     p.add_argument("--method", default="rtn", choices=tuple(methods), help=method_help(methods).replace("%", "%%"))
     p.add_argument("--bits", type=int, default=4, help="bits per weight: 8, 4, 3 or 2 (default: 4)")
     p.add_argument(
@@ -132,35 +132,41 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from ..demo import resolve_model_path
     from ..evaluate import disk_bytes, weight_bytes
     from ..hub.model_card import save_model_card
+    from ..saving import prepare_output_dir, replaced_output_dir
 
     cfg = EfficiencyConfig(**config_from_args(args))
+    prepare_output_dir(args.out, args.overwrite)  # before the slow part
     source = resolve_model_path(args.model)
     start = time.perf_counter()
     model, tokenizer = load(source, efficiency_config=cfg)
     quantize_s = time.perf_counter() - start
-    os.makedirs(args.out, exist_ok=True)
-    model.save_pretrained(args.out, max_shard_size=args.max_shard_size)
-    tokenizer.save_pretrained(args.out)
-    try:
-        GenerationConfig.from_pretrained(source).save_pretrained(args.out)
-    except OSError:
-        pass
-    summary: dict[str, Any] = {
-        "source": source,
-        "out": os.path.abspath(args.out),
-        "config": model.config.quantization_config.to_dict(),
-        "quantize_seconds": round(quantize_s, 2),
-        "bytes": weight_bytes(model),
-        "disk_bytes": disk_bytes(args.out),
-    }
-    metrics = None
-    if args.eval:
-        result = evaluate(model, tokenizer, args, args.out)
-        summary["eval"] = result.to_dict()
-        metrics = {"perplexity": result.perplexity, "tokens_per_s": result.tokens_per_s, "protocol": protocol(result)}
-        with open(os.path.join(args.out, "hf_efficiency_eval.json"), "w", encoding="utf-8") as fh:
-            json.dump(summary["eval"], fh, indent=2)
-    save_model_card(model, args.out, metrics=metrics)
+    with replaced_output_dir(args.out, args.overwrite) as out:  # the whole folder appears at once
+        model.save_pretrained(out, max_shard_size=args.max_shard_size)
+        tokenizer.save_pretrained(out)
+        try:
+            GenerationConfig.from_pretrained(source).save_pretrained(out)
+        except OSError:
+            pass
+        summary: dict[str, Any] = {
+            "source": source,
+            "out": os.path.abspath(args.out),
+            "config": model.config.quantization_config.to_dict(),
+            "quantize_seconds": round(quantize_s, 2),
+            "bytes": weight_bytes(model),
+            "disk_bytes": disk_bytes(out),
+        }
+        metrics = None
+        if args.eval:
+            result = evaluate(model, tokenizer, args, out)
+            summary["eval"] = result.to_dict()
+            metrics = {
+                "perplexity": result.perplexity,
+                "tokens_per_s": result.tokens_per_s,
+                "protocol": protocol(result),
+            }
+            with open(os.path.join(out, "hf_efficiency_eval.json"), "w", encoding="utf-8") as fh:
+                json.dump(summary["eval"], fh, indent=2)
+        save_model_card(model, out, metrics=metrics)
     return summary
 
 

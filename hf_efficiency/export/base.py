@@ -192,31 +192,43 @@ def write_safetensors_folder(
     metadata: dict[str, str] | None = None,
 ) -> list[str]:
     """Write ``tensors`` (sharded by ``max_shard_size`` as transformers shards, with an index) and
-    ``config.json`` (and ``generation_config.json``) into ``out_dir``. Returns the file names written."""
+    ``config.json`` (and ``generation_config.json``) into ``out_dir``. Returns the file names written.
+
+    The files are written into a staging folder and then published (`hf_efficiency.saving`): weight files of an
+    earlier save in ``out_dir`` are removed, the index comes last, and every shard and the index carry one save
+    id, so a folder never holds shards of two saves."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
-    os.makedirs(out_dir, exist_ok=True)
+    from ..saving import SAVE_ID_KEY, new_save_id, staged_save
+
     split = split_torch_state_dict_into_shards(
         tensors, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
     )
+    save_id = new_save_id()
     files = []
-    meta = {"format": "pt", **(metadata or {})}
-    for filename, keys in split.filename_to_tensors.items():
-        save_file({k: tensors[k] for k in keys}, os.path.join(out_dir, filename), metadata=meta)
-        files.append(filename)
-    if split.is_sharded:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())}}
-        index["weight_map"] = dict(sorted(split.tensor_to_filename.items()))
-        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as fh:
-            json.dump(index, fh, indent=2)
-        files.append("model.safetensors.index.json")
-    with open(os.path.join(out_dir, "config.json"), "w") as fh:
-        json.dump(config, fh, indent=2, sort_keys=True)
-    files.append("config.json")
-    if generation_config is not None:
-        generation_config.save_pretrained(out_dir)
-        files.append("generation_config.json")
+    meta = {"format": "pt", **(metadata or {}), SAVE_ID_KEY: save_id}
+    with staged_save(out_dir) as staging:
+        for filename, keys in split.filename_to_tensors.items():
+            save_file({k: tensors[k] for k in keys}, os.path.join(staging, filename), metadata=meta)
+            files.append(filename)
+        if split.is_sharded:
+            index = {
+                "metadata": {
+                    "total_size": sum(t.numel() * t.element_size() for t in tensors.values()),
+                    SAVE_ID_KEY: save_id,
+                }
+            }
+            index["weight_map"] = dict(sorted(split.tensor_to_filename.items()))
+            with open(os.path.join(staging, "model.safetensors.index.json"), "w") as fh:
+                json.dump(index, fh, indent=2)
+            files.append("model.safetensors.index.json")
+        with open(os.path.join(staging, "config.json"), "w") as fh:
+            json.dump(config, fh, indent=2, sort_keys=True)
+        files.append("config.json")
+        if generation_config is not None:
+            generation_config.save_pretrained(staging)
+            files.append("generation_config.json")
     return files
 
 

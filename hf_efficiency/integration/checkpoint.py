@@ -9,7 +9,9 @@ saves Mixtral's ``mlp`` as ``block_sparse_moe``), as ``from_pretrained`` reads t
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 from collections.abc import Iterable
 
 from torch import nn
@@ -17,10 +19,31 @@ from torch import nn
 from ..formats.safetensors_header import CheckpointError, read_header
 from ..quant.modules.linear import QuantLinear
 
-__all__ = ["CheckpointError", "checkpoint_keys", "expected_tensors", "read_header", "validate_checkpoint"]
+__all__ = [
+    "CheckpointError",
+    "check_loaded_values",
+    "check_local_folder",
+    "check_save_ids",
+    "checkpoint_keys",
+    "expected_tensors",
+    "read_header",
+    "validate_checkpoint",
+]
 
+#: the tensors of a `QuantLinear` whose presence, shape and dtype the checkpoint must match
+PACKED_TENSORS = (
+    "weight",
+    "weight_scale",
+    "weight_min",
+    "weight_zero",
+    "weight_perm",
+    "weight_outlier_index",
+    "weight_outlier_value",
+    "input_scale",
+)
 _DTYPE_NAMES = {
     "torch.int32": "I32",
+    "torch.int16": "I16",
     "torch.uint8": "U8",
     "torch.float16": "F16",
     "torch.bfloat16": "BF16",
@@ -33,7 +56,7 @@ def expected_tensors(model: nn.Module) -> dict[str, tuple[str, tuple[int, ...]]]
     out: dict[str, tuple[str, tuple[int, ...]]] = {}
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
-            for attr in ("weight", "weight_scale", "weight_min", "weight_zero", "weight_perm"):
+            for attr in PACKED_TENSORS:
                 t = getattr(module, attr)
                 if t is not None:
                     out[f"{name}.{attr}"] = (_DTYPE_NAMES.get(str(t.dtype), str(t.dtype)), tuple(t.shape))
@@ -61,8 +84,9 @@ def _renamer(model: nn.Module):
     return lambda key: apply_renamings(key, renamings) if renamings else key
 
 
-def validate_checkpoint(model: nn.Module, checkpoint_files: Iterable[str | os.PathLike]) -> None:
-    """Raise `CheckpointError` naming the first problem; return silently when all is well."""
+def validate_checkpoint(model: nn.Module, checkpoint_files: Iterable[str | os.PathLike]) -> dict[str, str]:
+    """Raise `CheckpointError` naming the first problem; when all is well return ``{tensor key: file}`` for
+    the tensors of the model's QuantLinears (for `check_loaded_values` to name the file of a bad value)."""
     found: dict[str, tuple[str, tuple[int, ...], str]] = {}
     rename = _renamer(model)
     for path in checkpoint_files:
@@ -84,3 +108,116 @@ def validate_checkpoint(model: nn.Module, checkpoint_files: Iterable[str | os.Pa
             )
         if got_dtype != dtype:
             raise CheckpointError(f"tensor {key!r} in {os.path.basename(path)} has dtype {got_dtype}, expected {dtype}")
+    return {key: path for key, (_, _, path) in found.items()}
+
+
+def check_local_folder(path: str | os.PathLike | None, gguf_file: str | None = None) -> None:
+    """Checks of a local model folder before transformers reads it, for errors it would report unclearly: a folder
+    holding only GGUF files given without ``gguf_file=`` (transformers: "Unrecognized model ... model_type"), and a
+    weight index that is empty or not JSON (a bare ``JSONDecodeError``). Anything else passes unchanged."""
+    if path is None or not isinstance(path, (str, os.PathLike)):
+        return
+    folder = os.fspath(path)
+    if not os.path.isdir(folder):
+        return
+    entries = sorted(os.listdir(folder))
+    ggufs = [e for e in entries if e.endswith(".gguf")]
+    if gguf_file is None and ggufs and "config.json" not in entries:
+        raise CheckpointError(
+            f"{folder} holds GGUF file(s) ({', '.join(ggufs[:4])}) and no config.json: pass gguf_file={ggufs[0]!r} "
+            f"to from_pretrained (the convert and export commands: --gguf-file {ggufs[0]})"
+        )
+    for entry in entries:
+        if entry.endswith(".safetensors.index.json"):
+            index_path = os.path.join(folder, entry)
+            try:
+                with open(index_path, encoding="utf-8") as fh:
+                    index = json.load(fh)
+            except (OSError, ValueError) as exc:
+                raise CheckpointError(
+                    f"{index_path}: not a valid weight index ({'empty file' if not os.path.getsize(index_path) else exc})"
+                    "; the save was interrupted or the file is corrupt: re-download or re-save the model"
+                ) from exc
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(
+                    f"{index_path}: not a valid weight index (expected an object with a 'weight_map' of tensor name "
+                    "-> shard file); re-download or re-save the model"
+                )
+            missing = sorted({v for v in weight_map.values() if not os.path.isfile(os.path.join(folder, v))})
+            if missing:
+                raise CheckpointError(
+                    f"{index_path} names shard(s) that are not in the folder: {', '.join(missing[:4])}; the save is "
+                    "incomplete: re-download or re-save the model"
+                )
+
+
+def _header_metadata(path: str) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors header (``{}`` when absent); the header was checked by `read_header`."""
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        try:
+            meta = json.loads(fh.read(n)).get("__metadata__")
+        except (ValueError, AttributeError) as exc:
+            raise CheckpointError(f"{path}: not a valid safetensors header ({exc})") from exc
+    return meta if isinstance(meta, dict) else {}
+
+
+def check_save_ids(checkpoint_files: Iterable[str | os.PathLike]) -> None:
+    """Raise `CheckpointError` when the shards (and the weight index beside them) come from different saves:
+    every file written by `save_pretrained` since format version 5 carries the save's id. Files without an id
+    (earlier saves, other writers) are accepted alone, never mixed with files that have one."""
+    from ..saving import SAVE_ID_KEY
+
+    files = [os.fspath(p) for p in checkpoint_files if os.fspath(p).endswith(".safetensors")]
+    if not files:
+        return
+    ids: dict[str, str | None] = {}
+    for path in files:
+        ids[path] = _header_metadata(path).get(SAVE_ID_KEY)
+    folder = os.path.dirname(files[0])
+    names = {os.path.basename(p) for p in files}
+    for entry in sorted(os.listdir(folder)) if len(files) > 1 else ():
+        if entry.endswith(".safetensors.index.json"):
+            index_path = os.path.join(folder, entry)
+            try:
+                with open(index_path, encoding="utf-8") as fh:
+                    index = json.load(fh)
+            except (OSError, ValueError) as exc:
+                raise CheckpointError(f"{index_path}: not a valid weight index ({exc})") from exc
+            if not isinstance(index, dict) or not names <= set((index.get("weight_map") or {}).values()):
+                continue
+            ids[index_path] = (index.get("metadata") or {}).get(SAVE_ID_KEY)
+    distinct = set(ids.values())
+    if len(distinct) > 1:
+        by_id: dict[str | None, list[str]] = {}
+        for path, save_id in ids.items():
+            by_id.setdefault(save_id, []).append(os.path.basename(path))
+        groups = "; ".join(
+            f"{', '.join(sorted(paths))}: {'no save id' if sid is None else 'save ' + sid[:12]}"
+            for sid, paths in sorted(by_id.items(), key=lambda kv: str(kv[0]))
+        )
+        raise CheckpointError(
+            f"{folder}: the weight files come from different saves ({groups}); a save was interrupted or files of "
+            "two saves were copied together. Save the model again into an empty folder"
+        )
+
+
+def check_loaded_values(model: nn.Module, files: dict[str, str] | None = None) -> None:
+    """Check the loaded values of every QuantLinear (`QuantLinear.check_values`: scales, minima and kept outlier
+    values finite, indices and zero points in range); raise `CheckpointError` naming the tensor and, when
+    ``files`` (from `validate_checkpoint`) knows it, the file."""
+    files = files or {}
+    for name, module in model.named_modules():
+        if not isinstance(module, QuantLinear):
+            continue
+        try:
+            module.check_values()
+        except ValueError as exc:
+            tensor = str(exc).split(":", 1)[0]
+            key = f"{name}.{tensor}"
+            where = f" in {os.path.basename(files[key])}" if key in files else ""
+            raise CheckpointError(
+                f"tensor {key!r}{where}: {str(exc).split(':', 1)[-1].strip()}; the checkpoint is corrupt "
+                "(re-download or re-save it)"
+            ) from exc

@@ -18,6 +18,9 @@
 
 from __future__ import annotations
 
+import collections
+import itertools
+
 import torch
 from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.base import HfQuantizer
@@ -37,9 +40,29 @@ from ..quant.modules.replace import (
     replace_with_quant_linear,
     set_submodule,
 )
-from .checkpoint import checkpoint_keys, validate_checkpoint
+from ..saving import SAVE_ID_KEY, new_save_id
+from .checkpoint import check_loaded_values, check_save_ids, checkpoint_keys, validate_checkpoint
 
 logger = logging.get_logger(__name__)
+
+
+_CONVERSION_ERRORS: collections.deque[tuple[int, Exception]] = collections.deque(maxlen=16)
+_CONVERSION_COUNT = itertools.count(1)
+
+
+def record_conversion_error(exc: Exception) -> None:
+    """Remember an error raised while quantizing a tensor during loading (transformers only logs it)."""
+    _CONVERSION_ERRORS.append((next(_CONVERSION_COUNT), exc))
+
+
+def conversion_error_mark() -> int:
+    """A mark to pass to `conversion_error_since` (taken before a ``from_pretrained`` call)."""
+    return _CONVERSION_ERRORS[-1][0] if _CONVERSION_ERRORS else 0
+
+
+def conversion_error_since(mark: int) -> Exception | None:
+    """The first conversion error recorded after ``mark``, if any."""
+    return next((exc for n, exc in _CONVERSION_ERRORS if n > mark), None)
 
 
 class QuantizeOp(ConversionOps):
@@ -49,6 +72,15 @@ class QuantizeOp(ConversionOps):
         self.hf_quantizer = hf_quantizer
 
     def convert(self, input_dict, full_layer_name: str | None = None, model=None, **kwargs):
+        try:
+            return self._convert(input_dict, full_layer_name, model, **kwargs)
+        except Exception as exc:
+            # transformers logs a conversion error and raises a generic RuntimeError after its load report;
+            # `from_pretrained` (registry.py) re-raises this one: our type, naming the module
+            record_conversion_error(exc)
+            raise
+
+    def _convert(self, input_dict, full_layer_name: str | None, model, **kwargs):
         (value,) = tuple(input_dict.values())
         weight = value[0] if isinstance(value, list) else value
         module, _ = get_module_from_name(model, full_layer_name)
@@ -57,7 +89,14 @@ class QuantizeOp(ConversionOps):
             return self._convert_experts(weight, full_layer_name, model, kwargs.get("missing_keys"))
         if getattr(module, "source_layout", "linear") == "conv1d":
             weight = weight.t()  # GPT-2's Conv1D stores [in, out]
-        q = quantize_matrix(weight, spec, module.bits, scale_dtype=module.weight_scale.dtype, outliers=module.outliers)
+        q = quantize_matrix(
+            weight,
+            spec,
+            module.bits,
+            scale_dtype=module.weight_scale.dtype,
+            outliers=module.outliers,
+            name=full_layer_name.rsplit(".", 1)[0],
+        )
         module.invalidate_kernel_cache()
         prefix = full_layer_name.rsplit(".", 1)[0]
         out = {full_layer_name: q.packed, f"{prefix}.weight_scale": q.scale}
@@ -130,7 +169,8 @@ class EfficiencyHfQuantizer(HfQuantizer):
                 model, self.quantization_config.quantization, skip, self._act_mode(), experts=experts
             )
             if self.pre_quantized and checkpoint_files:
-                validate_checkpoint(model, checkpoint_files)
+                self.checkpoint_files_by_key = validate_checkpoint(model, checkpoint_files)
+                check_save_ids(checkpoint_files)
         if getattr(self.quantization_config, "peft", None) is not None:
             from ..peft.methods import build_peft_structure
 
@@ -178,6 +218,8 @@ class EfficiencyHfQuantizer(HfQuantizer):
             cfg.base_model = base_model_of(getattr(model.config, "_name_or_path", None))
             self.quantization_config = cfg
             model.config.quantization_config = cfg
+        if self.pre_quantized:
+            check_loaded_values(model, getattr(self, "checkpoint_files_by_key", None))
         for name, module in model.named_modules():
             if isinstance(module, QuantLinear):
                 module.requires_grad_(False)
@@ -222,8 +264,15 @@ class EfficiencyHfQuantizer(HfQuantizer):
             ) from e
 
     # --- saving -----------------------------------------------------------------------------
+    #: the id `save_pretrained` stamps on every shard and the index of the save under way (`hf_efficiency.saving`)
+    next_save_id: str | None = None
+
     def get_state_dict_and_metadata(self, model):
-        return None, {"hf_efficiency_format_version": str(FORMAT_VERSION), "quant_method": QUANT_METHOD}
+        return None, {
+            "hf_efficiency_format_version": str(FORMAT_VERSION),
+            "quant_method": QUANT_METHOD,
+            SAVE_ID_KEY: self.next_save_id or new_save_id(),
+        }
 
     def is_serializable(self) -> bool:
         return True

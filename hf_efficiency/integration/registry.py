@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 import importlib.abc
 import importlib.util
+import os
 import sys
 from typing import Any
 
@@ -90,10 +91,52 @@ def _patch_from_pretrained() -> None:
             from .compressed_loading import from_pretrained_compressed
 
             return from_pretrained_compressed(cls, args, kwargs)
-        return original(cls, *args, **kwargs)
+        from .checkpoint import check_local_folder
+        from .quantizer import conversion_error_mark, conversion_error_since
+
+        if not kwargs.get("subfolder"):
+            check_local_folder(
+                args[0] if args else kwargs.get("pretrained_model_name_or_path"), kwargs.get("gguf_file")
+            )
+        mark = conversion_error_mark()
+        try:
+            return original(cls, *args, **kwargs)
+        except RuntimeError as exc:  # transformers' "issues during automatic conversion": raise ours instead
+            ours = conversion_error_since(mark)
+            if ours is None:
+                raise
+            raise ours from exc
 
     setattr(from_pretrained, _PATCH_MARK, original)
     PreTrainedModel.from_pretrained = classmethod(from_pretrained)
+
+
+def _patch_auto_config() -> None:
+    """``AutoConfig.from_pretrained`` (run first by every ``AutoModel*.from_pretrained``) on a local folder that
+    holds GGUF files but no config.json, without ``gguf_file=``: name the GGUF file to pass instead of transformers'
+    "Unrecognized model ... model_type"."""
+    from transformers import AutoConfig
+
+    current = AutoConfig.__dict__["from_pretrained"].__func__
+    original = getattr(current, _PATCH_MARK, current)
+
+    @functools.wraps(original)
+    def from_pretrained(cls, *args: Any, **kwargs: Any):
+        try:
+            return original(cls, *args, **kwargs)
+        except (ValueError, OSError) as exc:
+            from .checkpoint import check_local_folder
+
+            if not kwargs.get("subfolder"):
+                path = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+                try:
+                    check_local_folder(path, kwargs.get("gguf_file"))
+                except ValueError as ours:
+                    raise ours from exc
+            raise
+
+    setattr(from_pretrained, _PATCH_MARK, original)
+    AutoConfig.from_pretrained = classmethod(from_pretrained)
 
 
 def _patch_push_to_hub() -> None:
@@ -128,6 +171,8 @@ def _patch_save_pretrained() -> None:
             for key in ("lossy", "tokenizer", "export_options"):
                 if key in kwargs:
                     raise TypeError(f"save_pretrained(): {key}= applies with export_format= only")
+            if _saves_atomically(self, kwargs):
+                return _atomic_save_pretrained(original, self, save_directory, *args, **kwargs)
             return original(self, save_directory, *args, **kwargs)
         from ..export import export_model
 
@@ -145,6 +190,39 @@ def _patch_save_pretrained() -> None:
 
     setattr(save_pretrained, _PATCH_MARK, original)
     PreTrainedModel.save_pretrained = save_pretrained
+
+
+def _saves_atomically(model, kwargs: dict[str, Any]) -> bool:
+    """Our models (an `EfficiencyConfig` in their config) save through a staging folder, except a save that also
+    pushes (transformers uploads the folder it wrote) or one on a non-main process (it writes nothing)."""
+    from ..config import EfficiencyConfig
+
+    return (
+        isinstance(getattr(model.config, "quantization_config", None), EfficiencyConfig)
+        and not kwargs.get("push_to_hub", False)
+        and kwargs.get("is_main_process", True)
+    )
+
+
+def _atomic_save_pretrained(original, model, save_directory, *args: Any, **kwargs: Any):
+    """``save_pretrained`` into a staging folder, one save id in every shard and the index, then published
+    into ``save_directory`` with the earlier save's weight files removed (`hf_efficiency.saving`)."""
+    from ..saving import new_save_id, staged_save, stamp_index
+
+    if os.path.isfile(save_directory):
+        raise ValueError(f"save_pretrained: {save_directory!r} is a file, not a folder")
+    save_id = new_save_id()
+    quantizer = getattr(model, "hf_quantizer", None)
+    with staged_save(save_directory) as staging:
+        if quantizer is not None:
+            quantizer.next_save_id = save_id
+        try:
+            result = original(model, staging, *args, **kwargs)
+        finally:
+            if quantizer is not None:
+                quantizer.next_save_id = None
+        stamp_index(staging, save_id)
+    return result
 
 
 def _register_student_ensemble() -> None:
@@ -315,6 +393,7 @@ def register() -> None:
     _register_quantizer()
     _register_student_ensemble()
     _patch_from_pretrained()
+    _patch_auto_config()
     _patch_push_to_hub()
     _patch_save_pretrained()
     _patch_generate()

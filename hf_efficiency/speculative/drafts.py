@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import chain
@@ -244,7 +245,11 @@ def quantized_copy(target: nn.Module, spec: QuantizationSpec) -> nn.Module:
     for name in names:
         linear = draft.get_submodule(name)
         q = quantize_matrix(
-            linear.weight, spec, bits_for_module(name, spec), scale_dtype=scale_dtype_of(spec.scale_dtype)
+            linear.weight,
+            spec,
+            bits_for_module(name, spec),
+            scale_dtype=scale_dtype_of(spec.scale_dtype),
+            name=name,
         )
         module = QuantLinear.from_quantized(linear, q, symmetric=spec.symmetric).to(linear.weight.device)
         module.requires_grad_(False)
@@ -293,12 +298,42 @@ def _draft_cache(target: nn.Module) -> dict[str, nn.Module]:
     return target.__dict__.setdefault("_hf_efficiency_drafts", {})
 
 
+#: names shaped like a draft kind (a width, a method prefix, a dtype, early-exit) rather than a model id
+_KIND_LIKE = re.compile(
+    r"^(?:(?:[a-z]+-)?u?int\d+(?:-g\S*)?|(?:rtn|hqq|awq|gptq)-.*|b?float\d*|fp\d+|half|early-exit.*|n-?gram.*)$",
+    re.IGNORECASE,
+)
+DRAFT_KINDS = (
+    "'int8', 'int4', 'int3', 'int2' (optionally 'hqq-' before and '-gN' after), 'bfloat16', 'float16', "
+    "'early-exit:K', 'ngram', a model object, or a local folder / Hub id of a smaller model"
+)
+
+
+def check_draft_name(name: str) -> None:
+    """Raise ``ValueError`` for a draft name shaped like a draft kind that is not one (``"int7"``, ``"hqq-int9"``,
+    ``"early-exit:x"``), before it could be taken for a Hub id; a local folder of that name is accepted."""
+    if os.path.isdir(name):
+        return
+    m = EARLY_EXIT_PATTERN.match(name)
+    if m is not None:
+        if int(m.group(1)) < 1:
+            raise ValueError(
+                f"draft_model={name!r}: early-exit needs at least 1 decoder layer ('early-exit:K', K >= 1)"
+            )
+        return
+    if DRAFT_SCHEME_PATTERN.match(name) or name in DRAFT_DTYPES or name == "ngram":
+        return
+    if _KIND_LIKE.match(name):
+        raise ValueError(f"draft_model={name!r} is not a draft kind; allowed values: {DRAFT_KINDS}")
+
+
 def draft_model_for(target: nn.Module, name: str, **load_kwargs) -> nn.Module:
     """The draft model a `SpeculativeSpec.draft` name stands for (built once per target and kept on
     it; call ``target.__dict__.pop("_hf_efficiency_drafts")`` after changing the target's weights)."""
     cache = _draft_cache(target)
     if name in cache:
         return cache[name]
+    check_draft_name(name)
     m = EARLY_EXIT_PATTERN.match(name)
     if m is not None:
         model = early_exit_model(target, int(m.group(1)))

@@ -139,7 +139,7 @@ def _sensitivity_bits(model, config, names, windows, spec, scale_dtype) -> dict[
         signal = float((w.pow(2) * h).sum()) or 1.0
         errors[name] = {}
         for bits in spec.bits_choices:
-            q = quantize_matrix(w, proxy, bits, scale_dtype=scale_dtype).dequantize().to(w.device)
+            q = quantize_matrix(w, proxy, bits, scale_dtype=scale_dtype, name=name).dequantize().to(w.device)
             errors[name][bits] = float(((w - q).pow(2) * h).sum()) / signal
     alloc = allocate_bits(sizes, errors, spec.bits_choices, spec.target_bits)
     logger.info(f"mixed precision: mean {mean_bits(alloc, sizes):.3f} bits per weight (target {spec.target_bits})")
@@ -243,6 +243,7 @@ def quantize_calibrated(
                 outliers=outlier_count(lin.in_features, spec.outliers),
                 hessian=st.hessian,
                 act_rms=st.rms,
+                name=f"{prefix}{n}",
             )
             module = QuantLinear.from_quantized(lin, q, symmetric=spec.symmetric, act_mode=act_mode)
             if act_mode == "static":
@@ -278,6 +279,7 @@ def quantize_calibrated(
                 bits_for_module(n, spec),
                 scale_dtype=scale_dtype,
                 outliers=outlier_count(lin.in_features, spec.outliers),
+                name=n,
             )
             set_submodule(model, n, QuantLinear.from_quantized(lin, q, symmetric=spec.symmetric, act_mode=act_mode))
     report.module_bits = {n: bits_for_module(n, spec) for n in names}

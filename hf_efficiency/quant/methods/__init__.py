@@ -66,14 +66,18 @@ def quantize_matrix(
     outliers: int = 0,
     hessian: torch.Tensor | None = None,
     act_rms: torch.Tensor | None = None,
+    name: str = "weight",
 ) -> QuantizedWeight:
     """Quantize ``weight [out, in]`` with ``spec.method`` at ``bits``.
 
     ``hessian`` (``X^T X / n``) is required by methods with ``needs_hessian`` (``gptq``); ``act_rms``
     (per input channel RMS of the calibration activations) weights the outlier selection when given.
+    A weight holding inf or NaN, or one whose scales or minima overflow ``scale_dtype``, raises
+    `NonFiniteError` naming ``name`` (the module) instead of storing a scale that reads back as NaN.
     """
     method = get_method(spec.method)
     w = weight.detach().float()
+    check_weight_finite(w, name)
     exclude = index = None
     if outliers:
         exclude, index = select_outliers(outlier_scores(w, act_rms), outliers)
@@ -82,7 +86,48 @@ def quantize_matrix(
     )
     if index is not None:
         q = attach_outliers(q, index, w if kept_values is None else kept_values)
+    check_quantized_finite(q, w, name)
     return q
 
 
-__all__ = ["METHODS", "MethodOptions", "OptionError", "QuantMethod", "WeightFormat", "get_method", "quantize_matrix"]
+class NonFiniteError(ValueError):
+    """A weight, scale, minimum or kept outlier value is inf or NaN."""
+
+
+def check_weight_finite(w: torch.Tensor, name: str) -> None:
+    """Raise `NonFiniteError` when the float weight ``w`` of module ``name`` holds inf or NaN."""
+    if w.device.type == "meta" or w.numel() == 0:
+        return
+    bad = ~torch.isfinite(w)
+    if bool(bad.any()):
+        row, col = (int(i) for i in bad.nonzero()[0])
+        raise NonFiniteError(
+            f"{name}: the float weight holds {int(bad.sum())} inf/NaN value(s) (first at row {row}, column {col}: "
+            f"{float(w[row, col])}); the checkpoint is corrupt or the model diverged, it cannot be quantized"
+        )
+
+
+def check_quantized_finite(q: QuantizedWeight, w: torch.Tensor, name: str) -> None:
+    """Raise `NonFiniteError` when a scale, minimum or kept outlier value of ``q`` is not finite: with a
+    finite weight that means it overflowed its storage dtype (float16 stops at 65504)."""
+    for label, t in (("weight_scale", q.scale), ("weight_min", q.minimum), ("weight_outlier_value", q.outlier_value)):
+        if t is None or t.device.type == "meta" or bool(torch.isfinite(t).all()):
+            continue
+        peak = float(w.abs().max()) if w.numel() else 0.0
+        raise NonFiniteError(
+            f"{name}: {label} is not finite in {str(t.dtype).removeprefix('torch.')} (largest |weight| "
+            f"{peak:.4g}); a {str(t.dtype).removeprefix('torch.')} {label} overflows for weights this large: "
+            "use quantization.scale_dtype='float32' or 'bfloat16'"
+        )
+
+
+__all__ = [
+    "METHODS",
+    "MethodOptions",
+    "NonFiniteError",
+    "OptionError",
+    "QuantMethod",
+    "WeightFormat",
+    "get_method",
+    "quantize_matrix",
+]

@@ -207,7 +207,12 @@ class QuantExperts(nn.Module):
         method_spec = experts_spec(spec)
         for e, linear in enumerate(linears):
             q = quantize_matrix(
-                weight[e], method_spec, linear.bits, scale_dtype=linear.weight_scale.dtype, outliers=linear.outliers
+                weight[e],
+                method_spec,
+                linear.bits,
+                scale_dtype=linear.weight_scale.dtype,
+                outliers=linear.outliers,
+                name=f"{kind} expert {e}",
             )
             linear.load_quantized(q)
 

@@ -55,6 +55,17 @@ TENSOR_NAMES = (
 )
 _TENSOR_NAME_SET = frozenset(TENSOR_NAMES)
 _INDEX_TENSORS = ("weight_outlier_index", "weight_perm")  # values must be column indices
+#: the tensors `QuantLinear.check_values` checks (all but the packed codes, which any bit pattern is valid for)
+_CHECKED_ON_LOAD = (
+    "weight_scale",
+    "weight_min",
+    "weight_zero",
+    "weight_outlier_index",
+    "weight_outlier_value",
+    "weight_perm",
+    "input_scale",
+    "bias",
+)
 _T = TypeVar("_T")
 
 
@@ -343,6 +354,16 @@ class QuantLinear(nn.Module):
             raise ValueError(
                 f"{name}: zero points must be integers in [0, {2**self.bits - 1}] for {self.bits}-bit codes"
             )
+
+    def check_values(self) -> None:
+        """Check the values the module holds as `replace_tensors` checks new ones (float tensors finite,
+        ``input_scale`` positive, column indices in range, zero points on the grid); raise a ``ValueError``
+        naming the first bad tensor. Cheap next to loading: the packed codes are not read. Loading a checkpoint
+        calls it, so a corrupt scale is an error, not NaN (or silently wrong) logits."""
+        for name in _CHECKED_ON_LOAD:
+            value = getattr(self, name)
+            if value is not None:
+                self._check_replacement(name, value)
 
     def set_input_scale(self, scale: torch.Tensor | float) -> None:
         """Set the static activation scale (``act_mode="static"``) to ``scale``: a positive finite number or
