@@ -30,6 +30,7 @@ from transformers.utils import logging
 from ..config import FORMAT_VERSION, QUANT_METHOD, EfficiencyConfig
 from ..data import base_model_of
 from ..families import family_of
+from ..quant.kernels.cpu import realign_float_tensors
 from ..quant.methods import quantize_matrix
 from ..quant.modules.experts import GATE_UP, QuantExperts
 from ..quant.modules.linear import QuantLinear
@@ -193,6 +194,8 @@ class EfficiencyHfQuantizer(HfQuantizer):
         return QuantizeOp(self)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        # memory-mapped tensors sit at their file offsets; torch's CPU BLAS rounds by alignment (issue 22)
+        realign_float_tensors(model)
         peft = getattr(self.quantization_config, "peft", None)
         if peft is not None:
             from ..peft.methods import init_unloaded_peft_parameters

@@ -16,6 +16,12 @@ The kernel computes asymmetric groups as ``u * scale + minimum``. For modules wi
 (``weight_zero``) the layout holds float32 copies of the scales and of the minima ``-zero * scale``
 (``8 * out * G`` bytes, dropped with the layout): for 16-bit scales ``u * scale + (-zero * scale)`` is
 exactly ``(u - zero) * scale``, and it is the reference float32 de-quantization's own operation.
+
+Same tensors, same input, same bits: the kernel reads every operand with unaligned loads in a fixed order, each
+output row is summed by one thread whatever the split, and the ISA row (`vector_bits`) is read per call, so
+neither buffer alignment, the thread count nor layouts cached earlier in the process change a result (the two
+ISA rows differ from each other in the last bits). torch's own float matmuls are not alignment-blind:
+`realign_float_tensors` moves a loaded model's memory-mapped float tensors to aligned memory.
 """
 
 from __future__ import annotations
@@ -62,13 +68,20 @@ VECTOR_BITS = (256, 512)
 
 def vector_bits() -> int:
     """512 (AVX-512F rows) when torch reports AVX512 for this CPU, else 256 (AVX2);
-    ``HF_EFFICIENCY_CPU_VECTOR_BITS=256`` forces the AVX2 rows."""
+    ``HF_EFFICIENCY_CPU_VECTOR_BITS=256`` forces the AVX2 rows.
+
+    Read on every fused call, never kept in a module's cached layout: the two rows sum in different orders, so
+    a layout that remembered the row of the moment it was built would give other bits than a fresh process
+    for the same tensors and input (the variable read the same either way)."""
     forced = os.environ.get("HF_EFFICIENCY_CPU_VECTOR_BITS")
     if forced:
         if forced not in ("256", "512"):
             raise ValueError(f"HF_EFFICIENCY_CPU_VECTOR_BITS={forced!r} is not allowed; allowed values: 256, 512")
         return int(forced)
-    return 512 if torch.backends.cpu.get_cpu_capability() == "AVX512" else 256
+    detected = _STATE.get("vector_bits")
+    if detected is None:
+        detected = _STATE["vector_bits"] = 512 if torch.backends.cpu.get_cpu_capability() == "AVX512" else 256
+    return detected  # type: ignore[return-value]
 
 
 def expected_available() -> bool:
@@ -137,7 +150,6 @@ class CpuLayout:
     scale: torch.Tensor  # the module's own tensors (any change of them drops the cached layout), or float32
     minimum: torch.Tensor | None  # copies (scale, -zero * scale) for integer zero points
     perm: torch.Tensor | None  # int64 act-order permutation
-    vector_bits: int
     gemm: object  # the extension's quant_gemm
 
 
@@ -182,7 +194,6 @@ def layout(module: QuantLinear) -> CpuLayout:
         scale=scale,
         minimum=minimum,
         perm=None if module.weight_perm is None else module.weight_perm.detach().long(),
-        vector_bits=vector_bits(),
         gemm=extension().quant_gemm,
     )
 
@@ -226,7 +237,7 @@ def forward(module: QuantLinear, x: torch.Tensor, lay: CpuLayout) -> torch.Tenso
             lay.offset,
             lay.group,
             x2.contiguous(),
-            lay.vector_bits,
+            vector_bits(),  # per call (see vector_bits)
             bias.detach() if fused_bias else None,
         )
         if y.dtype != x.dtype:
@@ -237,3 +248,38 @@ def forward(module: QuantLinear, x: torch.Tensor, lay: CpuLayout) -> torch.Tenso
         w = dequantize(module, lay)
         y = F.linear(x2, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
     return y.view(*x.shape[:-1], module.out_features)
+
+
+#: the byte alignment torch's CPU allocator gives every tensor it allocates
+ALIGNMENT = 64
+
+
+def realign_float_tensors(model: torch.nn.Module, alignment: int = ALIGNMENT) -> int:
+    """Copy every floating-point CPU parameter and buffer of ``model`` whose data does not start on an
+    ``alignment``-byte boundary into a fresh (aligned) allocation; return how many were copied.
+
+    The copy replaces the tensor's ``.data``, so tied weights (an ``lm_head`` sharing the embedding) stay one
+    tensor. For model loading (quantizing and pre-quantized alike): safetensors checkpoints are
+    memory-mapped: a loaded tensor starts where its bytes lie in the file (8-byte aligned at best, shifted by
+    the length of the file's header), and torch's CPU BLAS (MKL) sums a float matmul in an order that
+    depends on its operands' alignment (a one-row ``F.linear`` on a weight at 8 mod 16 bytes rounds other
+    than on the same weight 16-byte aligned). The float layers of a quantized model (above all a tied
+    ``lm_head``) then gave other bits in the process that quantized it (tensors of the float checkpoint) than
+    in one loading our checkpoint (another header, other offsets). The fused kernel reads its own tensors at
+    any alignment alike; packed integer tensors are left where they are (no copy of the bulk of the model).
+    """
+    copied = 0
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for t in store.values():
+                if (
+                    t is None
+                    or not t.is_floating_point()
+                    or t.device.type != "cpu"
+                    or t.numel() == 0
+                    or t.data_ptr() % alignment == 0  # also the second sight of a tied tensor, copied already
+                ):
+                    continue
+                t.data = t.data.clone()
+                copied += 1
+    return copied
