@@ -121,7 +121,7 @@ class QuantizeOp(ConversionOps):
         if not isinstance(module, QuantExperts):
             module = QuantExperts.shell(module, spec, name, desc=desc, device=weight.device)
             set_submodule(model, name, module)
-        module.quantize_fused_("gate_up" if param == desc.gate_up else "down", weight, spec)
+        module.quantize_fused_("gate_up" if param == desc.gate_up else "down", weight, spec, name=name)
         quantizer.loaded_expert_tensors.add(full_layer_name)
         if missing_keys is not None:
             missing_keys.discard(full_layer_name)  # loaded, under the QuantExperts' own names

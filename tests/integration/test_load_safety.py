@@ -218,3 +218,17 @@ def test_a_save_killed_between_shards_leaves_the_earlier_save_intact(fp_dir, tmp
     assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
     assert sorted(os.listdir(tmp_path)) == ["fp", "q"]
     assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(out)), _logits(old))
+
+
+def test_quantizing_moe_experts_with_a_nan_names_the_expert(tmp_path):
+    from family_models import make_family_model
+
+    model = make_family_model("qwen3_moe", seed=1)
+    experts = model.model.layers[1].mlp.experts
+    with torch.no_grad():
+        experts.gate_up_proj[2, 0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "fp")
+    with pytest.raises(
+        NonFiniteError, match=r"model\.layers\.1\.mlp\.experts\.gate_up_projs\.2: the float weight holds 1"
+    ):
+        _quantized(tmp_path / "fp")

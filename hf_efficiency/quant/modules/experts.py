@@ -190,14 +190,15 @@ class QuantExperts(nn.Module):
         spec = experts_spec(spec)
         module = cls.shell(experts, spec, name, desc=desc)
         for kind, param in (("gate_up", desc.gate_up), ("down", desc.down)):
-            module.quantize_fused_(kind, getattr(experts, param), spec)
+            module.quantize_fused_(kind, getattr(experts, param), spec, name=name)
         return module
 
     @torch.no_grad()
-    def quantize_fused_(self, kind: str, weight: torch.Tensor, spec: QuantizationSpec) -> None:
+    def quantize_fused_(self, kind: str, weight: torch.Tensor, spec: QuantizationSpec, name: str = "experts") -> None:
         """Quantize the fused float tensor ``weight`` (``[E, 2I, H]`` for ``kind="gate_up"``, ``[E, H, I]`` for
         ``"down"``) one expert at a time into this module's `QuantLinear` list (through
-        `QuantLinear.load_quantized`); calibrated methods fall back to round-to-nearest (`experts_spec`)."""
+        `QuantLinear.load_quantized`); calibrated methods fall back to round-to-nearest (`experts_spec`). ``name``
+        (the module's path) names the expert in errors."""
         if kind not in KINDS:
             raise ValueError(f"kind={kind!r} is not allowed; allowed values: {', '.join(KINDS)}")
         linears = self.gate_up_projs if kind == "gate_up" else self.down_projs
@@ -212,7 +213,7 @@ class QuantExperts(nn.Module):
                 linear.bits,
                 scale_dtype=linear.weight_scale.dtype,
                 outliers=linear.outliers,
-                name=f"{kind} expert {e}",
+                name=f"{name}.{GATE_UP if kind == 'gate_up' else DOWN}.{e}",
             )
             linear.load_quantized(q)
 
