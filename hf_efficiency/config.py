@@ -32,7 +32,36 @@ FORMAT_VERSION = 5
 
 
 def _fail(section: str, key: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"{section}.{key}={value!r} is not allowed; allowed values: {allowed}")
+    text = repr(value)
+    if len(text) > 200:  # a value read from a corrupt config.json can be huge
+        text = text[:197] + "..."
+    raise ValueError(f"{section}.{key}={text} is not allowed; allowed values: {allowed}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int_choice(section: str, key: str, value: Any, choices: tuple[int, ...]) -> None:
+    """``value`` must be an ``int`` (not a bool, not a float such as ``4.0``) among ``choices``."""
+    allowed = ", ".join(map(str, choices))
+    if not _is_int(value):
+        _fail(section, key, value, f"{allowed} ({key.rpartition('.')[2]} must be an int, got {type(value).__name__})")
+    if value not in choices:
+        _fail(section, key, value, allowed)
+
+
+def _check_patterns(section: str, key: str, value: Any) -> None:
+    """Module-name patterns are matched as regexes: each must compile."""
+    for pattern in value:
+        try:
+            re.compile(rf"(?:{pattern})")
+        except (re.error, RecursionError, OverflowError) as exc:
+            _fail(section, key, value, f"module names or valid regexes ({pattern!r} is not a regex: {exc})")
+
+
+def _sorted_keys(keys: Any) -> list[str]:
+    return sorted(map(repr, keys))
 
 
 class Section:
@@ -49,11 +78,10 @@ class Section:
                 f"section {cls.section_name!r} must be a dict or {cls.__name__}, got {type(data).__name__}"
             )
         names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(names))
+        unknown = _sorted_keys(set(data) - set(names))
         if unknown:
             raise ValueError(
-                f"unknown key(s) {', '.join(map(repr, unknown))} in section {cls.section_name!r}; "
-                f"allowed keys: {', '.join(names)}"
+                f"unknown key(s) {', '.join(unknown)} in section {cls.section_name!r}; allowed keys: {', '.join(names)}"
             )
         return cls(**data)
 
@@ -169,10 +197,10 @@ class QuantizationSpec(Section):
         if self.options is None:
             self.options = {}
         if isinstance(self.options, dict):
-            unknown = sorted(set(self.options) - set(method.options.field_names()))
+            unknown = _sorted_keys(set(self.options) - set(method.options.field_names()))
             if unknown:
                 raise ValueError(
-                    f"unknown key(s) {', '.join(map(repr, unknown))} in {s}.{self.method}; allowed keys: "
+                    f"unknown key(s) {', '.join(unknown)} in {s}.{self.method}; allowed keys: "
                     f"{', '.join(method.options.field_names()) or 'none'}"
                 )
             try:
@@ -181,8 +209,7 @@ class QuantizationSpec(Section):
                 _fail(s, f"{self.method}.{e.field}", e.value, e.allowed)
         elif not isinstance(self.options, method.options):
             _fail(s, self.method, self.options, f"a dict or {method.options.__name__}")
-        if isinstance(self.bits, bool) or self.bits not in self.BITS:
-            _fail(s, "bits", self.bits, ", ".join(map(str, self.BITS)))
+        _check_int_choice(s, "bits", self.bits, self.BITS)
         if self.group_size == -1:
             self.group_size = None
         if self.group_size is not None and (
@@ -220,10 +247,11 @@ class QuantizationSpec(Section):
         if self.scale_dtype not in SCALE_DTYPES:
             _fail(s, "scale_dtype", self.scale_dtype, ", ".join(SCALE_DTYPES))
         if self.modules_to_not_convert is not None:
-            if isinstance(self.modules_to_not_convert, str) or not all(
+            if not isinstance(self.modules_to_not_convert, (list, tuple)) or not all(
                 isinstance(m, str) for m in self.modules_to_not_convert
             ):
                 _fail(s, "modules_to_not_convert", self.modules_to_not_convert, "None or a list of strings")
+            _check_patterns(s, "modules_to_not_convert", self.modules_to_not_convert)
             self.modules_to_not_convert = list(self.modules_to_not_convert)
         if (
             isinstance(self.outliers, bool)
@@ -234,16 +262,16 @@ class QuantizationSpec(Section):
         self.outliers = float(self.outliers)
         if self.module_bits is not None:
             if not isinstance(self.module_bits, dict) or not all(
-                isinstance(k, str) and not isinstance(v, bool) and v in self.BITS for k, v in self.module_bits.items()
+                isinstance(k, str) and _is_int(v) and v in self.BITS for k, v in self.module_bits.items()
             ):
-                _fail(s, "module_bits", self.module_bits, "None or a dict {module pattern: bits in 8, 4, 3, 2}")
+                _fail(s, "module_bits", self.module_bits, "None or a dict {module pattern: bits, an int in 8, 4, 3, 2}")
             self.module_bits = dict(self.module_bits)
         if (
             not isinstance(self.bits_choices, (list, tuple))
             or not self.bits_choices
-            or not all(not isinstance(b, bool) and b in self.BITS for b in self.bits_choices)
+            or not all(_is_int(b) and b in self.BITS for b in self.bits_choices)
         ):
-            _fail(s, "bits_choices", self.bits_choices, "a non-empty list of 8, 4, 3, 2")
+            _fail(s, "bits_choices", self.bits_choices, "a non-empty list of ints among 8, 4, 3, 2")
         self.bits_choices = sorted(set(self.bits_choices))
         if self.target_bits is not None and (
             isinstance(self.target_bits, bool)
@@ -289,6 +317,8 @@ class QuantizationSpec(Section):
                     _fail(s, name, value, f"a dict with keys {', '.join(METHODS[name].options.field_names())}")
                 nested.update(value)
         for key in list(data):
+            if not isinstance(key, str):
+                continue  # reported as an unknown key by from_dict
             for name, method in METHODS.items():
                 option = key[len(name) + 1 :] if key.startswith(name + "_") else None
                 if option not in method.options.field_names():
@@ -332,8 +362,7 @@ class QuantizationSpec(Section):
         out = {k: fmt.get(k, getattr(self, k, False)) for k in self.FORMAT_KEYS}
         if "zero_point" not in fmt and out["symmetric"] is True:
             out["zero_point"] = "float"
-        if isinstance(out["bits"], bool) or out["bits"] not in self.STORAGE_BITS:
-            _fail(self.section_name, f"{key}.bits", out["bits"], ", ".join(map(str, self.STORAGE_BITS)))
+        _check_int_choice(self.section_name, f"{key}.bits", out["bits"], self.STORAGE_BITS)
         g = out["group_size"]
         if g == -1:
             out["group_size"] = g = None
@@ -449,8 +478,7 @@ class ActivationSpec(Section):
 
     def validate(self) -> None:
         s = self.section_name
-        if isinstance(self.bits, bool) or self.bits != 8:
-            _fail(s, "bits", self.bits, "8")
+        _check_int_choice(s, "bits", self.bits, (8,))
         if self.mode not in self.MODES:
             _fail(s, "mode", self.mode, ", ".join(self.MODES))
         if (
@@ -526,10 +554,10 @@ class SpeculativeSpec(Section):
             )
         if self.draft.startswith("early-exit"):
             m = EARLY_EXIT_PATTERN.match(self.draft)
-            if m is None or int(m.group(1)) < 1:
+            if m is None or len(m.group(1)) > 9 or int(m.group(1)) < 1:
                 _fail(s, "draft", self.draft, "'early-exit:K' with K >= 1 decoder layers")
         m = DRAFT_SCHEME_PATTERN.match(self.draft)
-        if m is not None and m.group(3) is not None and not 16 <= int(m.group(3)) <= 4096:
+        if m is not None and m.group(3) is not None and (len(m.group(3)) > 9 or not 16 <= int(m.group(3)) <= 4096):
             _fail(s, "draft", self.draft, "a group size in [16, 4096] after '-g'")
         if self.schedule not in self.SCHEDULES:
             _fail(s, "schedule", self.schedule, ", ".join(self.SCHEDULES))
@@ -592,8 +620,8 @@ class AttentionSpec(Section):
                 "'hf_efficiency_blockwise', 'sdpa' or 'eager' (transformers takes any name containing 'flash' "
                 "for a flash-attn kernel, so hf-efficiency's exact block-wise attention is 'hf_efficiency_blockwise')",
             )
-        if self.kv_cache_bits is not None and self.kv_cache_bits not in KV_BITS:
-            _fail(s, "kv_cache_bits", self.kv_cache_bits, "None, 8, 4 or 2")
+        if self.kv_cache_bits is not None and (not _is_int(self.kv_cache_bits) or self.kv_cache_bits not in KV_BITS):
+            _fail(s, "kv_cache_bits", self.kv_cache_bits, "None, 8, 4 or 2 (an int)")
         for key, low in (
             ("kv_group_size", 1),
             ("kv_residual_length", 0),
@@ -679,7 +707,7 @@ class PeftSpec(Section):
             for pattern in value:
                 try:
                     re.compile(pattern)
-                except re.error as exc:
+                except (re.error, RecursionError, OverflowError) as exc:
                     _fail(s, key, value, f"valid patterns ({pattern!r} is not a regex: {exc})")
             setattr(self, key, list(value))
 
@@ -726,9 +754,9 @@ class EfficiencyConfig(QuantizationConfigMixin):
         **sections: Any,
     ) -> None:
         if quant_method != QUANT_METHOD:
-            raise ValueError(f"quant_method={quant_method!r} is not allowed; allowed values: {QUANT_METHOD!r}")
+            raise ValueError(f"quant_method={quant_method!r:.100} is not allowed; allowed values: {QUANT_METHOD!r}")
         if not isinstance(format_version, int) or isinstance(format_version, bool) or format_version < 1:
-            raise ValueError(f"format_version={format_version!r} is not allowed; allowed values: integers >= 1")
+            raise ValueError(f"format_version={format_version!r:.100} is not allowed; allowed values: integers >= 1")
         if format_version > FORMAT_VERSION:
             from . import __version__
 
@@ -737,22 +765,26 @@ class EfficiencyConfig(QuantizationConfigMixin):
                 f"hf-efficiency {__version__} reads format versions up to {FORMAT_VERSION}; "
                 "upgrade with `pip install -U hf-efficiency`"
             )
-        unknown = sorted(set(sections) - set(SECTIONS))
+        unknown = _sorted_keys(set(sections) - set(SECTIONS))
         if unknown:
             raise ValueError(
-                f"unknown EfficiencyConfig section(s) {', '.join(map(repr, unknown))}; "
+                f"unknown EfficiencyConfig section(s) {', '.join(unknown)}; "
                 f"allowed sections: {', '.join(sorted(SECTIONS))}"
             )
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
+        if dequantize is not None and not isinstance(dequantize, bool):
+            raise ValueError(f"dequantize={dequantize!r:.100} is not allowed; allowed values: True, False")
         self.dequantize = bool(dequantize)
         if not isinstance(keep_compressed, bool):
-            raise ValueError(f"keep_compressed={keep_compressed!r} is not allowed; allowed values: True, False")
+            raise ValueError(f"keep_compressed={keep_compressed!r:.100} is not allowed; allowed values: True, False")
         #: load-only: read a community compressed checkpoint (GGUF ``gguf_file=``, or a GPTQ / AWQ /
         #: compressed-tensors folder) into our quantized modules, keeping its bits (see ``hf_efficiency.formats``)
         self.keep_compressed = keep_compressed
         if base_model is not None and not isinstance(base_model, str):
-            raise ValueError(f"base_model={base_model!r} is not allowed; allowed values: None or a model id string")
+            raise ValueError(
+                f"base_model={base_model!r:.100} is not allowed; allowed values: None or a model id string"
+            )
         self.base_model = base_model
         for name, cls in SECTIONS.items():
             value = sections.get(name)
@@ -807,11 +839,19 @@ class EfficiencyConfig(QuantizationConfigMixin):
 
     # --- helpers ---------------------------------------------------------------------------
     @classmethod
+    def from_dict(cls, config_dict: Any, return_unused_kwargs: bool = False, **kwargs: Any):
+        """From the dict form (``config.json["quantization_config"]``); a value that is not a dict with string
+        keys is a ``ValueError``. Keyword arguments override the dict's entries."""
+        _check_top_level(config_dict)
+        return super().from_dict(config_dict, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    @classmethod
     def coerce(cls, value: "EfficiencyConfig | dict[str, Any]") -> "EfficiencyConfig":
         """Accept an `EfficiencyConfig` or its dict form; anything else is a `TypeError`."""
         if isinstance(value, EfficiencyConfig):
             return value
         if isinstance(value, dict):
+            _check_top_level(value)
             return cls(**value)
         raise TypeError(f"efficiency_config must be an EfficiencyConfig or a dict, got {type(value).__name__}")
 
@@ -830,6 +870,14 @@ class EfficiencyConfig(QuantizationConfigMixin):
             or (act is not None and act.needs_calibration)
             or (q.outliers > 0 and getattr(self, "calibration", None) is not None)
         )
+
+
+def _check_top_level(value: Any) -> None:
+    if not isinstance(value, dict):
+        raise ValueError(f"an EfficiencyConfig dict must be a dict, got {type(value).__name__}")
+    bad = [k for k in value if not isinstance(k, str)]
+    if bad:
+        raise ValueError(f"EfficiencyConfig keys must be strings; got {_sorted_keys(bad)[0]}")
 
 
 def saved_section(model: Any, name: str) -> Section | None:

@@ -93,12 +93,20 @@ def test_a_gguf_folder_without_gguf_file_names_the_file_to_pass(tmp_path, capsys
     assert "--gguf-file tiny.Q4_0.gguf" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("content", ["", "{not json", '{"weight_map": 3}'])
-def test_a_broken_weight_index_is_named(model_dir, tmp_path, content):
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", "the safetensors index is empty"),
+        ("{not json", "not a valid safetensors index"),
+        ('{"weight_map": 3}', "a safetensors index is a JSON object with a 'weight_map' object"),
+        ('{"weight_map": {"lm_head.weight": "../elsewhere.safetensors"}}', "weight_map"),
+    ],
+)
+def test_a_broken_weight_index_is_named(model_dir, tmp_path, content, message):
     out = tmp_path / "sharded"
     AutoModelForCausalLM.from_pretrained(model_dir).save_pretrained(out, max_shard_size="100KB")
     (out / "model.safetensors.index.json").write_text(content)
-    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json: not a valid weight index"):
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors\.index\.json: .*{message}"):
         AutoModelForCausalLM.from_pretrained(out)
 
 

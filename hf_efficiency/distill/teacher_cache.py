@@ -26,6 +26,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
+from ..formats.safetensors_header import CheckpointError, parse_json, read_header
+
 logger = logging.get_logger(__name__)
 
 CACHE_INDEX = "teacher_cache.json"
@@ -135,8 +137,27 @@ def cache_teacher_logprobs(
     return out
 
 
+class TeacherCacheError(CheckpointError):
+    """A teacher cache folder that is corrupt, truncated, or was computed for other inputs (a ``ValueError``)."""
+
+
+#: the tensors of every shard: name -> (safetensors dtype, dimensions)
+SHARD_TENSORS = {"logprobs": ("F16", 3), "indices": ("I32", 3), "lengths": ("I64", 1), "input_hash": ("I64", 1)}
+_MAX_INDEX_BYTES = 64_000_000
+
+
+def _count(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
 class TeacherCache:
-    """Read-only access to a cache folder; rows are memory-mapped from the shards on demand."""
+    """Read-only access to a cache folder; rows are memory-mapped from the shards on demand.
+
+    Opening checks the index (format, ``top_k``, shards covering rows ``0 .. examples-1`` in order) and every
+    shard's safetensors header (the four tensors, their dtypes and ``[rows, T, top_k]`` shapes) without reading
+    tensor data; a shard's ``lengths`` are checked when it is first used, and each row read is checked (its
+    length against ``input_ids``, its hash, finite non-positive log-probabilities, token ids inside the
+    vocabulary). Every problem is a `TeacherCacheError` naming the file."""
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
@@ -147,27 +168,128 @@ class TeacherCache:
                 "hf_efficiency.distill.cache_teacher_logprobs or `hf-efficiency distill "
                 "--cache-teacher DIR`"
             )
-        self.index = json.loads(index_file.read_text())
-        if self.index.get("format") != CACHE_FORMAT:
-            raise ValueError(f"Unsupported teacher cache format {self.index.get('format')!r} in {self.folder}")
-        self.top_k = int(self.index["top_k"])
+        self.index = self._read_index(index_file)
+        self.top_k = self.index["top_k"]
+        self.vocab_size = self.index.get("vocab_size")
+        self._shards: list[dict[str, Any]] = self.index["shards"]
+        self._widths: dict[str, int] = {}
+        for shard in self._shards:
+            self._widths[shard["file"]] = self._check_shard(shard)
         self._handles: dict[str, Any] = {}
         self._meta: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def _read_index(self, index_file: Path) -> dict[str, Any]:
+        where = str(index_file)
+        with open(index_file, "rb") as fh:
+            raw = fh.read(_MAX_INDEX_BYTES + 1)
+        if len(raw) > _MAX_INDEX_BYTES:
+            raise TeacherCacheError(f"{where}: larger than {_MAX_INDEX_BYTES} bytes: not a teacher cache index")
+        try:
+            index = parse_json(raw, where, "teacher cache index (JSON)")
+        except CheckpointError as exc:
+            raise TeacherCacheError(str(exc)) from None
+        if not isinstance(index, dict):
+            raise TeacherCacheError(f"{where}: a teacher cache index is a JSON object")
+        if index.get("format") != CACHE_FORMAT or isinstance(index.get("format"), bool):
+            raise TeacherCacheError(
+                f"Unsupported teacher cache format {index.get('format')!r:.100} in {self.folder} (this version reads "
+                f"format {CACHE_FORMAT}); recompute the cache"
+            )
+        for key, low in (("top_k", 1), ("examples", 0)):
+            if not _count(index.get(key), low):
+                raise TeacherCacheError(f"{where}: {key}={index.get(key)!r:.100} is not an integer >= {low}")
+        vocab = index.get("vocab_size")
+        if vocab is not None and (not _count(vocab, 1) or index["top_k"] > vocab):
+            raise TeacherCacheError(f"{where}: vocab_size={vocab!r:.100} is not None or an integer >= top_k")
+        shards = index.get("shards")
+        if not isinstance(shards, list):
+            raise TeacherCacheError(f"{where}: shards must be a list")
+        start = 0
+        for i, s in enumerate(shards):
+            if not (
+                isinstance(s, dict)
+                and isinstance(s.get("file"), str)
+                and s["file"].endswith(".safetensors")
+                and s["file"] == os.path.basename(s["file"])
+                and "/" not in s["file"]
+                and "\\" not in s["file"]
+                and _count(s.get("start"), 0)
+                and _count(s.get("rows"), 0)
+            ):
+                raise TeacherCacheError(
+                    f"{where}: shards[{i}] must be {{file: a .safetensors name in the folder, start, rows}}, "
+                    f"got {s!r:.200}"
+                )
+            if s["start"] != start:
+                raise TeacherCacheError(
+                    f"{where}: shards[{i}] starts at row {s['start']}, expected {start} (shards cover the rows in order)"
+                )
+            start += s["rows"]
+        if start != index["examples"]:
+            raise TeacherCacheError(f"{where}: the shards hold {start} rows but examples={index['examples']}")
+        if len({s["file"] for s in shards}) != len(shards):
+            raise TeacherCacheError(f"{where}: a shard file is listed twice")
+        return index
+
+    def _check_shard(self, shard: dict[str, Any]) -> int:
+        """Check a shard's header against the index; return its padded width ``T``."""
+        path = self.folder / shard["file"]
+        if not path.is_file():
+            raise TeacherCacheError(f"{path}: shard listed in {CACHE_INDEX} is missing")
+        try:
+            header = read_header(path)
+        except CheckpointError as exc:
+            raise TeacherCacheError(str(exc)) from None
+        rows = shard["rows"]
+        width = None
+        for name, (dtype, ndim) in SHARD_TENSORS.items():
+            entry = header.get(name)
+            if entry is None:
+                raise TeacherCacheError(f"{path}: tensor {name!r} is missing")
+            shape = entry["shape"]
+            if entry["dtype"] != dtype or len(shape) != ndim or shape[0] != rows:
+                expected = f"{dtype} [{rows}{', T, ' + str(self.top_k) if ndim == 3 else ''}]"
+                raise TeacherCacheError(f"{path}: tensor {name!r} is {entry['dtype']} {shape}, expected {expected}")
+            if ndim == 3:
+                if shape[2] != self.top_k or (width is not None and shape[1] != width):
+                    raise TeacherCacheError(
+                        f"{path}: tensor {name!r} has shape {shape}, expected [{rows}, T, {self.top_k}] with the "
+                        "same T for logprobs and indices"
+                    )
+                width = shape[1]
+        return width
+
     def __len__(self) -> int:
-        return int(self.index["examples"])
+        return self.index["examples"]
 
     def _shard(self, i: int) -> dict[str, Any]:
-        for s in self.index["shards"]:
-            if s["start"] <= i < s["start"] + s["rows"]:
-                return s
+        if 0 <= i < len(self):
+            lo, hi = 0, len(self._shards)
+            while lo < hi:  # shards are contiguous and in order (checked): bisect on start
+                mid = (lo + hi) // 2
+                if self._shards[mid]["start"] + self._shards[mid]["rows"] <= i:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            return self._shards[lo]
         raise IndexError(f"row {i} is outside the teacher cache ({len(self)} rows)")
 
     def _open(self, name: str):
         if name not in self._handles:
-            h = safe_open(str(self.folder / name), framework="pt")
+            path = self.folder / name
+            try:
+                h = safe_open(str(path), framework="pt")
+                lengths, hashes = h.get_tensor("lengths"), h.get_tensor("input_hash")
+            except Exception as exc:  # safetensors' own error types (the file changed since it was checked)
+                raise TeacherCacheError(f"{path}: cannot read the teacher cache shard ({exc})") from exc
+            width = self._widths[name]
+            if lengths.numel() and (int(lengths.min()) < 0 or int(lengths.max()) > width):
+                raise TeacherCacheError(
+                    f"{path}: row lengths must lie in [0, {width}] (the padded width), found "
+                    f"[{int(lengths.min())}, {int(lengths.max())}]; the shard is corrupt"
+                )
             self._handles[name] = h
-            self._meta[name] = (h.get_tensor("lengths"), h.get_tensor("input_hash"))
+            self._meta[name] = (lengths, hashes)
         return self._handles[name]
 
     def row(self, i: int, input_ids: Sequence[int] | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,13 +299,25 @@ class TeacherCache:
         lengths, hashes = self._meta[s["file"]]
         r = i - s["start"]
         length = int(lengths[r])
-        if input_ids is not None and input_hash(input_ids) != int(hashes[r]):
-            raise ValueError(
-                f"Row {i} of the dataset does not match the teacher cache in {self.folder}: the "
-                "cache was computed for other inputs (different data, order or tokenization)"
-            )
+        where = f"{self.folder / s['file']}: row {i}"
+        if input_ids is not None:
+            ids = _row_ids(input_ids)
+            if input_hash(ids) != int(hashes[r]):
+                raise TeacherCacheError(
+                    f"Row {i} of the dataset does not match the teacher cache in {self.folder}: the "
+                    "cache was computed for other inputs (different data, order or tokenization)"
+                )
+            if length != ids.numel():
+                raise TeacherCacheError(f"{where}: cached length {length} but the row has {ids.numel()} tokens")
         lp = h.get_slice("logprobs")[r : r + 1, :length][0].float()
         ix = h.get_slice("indices")[r : r + 1, :length][0].long()
+        if bool(torch.isnan(lp).any()) or bool((lp > 0).any()):
+            raise TeacherCacheError(f"{where}: holds log-probabilities that are NaN or positive; the shard is corrupt")
+        high = self.vocab_size if self.vocab_size is not None else None
+        if ix.numel() and (int(ix.min()) < 0 or (high is not None and int(ix.max()) >= high)):
+            raise TeacherCacheError(
+                f"{where}: holds token ids outside [0, {high if high is not None else 'vocab'}); the shard is corrupt"
+            )
         return lp, ix
 
 

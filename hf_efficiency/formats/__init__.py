@@ -48,6 +48,10 @@ def load_compressed(
     if kind == "gguf":
         return load_gguf(path, gguf_file, model_class=model_class, **from_pretrained_kwargs)
     if kind is None:
+        if os.path.isdir(path):
+            from .folders import folder_quantization_config
+
+            folder_quantization_config(path)  # a corrupt config.json: say so rather than "not a folder of ..."
         raise FormatError(
             f"{path}: not a GGUF file nor a folder whose config.json has a quantization_config with quant_method "
             f"in {', '.join(FOLDER_FORMATS)}; keep_compressed=True loads only those"

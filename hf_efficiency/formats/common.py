@@ -113,10 +113,54 @@ def concrete_class(config, model_class=None):
     return cls
 
 
+#: config keys counting modules the model builds, each of which holds at least one tensor of the checkpoint
+MODULE_COUNT_KEYS = (
+    "num_hidden_layers",
+    "num_layers",
+    "n_layer",
+    "num_local_experts",
+    "num_experts",
+    "n_routed_experts",
+)
+
+
+def check_module_counts(config, n_tensors: int, source: str) -> None:
+    """Raise `FormatError` when ``config`` (or a sub-config) claims more layers or experts than the checkpoint
+    has tensors: a corrupt count (``num_hidden_layers=2**31``) must not make us build that many modules."""
+    stack = [config.to_dict() if hasattr(config, "to_dict") else dict(config)]
+    while stack:
+        d = stack.pop()
+        for key, value in d.items():
+            if isinstance(value, dict):
+                stack.append(value)
+            elif key in MODULE_COUNT_KEYS and isinstance(value, int) and not isinstance(value, bool):
+                if value > max(n_tensors, 1) or value < 0:
+                    raise FormatError(
+                        f"{source}: the model config says {key}={value}, but the checkpoint holds {n_tensors} "
+                        "tensors; the config is corrupt or belongs to another checkpoint"
+                    )
+
+
+def meta_model(config, model_class=None, *, source: str = "checkpoint", n_tensors: int | None = None) -> nn.Module:
+    """The model ``config`` describes, built on the meta device (nothing allocated). With ``n_tensors`` (the
+    checkpoint's tensor count) absurd layer/expert counts are refused first. A config transformers cannot
+    build a model from (a corrupt or foreign one) is a `FormatError` naming ``source``."""
+    if n_tensors is not None:
+        check_module_counts(config, n_tensors, source)
+    cls = concrete_class(config, model_class)
+    try:
+        with torch.device("meta"):
+            return cls._from_config(config)
+    except Exception as exc:  # noqa: BLE001 - transformers' model code raises anything on a nonsensical config
+        raise FormatError(
+            f"{source}: transformers cannot build {cls.__name__} from the model config "
+            f"({type(exc).__name__}: {str(exc)[:300]})"
+        ) from exc
+
+
 def skeleton(config, qcfg: EfficiencyConfig, model_class=None) -> nn.Module:
     """The model ``config`` describes on the meta device, with ``qcfg``'s `QuantLinear` shells."""
-    with torch.device("meta"):
-        model = concrete_class(config, model_class)._from_config(config)
+    model = meta_model(config, model_class)
     spec = qcfg.quantization
     replace_with_quant_linear(model, spec, spec.modules_to_not_convert)
     return model
@@ -137,8 +181,11 @@ def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], sour
             raise FormatError(
                 f"{source}: tensor {name!r} has shape {list(got.shape)}, expected {list(ref.shape)} for this model"
             )
-        if name.rpartition(".")[2] in PACKED_TENSORS and _is_quantized_key(model, name) and got.dtype != ref.dtype:
-            raise FormatError(f"{source}: tensor {name!r} has dtype {got.dtype}, expected {ref.dtype}")
+        if name.rpartition(".")[2] in PACKED_TENSORS and _is_quantized_key(model, name):
+            if got.dtype != ref.dtype:
+                raise FormatError(f"{source}: tensor {name!r} has dtype {got.dtype}, expected {ref.dtype}")
+        elif ref.is_floating_point() and not got.is_floating_point():  # a float tensor is cast on load, an int is not
+            raise FormatError(f"{source}: tensor {name!r} has dtype {got.dtype}, expected a floating-point tensor")
     unused = sorted(set(state_dict) - set(expected))
     if unused:
         logger.warning(f"{source}: {len(unused)} tensor(s) not used by the model: {', '.join(unused[:8])}")

@@ -49,7 +49,7 @@ from ..quant.core.packing import STORAGE_BITS, packed_words, unpack
 from ..quant.core.scheme import QuantizedWeight, num_groups
 from .common import FormatError
 from .folder_tensors import FolderTensors, expect, model_linears
-from .gptq import SCALE_TORCH_DTYPES, Collector, Result, act_order_perm, exact_weight
+from .gptq import SCALE_TORCH_DTYPES, Collector, Result, act_order_perm, exact_weight, finite_scales
 
 PACKED_BITS = (2, 4, 8)
 SUPPORTED_FORMATS = ("pack-quantized", "naive-quantized", "int-quantized")
@@ -71,6 +71,41 @@ def _settings(quantization_config: dict) -> dict:
     if "config_groups" not in qc and isinstance(qc.get("quantization_config"), dict):  # older nesting
         qc = dict(qc["quantization_config"])
     return qc
+
+
+def _check_targets(targets: Any, key: str, source: str) -> list[str]:
+    if targets is None:
+        return []
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise FormatError(f"{source}: compressed-tensors {key} must be a list of strings, got {targets!r:.100}")
+    for t in targets:
+        if t.startswith("re:"):
+            try:
+                re.compile(t[3:])
+            except (re.error, RecursionError, OverflowError) as e:
+                raise FormatError(f"{source}: compressed-tensors {key} entry {t!r:.100} is not a regex ({e})") from None
+    return targets
+
+
+def _check_settings(qc: dict, source: str) -> tuple[dict[str, dict], list[str]]:
+    """``(config_groups, ignore)`` after checking the types of every field the reader looks at."""
+    groups = qc.get("config_groups") or {}
+    if not isinstance(groups, dict) or not groups:
+        raise FormatError(f"{source}: compressed-tensors quantization_config has no config_groups (nothing quantized)")
+    for group, scheme in groups.items():
+        if not isinstance(scheme, dict):
+            raise FormatError(f"{source}: compressed-tensors config_groups[{group!r:.100}] must be an object")
+        _check_targets(scheme.get("targets"), f"config_groups[{group!r:.100}].targets", source)
+        if scheme.get("weights") is not None and not isinstance(scheme["weights"], dict):
+            raise FormatError(f"{source}: compressed-tensors config_groups[{group!r:.100}].weights must be an object")
+        if scheme.get("format") is not None and not isinstance(scheme["format"], str):
+            raise FormatError(f"{source}: compressed-tensors config_groups[{group!r:.100}].format must be a string")
+    for key in ("sparsity_config",):
+        if qc.get(key) is not None and not isinstance(qc[key], dict):
+            raise FormatError(f"{source}: compressed-tensors {key} must be an object, got {qc[key]!r:.100}")
+    if qc.get("format") is not None and not isinstance(qc["format"], str):
+        raise FormatError(f"{source}: compressed-tensors format must be a string, got {qc['format']!r:.100}")
+    return groups, _check_targets(qc.get("ignore"), "ignore", source)
 
 
 def _target_matches(name: str, module: nn.Module, target: str) -> bool:
@@ -98,9 +133,7 @@ def read_compressed_tensors(folder, quantization_config: dict, model_config, mod
     """``(state_dict, formats, float_linears)`` of a compressed-tensors folder (see the module docstring)."""
     source = f"{folder}/config.json"
     qc = _settings(quantization_config)
-    groups = qc.get("config_groups") or {}
-    if not isinstance(groups, dict) or not groups:
-        raise FormatError(f"{source}: compressed-tensors quantization_config has no config_groups (nothing quantized)")
+    groups, ignore = _check_settings(qc, source)
     if qc.get("transform_config"):
         raise FormatError(f"{source}: compressed-tensors transforms (transform_config: rotations) are not supported")
     sparsity = qc.get("sparsity_config") or {}
@@ -111,9 +144,8 @@ def read_compressed_tensors(folder, quantization_config: dict, model_config, mod
     if qc.get("kv_cache_scheme"):
         raise FormatError(f"{source}: compressed-tensors KV-cache quantization (kv_cache_scheme) is not supported")
     global_format = qc.get("format")
-    ignore = list(qc.get("ignore") or [])
     tensors = FolderTensors(folder)
-    linears = model_linears(model_config, model_class)
+    linears = model_linears(model_config, model_class, tensors)
     out = Collector(tensors, linears)
     for name, linear in linears.items():
         scheme = scheme_for(name, linear, groups, ignore)
@@ -154,7 +186,7 @@ def _weight_args(weights: dict, fmt: str, name: str, source: str) -> dict[str, A
     if kind != "int":
         raise FormatError(f"{where}: compressed-tensors {kind} weights are not supported (integer weights only)")
     allowed = PACKED_BITS if fmt == "pack-quantized" else tuple(b for b in STORAGE_BITS if b <= 8)
-    if isinstance(bits, bool) or bits not in allowed:
+    if not isinstance(bits, int) or isinstance(bits, bool) or bits not in allowed:
         raise FormatError(
             f"{where}: {fmt} num_bits={bits!r} is not supported; supported: {', '.join(map(str, allowed))}"
         )
@@ -170,11 +202,14 @@ def _weight_args(weights: dict, fmt: str, name: str, source: str) -> dict[str, A
         )
     if strategy == "group" and (not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1):
         raise FormatError(f"{where}: group strategy with group_size={group_size!r}")
+    symmetric = weights.get("symmetric", True)
+    if not isinstance(symmetric, bool):
+        raise FormatError(f"{where}: compressed-tensors weights.symmetric={symmetric!r:.100} is not true or false")
     return {
         "bits": bits,
         "strategy": strategy,
         "group_size": group_size if strategy == "group" else None,
-        "symmetric": bool(weights.get("symmetric", True)),
+        "symmetric": symmetric,
     }
 
 
@@ -194,7 +229,8 @@ def _ct_module(
     if key in tensors and strategy == "tensor" and tensors.shape(key) in ((), (1, 1)):
         scale_shape = tensors.shape(key)
     expect(tensors, key, scale_shape, SCALE_TORCH_DTYPES, what)
-    scale = tensors.get(key).reshape(-1, 1).expand(n_out, 1) if strategy == "tensor" else tensors.get(key)
+    scale = finite_scales(tensors, key)
+    scale = scale.reshape(-1, 1).expand(n_out, 1) if strategy == "tensor" else scale
 
     zeros = None
     zkey = f"{name}.weight_zero_point"
@@ -214,6 +250,7 @@ def _ct_module(
         expect(tensors, pkey, (n_out, -(-n_in * bits // 32)), (torch.int32,), what)
         skey = f"{name}.weight_shape"
         if skey in tensors:
+            expect(tensors, skey, (2,), (torch.int32, torch.int64), what)
             shape = [int(v) for v in tensors.get(skey).reshape(-1).tolist()]
             if shape != [n_out, n_in]:
                 raise FormatError(f"{tensors.folder}: {tensors.where(skey)} is {shape}, expected {[n_out, n_in]}{what}")

@@ -9,16 +9,18 @@ lazily, tensor by tensor, with ``safetensors.safe_open``.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 
 import torch
 from safetensors import safe_open
 from torch import nn
+from transformers.utils import logging
 
-from .common import FormatError, concrete_class
-from .safetensors_header import CheckpointError, read_header
+from .common import FormatError, meta_model
+from .safetensors_header import CheckpointError, read_header, read_index
+
+logger = logging.get_logger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -48,7 +50,9 @@ class FolderTensors:
         self._file_of: dict[str, str] = {}
         self._entries: dict[str, dict] = {}
         self._handles: dict[str, object] = {}
-        for file in self._files():
+        weight_map = self._weight_map()
+        files = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE_FILE]
+        for file in files:
             path = os.path.join(self.folder, file)
             if not os.path.isfile(path):
                 raise FormatError(f"{path}: shard listed in {INDEX_FILE} is missing")
@@ -56,26 +60,34 @@ class FolderTensors:
                 header = read_header(path)
             except CheckpointError as exc:
                 raise FormatError(str(exc)) from exc
-            except (KeyError, TypeError, ValueError, AttributeError) as exc:
-                raise FormatError(f"{path}: not a valid safetensors file ({exc})") from exc
             for name, entry in header.items():
+                if name in self._file_of:
+                    raise FormatError(
+                        f"{self.folder}: tensor {name!r} is in both {self._file_of[name]} and {file}; "
+                        "a checkpoint holds each tensor once"
+                    )
                 self._file_of[name] = file
                 self._entries[name] = entry
+        if weight_map is not None:
+            # a stale index (a tensor listed in another shard, or not at all) is common on the Hub and harmless:
+            # every tensor is read from the file that holds it, and the readers check what the model needs
+            stale = sorted(n for n in set(weight_map) | set(self._file_of) if weight_map.get(n) != self._file_of.get(n))
+            if stale:
+                logger.warning(
+                    f"{os.path.join(self.folder, INDEX_FILE)}: weight_map disagrees with the shards for {len(stale)} "
+                    f"tensor(s) ({', '.join(stale[:4])}); the tensors are read from the files that hold them"
+                )
 
-    def _files(self) -> list[str]:
+    def _weight_map(self) -> dict[str, str] | None:
+        """The index's ``weight_map`` (``None``: a single ``model.safetensors``)."""
         index = os.path.join(self.folder, INDEX_FILE)
         if os.path.isfile(index):
             try:
-                with open(index, encoding="utf-8") as fh:
-                    weight_map = json.load(fh)["weight_map"]
-                files = sorted(set(weight_map.values()))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-                raise FormatError(f"{index}: not a valid safetensors index ({exc})") from exc
-            if not files or not all(isinstance(f, str) for f in files):
-                raise FormatError(f"{index}: weight_map lists no safetensors file")
-            return files
+                return read_index(index)
+            except CheckpointError as exc:
+                raise FormatError(str(exc)) from exc
         if os.path.isfile(os.path.join(self.folder, SINGLE_FILE)):
-            return [SINGLE_FILE]
+            return None
         others = sorted(f for f in os.listdir(self.folder) if f.endswith((".bin", ".pt", ".pth")))
         hint = f" (found {', '.join(others)}: only safetensors checkpoints are read)" if others else ""
         raise FormatError(f"{self.folder}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
@@ -127,12 +139,12 @@ class FolderTensors:
         self._handles.clear()
 
 
-def model_linears(model_config, model_class=None) -> dict[str, nn.Linear]:
+def model_linears(model_config, model_class=None, tensors: FolderTensors | None = None) -> dict[str, nn.Linear]:
     """``{name: nn.Linear}`` of the model ``model_config`` describes (built on the meta device, so
-    nothing is allocated); ``model_class`` as in `load_model` (default ``AutoModelForCausalLM``)."""
-    cls = concrete_class(model_config, model_class)
-    with torch.device("meta"):
-        model = cls._from_config(model_config)
+    nothing is allocated); ``model_class`` as in `load_model` (default ``AutoModelForCausalLM``). With
+    ``tensors`` (the folder's), a config claiming more layers than the folder has tensors is refused first."""
+    source = "config.json" if tensors is None else os.path.join(tensors.folder, "config.json")
+    model = meta_model(model_config, model_class, source=source, n_tensors=None if tensors is None else len(tensors))
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 from .common import FormatError, efficiency_config_for, load_model
 from .compressed_tensors import read_compressed_tensors
 from .gptq import read_awq, read_gptq
+from .safetensors_header import CheckpointError, parse_json
 
 READERS: dict[str, Callable] = {
     "gptq": read_gptq,
@@ -23,6 +23,8 @@ READERS: dict[str, Callable] = {
     "compressed-tensors": read_compressed_tensors,
 }
 SUPPORTED_METHODS = tuple(READERS)
+#: a config.json is a few kilobytes; anything this large is not one
+MAX_CONFIG_BYTES = 16_000_000
 
 
 def folder_quantization_config(path: str | os.PathLike) -> dict[str, Any] | None:
@@ -32,10 +34,16 @@ def folder_quantization_config(path: str | os.PathLike) -> dict[str, Any] | None
     if not os.path.isfile(file):
         return None
     try:
-        with open(file, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (OSError, ValueError) as exc:
-        raise FormatError(f"{file}: not a valid JSON config ({exc})") from exc
+        with open(file, "rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise FormatError(f"{file}: cannot read the config ({exc})") from exc
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise FormatError(f"{file}: larger than {MAX_CONFIG_BYTES} bytes: not a model config")
+    try:
+        data = parse_json(raw, file, "JSON config", allow_constants=True)  # as transformers reads it
+    except CheckpointError as exc:
+        raise FormatError(str(exc)) from None
     qc = data.get("quantization_config") if isinstance(data, dict) else None
     if qc is None and isinstance(data, dict):
         qc = data.get("compression_config")
@@ -80,7 +88,13 @@ def read_folder(path: str | os.PathLike, config=None, model_class=None):
             f"{', '.join(SUPPORTED_METHODS)}"
         )
     if config is None:
-        config = AutoConfig.from_pretrained(path)
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except Exception as exc:  # noqa: BLE001 - transformers raises anything on a config it cannot interpret
+            raise FormatError(
+                f"{path}/config.json: transformers cannot read the model config ({type(exc).__name__}: "
+                f"{str(exc)[:300]})"
+            ) from exc
     for attr in ("quantization_config", "compression_config"):
         if hasattr(config, attr):
             delattr(config, attr)

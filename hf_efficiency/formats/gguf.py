@@ -27,7 +27,7 @@ from transformers.utils import logging
 
 from ..quant.core.packing import pack
 from ..quant.core.scheme import QuantizedWeight
-from .common import FormatError, concrete_class, efficiency_config_for, format_of, load_model, quantized_tensors
+from .common import FormatError, efficiency_config_for, format_of, load_model, meta_model, quantized_tensors
 from .gguf_blocks import BLOCK_FORMATS, BlockFormat, decode_blocks
 
 logger = logging.get_logger(__name__)
@@ -56,41 +56,126 @@ def split_gguf_path(path: str | os.PathLike, gguf_file: str | None = None) -> tu
     return os.path.dirname(os.path.abspath(full)), os.path.basename(full)
 
 
+#: ggml's GGML_MAX_DIMS: a tensor has at most this many dimensions
+GGUF_MAX_DIMS = 4
+#: items of one metadata array (gguf parses each item in Python, ~20 us apiece; the largest real arrays, the
+#: tokenizer's tokens and merges, hold a few hundred thousand)
+GGUF_MAX_ARRAY_ITEMS = 1 << 21
+
+
 def open_reader(path: str):
-    """A ``gguf.GGUFReader`` for ``path``; a truncated file is a `FormatError` naming the first tensor
-    that extends past its end, any other unreadable file a `FormatError` with gguf's reason."""
+    """A ``gguf.GGUFReader`` for ``path``, with llama.cpp's own checks of the header and tensor table.
+
+    Any read past the end of the file (a truncated file, or a length or count in the header that claims
+    more than the file holds, e.g. an array of 2**60 items) stops parsing at once; the tensor table must
+    have at most 4 dimensions per tensor, rows of whole blocks, a known ggml type, and data that starts at
+    the aligned end of the previous tensor and lies inside the file (a tensor extending past the end is
+    reported as a truncated file naming it). Every failure is a `FormatError` naming ``path``.
+    """
     _require_gguf()
     import struct
 
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
 
     class CheckedReader(GGUFReader):
+        def _get(self, offset, dtype, count=1, override_order=None):
+            count = int(count)
+            end = int(offset) + np.dtype(dtype).itemsize * count
+            if count < 0 or end > len(self.data):
+                raise FormatError(
+                    f"{path}: file is truncated or its header is corrupt: a field at byte {int(offset)} claims "
+                    f"{count} item(s) of {np.dtype(dtype).name} (up to byte {end}) but the file has "
+                    f"{len(self.data)} bytes"
+                )
+            return super()._get(offset, dtype, count, override_order)
+
+        def _get_field_parts(self, orig_offs, raw_type):
+            if int(raw_type) == int(GGUFValueType.ARRAY):
+                items = int(self._get(int(orig_offs) + 4, np.uint64)[0])
+                if items > GGUF_MAX_ARRAY_ITEMS:
+                    raise FormatError(
+                        f"{path}: a metadata array at byte {int(orig_offs)} claims {items} items; hf-efficiency reads "
+                        f"at most {GGUF_MAX_ARRAY_ITEMS} (the header is corrupt)"
+                    )
+            return super()._get_field_parts(orig_offs, raw_type)
+
         def _build_tensors(self, start_offs, fields):
             size = len(self.data)
+            expected = 0
             for field in fields:
-                _, name, _, dims, raw_dtype, offset = field.parts
-                block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(int(raw_dtype[0]))]
-                end = int(start_offs + offset[0]) + int(np.prod(dims)) * type_size // block
+                _, name_data, _, dims, raw_dtype, offset = field.parts
+                name = bytes(name_data).decode("utf-8")
+                where = f"{path}: tensor {name[:200]!r}"
+                if len(dims) > GGUF_MAX_DIMS:
+                    raise FormatError(f"{where} has {len(dims)} dimensions; GGUF allows at most {GGUF_MAX_DIMS}")
+                try:
+                    ggml_type = GGMLQuantizationType(int(raw_dtype[0]))
+                    block, type_size = GGML_QUANT_SIZES[ggml_type]
+                except (ValueError, KeyError):
+                    raise FormatError(f"{where} has unknown ggml type {int(raw_dtype[0])}") from None
+                shape = [int(d) for d in dims]
+                if any(d >= 2**63 for d in shape):
+                    raise FormatError(f"{where} has dimensions {shape}, beyond GGUF's int64 range")
+                if shape and shape[0] % block:
+                    raise FormatError(
+                        f"{where} ({ggml_type.name}) has rows of {shape[0]} weights, not whole blocks of {block}"
+                    )
+                count = 1
+                for d in shape:
+                    count *= d
+                    if count > 8 * size:  # more elements than bits in the file: corrupt, whatever the type
+                        break
+                start = int(start_offs) + int(offset[0])
+                end = start + count * type_size // block
+                if int(offset[0]) != expected:
+                    raise FormatError(
+                        f"{where} starts at data offset {int(offset[0])}, expected {expected} (the aligned end of "
+                        "the previous tensor); the tensor table is corrupt"
+                    )
                 if end > size:
                     raise FormatError(
-                        f"{path}: file is truncated: tensor {bytes(name).decode('utf-8')!r} ends at byte {end} but "
-                        f"the file has {size} bytes; re-download it"
+                        f"{path}: file is truncated: tensor {name[:200]!r} ends at byte {end} but the file has "
+                        f"{size} bytes; re-download it"
                     )
+                nbytes = end - start
+                expected = int(offset[0]) + nbytes + (-nbytes % self.alignment)
             return super()._build_tensors(start_offs, fields)
 
     try:
         return CheckedReader(path)
     except FormatError:
         raise
-    except (ValueError, IndexError, OSError, KeyError, struct.error) as e:
-        raise FormatError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+    except (ValueError, IndexError, OSError, KeyError, struct.error, OverflowError, TypeError) as e:
+        raise FormatError(f"{path}: not a readable GGUF file ({type(e).__name__}: {str(e)[:300]})") from e
+    except RecursionError:
+        raise FormatError(f"{path}: not a readable GGUF file (metadata arrays nested too deeply)") from None
+
+
+def architecture_of(reader, path: str) -> str:
+    """``general.architecture`` of an opened GGUF file (`FormatError` when it is absent or not a string)."""
+    from gguf import GGUFValueType
+
+    field = reader.fields.get("general.architecture")
+    if field is None or field.types != [GGUFValueType.STRING] or len(field.data) != 1:
+        raise FormatError(f"{path}: no string general.architecture in the GGUF metadata")
+    try:
+        return bytes(field.parts[field.data[0]]).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FormatError(f"{path}: general.architecture is not UTF-8 ({e})") from None
 
 
 def load_gguf_config(folder: str, name: str):
-    """transformers' config for a GGUF file (architecture and hyper-parameters from its metadata)."""
+    """transformers' config for a GGUF file (architecture and hyper-parameters from its metadata); metadata
+    transformers cannot turn into a config is a `FormatError` naming the file."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    try:
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    except Exception as e:  # noqa: BLE001 - transformers' GGUF metadata parsing raises anything on odd values
+        raise FormatError(
+            f"{os.path.join(folder, name)}: transformers cannot build a model config from the GGUF metadata "
+            f"({type(e).__name__}: {str(e)[:300]})"
+        ) from e
     if getattr(config, "quantization_config", None) is not None:
         config.quantization_config = None
     return config
@@ -156,17 +241,15 @@ def read_gguf(
         TENSOR_PROCESSORS,
         TensorProcessor,
         get_gguf_hf_weights_map,
-        read_field,
     )
 
     path = os.fspath(path)
     reader = open_reader(path) if reader is None else reader
-    architecture = read_field(reader, "general.architecture")[0]
-    with torch.device("meta"):
-        meta_model = concrete_class(config, model_class)._from_config(config)
+    architecture = architecture_of(reader, path)
+    model = meta_model(config, model_class, source=path, n_tensors=len(reader.tensors))
     processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config.to_dict())
-    name_map = get_gguf_hf_weights_map(meta_model, processor)
-    linears = _linear_weights(meta_model)
+    name_map = get_gguf_hf_weights_map(model, processor)
+    linears = _linear_weights(model)
     process_kwargs = {"tensor_key_mapping": name_map, "parsed_parameters": {"tensors": {}, "config": config.to_dict()}}
 
     state_dict: dict[str, torch.Tensor] = {}
@@ -217,7 +300,13 @@ def read_gguf(
             weights = dequantize(t.data, GGMLQuantizationType(int(t.tensor_type)))
         except NotImplementedError as e:
             raise FormatError(f"{path}: tensor {gguf_name!r} uses ggml type {type_name}, which gguf cannot read: {e}")
-        result = processor.process(weights=weights, name=gguf_name, **process_kwargs)
+        try:
+            result = processor.process(weights=weights, name=gguf_name, **process_kwargs)
+        except (ValueError, IndexError, KeyError, TypeError, RuntimeError) as e:  # e.g. a reshape of a wrong shape
+            raise FormatError(
+                f"{path}: tensor {gguf_name!r} of shape {[int(x) for x in t.shape]}: transformers' GGUF tensor "
+                f"processing fails ({type(e).__name__}: {str(e)[:200]})"
+            ) from e
         if result.name not in name_map:
             continue
         name = name_map[result.name]
@@ -239,6 +328,11 @@ def _quantized(t, fmt: BlockFormat, n: int, path: str) -> tuple[QuantizedWeight,
         codes, scale, minimum = decode_blocks(torch.from_numpy(np.array(raw, copy=True).reshape(rows, -1)), fmt, n)
     except ValueError as e:
         raise FormatError(f"{path}: tensor {t.name!r}: {e}") from e
+    for what, value in (("scales", scale), ("minima", minimum)):
+        if value is not None and not bool(torch.isfinite(value).all()):
+            raise FormatError(
+                f"{path}: tensor {t.name!r} ({fmt.name}) holds non-finite block {what}; the file is corrupt"
+            )
     dtype = fmt.exact_scale_dtype
     q = QuantizedWeight(
         packed=pack(codes, fmt.bits),

@@ -62,6 +62,8 @@ from .common import FormatError, format_of, quantized_tensors
 from .folder_tensors import FolderTensors, expect, model_linears
 
 GPTQ_BITS = (2, 3, 4, 8)
+GPTQ_KEYS = ("qweight", "qzeros", "scales", "g_idx")
+AWQ_KEYS = ("qweight", "qzeros", "scales")
 GPTQ_FORMATS = ("gptq", "gptq_v2")
 AWQ_VERSIONS = ("gemm", "gemv")
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -145,6 +147,14 @@ def exact_weight(
     return QuantizedWeight(packed, scale_out, min_out.contiguous(), bits, group_size, in_features, perm=perm), False
 
 
+def finite_scales(tensors: FolderTensors, key: str) -> torch.Tensor:
+    """Tensor ``key`` (a scale), which must be finite: a NaN or infinite scale is a corrupt checkpoint."""
+    value = tensors.get(key)
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        raise FormatError(f"{tensors.folder}: {tensors.where(key)} holds non-finite scales; the checkpoint is corrupt")
+    return value
+
+
 def unpack_nibbles(words: torch.Tensor) -> torch.Tensor:
     """int32 ``[..., W]`` -> 4-bit codes ``[..., W, 8]`` (nibble ``k`` = bits ``[4k, 4k+4)``), uint8."""
     shifts = torch.arange(0, 32, 4, dtype=torch.int32)
@@ -180,6 +190,16 @@ class Collector:
                 f"{name} has no bias (config.json disagrees with the checkpoint)"
             )
 
+    def refuse_strays(self, suffixes: tuple[str, ...]) -> None:
+        """Raise `FormatError` for a tensor named like a quantized module's (``<module>.<suffix>``) that no
+        module used: a renamed or corrupt entry would otherwise be dropped with a warning."""
+        stray = [k for k in self.tensors if k not in self.consumed and k.rpartition(".")[2] in suffixes]
+        if stray:
+            raise FormatError(
+                f"{self.tensors.folder}: {self.tensors.where(stray[0])} belongs to no quantized module of the "
+                "model config.json describes (a renamed tensor, or a checkpoint for another model)"
+            )
+
     def result(self) -> Result:
         for key in self.tensors:
             if key not in self.consumed and key not in self.state_dict:
@@ -203,12 +223,14 @@ def _quantized_names(tensors: FolderTensors, linears: dict[str, nn.Linear], suff
 
 
 def _int(value: Any, key: str, source: str) -> int:
-    if isinstance(value, bool):
-        raise FormatError(f"{source}: quantization_config.{key}={value!r} is not an integer")
-    try:
+    """An integer config value: an int, an integral float (``4.0``) or a decimal string (``"4"``)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
         return int(value)
-    except (TypeError, ValueError):
-        raise FormatError(f"{source}: quantization_config.{key}={value!r} is not an integer") from None
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?[0-9]{1,18}\s*", value):
+        return int(value)
+    raise FormatError(f"{source}: quantization_config.{key}={value!r:.100} is not an integer")
 
 
 def _group(value: Any, source: str) -> int | None:
@@ -225,14 +247,34 @@ def _group(value: Any, source: str) -> int | None:
 # ----------------------------------------------------------------------------- GPTQ
 
 
-def _gptq_overrides(dynamic: dict[str, dict] | None, name: str) -> dict | bool | None:
+def _gptq_dynamic(dynamic: Any, source: str) -> list[tuple[re.Pattern, bool, dict]]:
+    """GPTQModel's ``dynamic`` ``{pattern: overrides}`` checked and compiled: ``(regex, negative, overrides)``."""
+    if dynamic is None:
+        return []
+    if not isinstance(dynamic, dict):
+        raise FormatError(f"{source}: quantization_config.dynamic must be an object {{pattern: overrides}}")
+    out = []
+    for pattern, overrides in dynamic.items():
+        if overrides is not None and not isinstance(overrides, dict):
+            raise FormatError(
+                f"{source}: quantization_config.dynamic[{pattern!r:.100}] must be an object of overrides, "
+                f"got {overrides!r:.100}"
+            )
+        raw = pattern[2:] if pattern.startswith(("-:", "+:")) else pattern
+        try:
+            regex = re.compile(raw)
+        except (re.error, RecursionError, OverflowError) as e:
+            raise FormatError(f"{source}: quantization_config.dynamic pattern {pattern!r:.100} is not a regex ({e})")
+        out.append((regex, pattern.startswith("-:"), dict(overrides or {})))
+    return out
+
+
+def _gptq_overrides(dynamic: list[tuple[re.Pattern, bool, dict]], name: str) -> dict | bool | None:
     """GPTQModel's ``dynamic``: the first pattern (``+:``/``-:`` prefixed or plain regex) that
     ``re.match``es ``name`` gives its overrides (``False`` for ``-:``: not quantized)."""
-    for pattern, overrides in (dynamic or {}).items():
-        negative = pattern.startswith("-:")
-        raw = pattern[2:] if pattern.startswith(("-:", "+:")) else pattern
-        if re.match(raw, name):
-            return False if negative else dict(overrides or {})
+    for regex, negative, overrides in dynamic:
+        if regex.match(name):
+            return False if negative else overrides
     return None
 
 
@@ -251,9 +293,10 @@ def read_gptq(folder, quantization_config: dict, model_config, model_class=None)
     if pack_dtype != "int32":
         raise FormatError(f"{source}: GPTQ pack_dtype={pack_dtype!r} is not supported; supported: int32")
     v1 = fmt == "gptq"
-    dynamic = qc.get("dynamic") or None
+    act_order = qc.get("desc_act") is True
+    dynamic = _gptq_dynamic(qc.get("dynamic") or None, source)
     tensors = FolderTensors(folder)
-    linears = model_linears(model_config, model_class)
+    linears = model_linears(model_config, model_class, tensors)
     out = Collector(tensors, linears)
     for name in _quantized_names(tensors, linears, ".qweight"):
         overrides = _gptq_overrides(dynamic, name) or {}
@@ -264,10 +307,16 @@ def read_gptq(folder, quantization_config: dict, model_config, model_class=None)
                 f"{', '.join(map(str, GPTQ_BITS))}"
             )
         group_size = _group(overrides.get("group_size", qc.get("group_size", 128)), source)
+        if act_order and f"{name}.g_idx" not in tensors:
+            raise FormatError(
+                f"{tensors.folder}: tensor {name + '.g_idx'!r} is missing, but quantization_config.desc_act is true "
+                "(act-order checkpoints need each module's group index)"
+            )
         q, symmetric = _gptq_module(tensors, name, linears[name], bits, group_size, v1)
         out.add(name, q, symmetric)
-        out.consumed.update(f"{name}.{k}" for k in ("qweight", "qzeros", "scales", "g_idx"))
+        out.consumed.update(f"{name}.{k}" for k in GPTQ_KEYS)
         out.bias(name)
+    out.refuse_strays(GPTQ_KEYS)
     return out.result()
 
 
@@ -290,7 +339,7 @@ def _gptq_module(
     zeros = unpack(tensors.get(f"{name}.qzeros"), bits, n_out).t().to(torch.int32)  # [out, G]
     if v1:
         zeros = zeros + 1
-    scale = tensors.get(f"{name}.scales").t()
+    scale = finite_scales(tensors, f"{name}.scales").t()
     if perm is None and n_in % 32 == 0:
         return exact_weight(None, zeros, scale, bits, group_size, n_in, packed=qweight_t)
     return exact_weight(unpack(qweight_t, bits, n_in), zeros, scale, bits, group_size, n_in, perm=perm)
@@ -322,14 +371,15 @@ def read_awq(folder, quantization_config: dict, model_config, model_class=None) 
         raise FormatError(f"{source}: AWQ zero_point=false is not supported (AutoAWQ's GEMM/GEMV layouts store zeros)")
     group_size = _group(qc.get("group_size", qc.get("q_group_size", 128)), source)
     tensors = FolderTensors(folder)
-    linears = model_linears(model_config, model_class)
+    linears = model_linears(model_config, model_class, tensors)
     out = Collector(tensors, linears)
     for name in _quantized_names(tensors, linears, ".qweight"):
         reader = _awq_gemm_module if version == "gemm" else _awq_gemv_module
         q, symmetric = reader(tensors, name, linears[name], group_size)
         out.add(name, q, symmetric)
-        out.consumed.update(f"{name}.{k}" for k in ("qweight", "qzeros", "scales"))
+        out.consumed.update(f"{name}.{k}" for k in AWQ_KEYS)
         out.bias(name)
+    out.refuse_strays(AWQ_KEYS)
     return out.result()
 
 
@@ -357,7 +407,7 @@ def _awq_gemm_module(tensors: FolderTensors, name: str, linear: nn.Linear, group
 
     codes = along_output(tensors.get(f"{name}.qweight")).t().contiguous()  # [out, in]
     zeros = along_output(tensors.get(f"{name}.qzeros")).t().to(torch.int32)  # [out, G]
-    scale = tensors.get(f"{name}.scales").t()
+    scale = finite_scales(tensors, f"{name}.scales").t()
     return exact_weight(codes, zeros, scale, 4, None if group_size is None else g, n_in)
 
 
@@ -374,7 +424,7 @@ def _awq_gemv_module(tensors: FolderTensors, name: str, linear: nn.Linear, group
     expect(tensors, f"{name}.scales", (n_out, width * 8), SCALE_TORCH_DTYPES, what)
     qweight = tensors.get(f"{name}.qweight")
     zeros = unpack_nibbles(tensors.get(f"{name}.qzeros")).reshape(n_out, width * 8)[:, :groups].to(torch.int32)
-    scale = tensors.get(f"{name}.scales")[:, :groups]
+    scale = finite_scales(tensors, f"{name}.scales")[:, :groups]
     gs = None if group_size is None else g
     if n_in % 32 == 0:  # 8 codes per word in natural order: our layout already
         return exact_weight(None, zeros, scale, 4, gs, n_in, packed=qweight.contiguous())

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from ..formats.safetensors_header import CheckpointError, read_header
+from ..formats.safetensors_header import CheckpointError, read_header, read_index
 from ..quant.modules.linear import QuantLinear
 
 __all__ = [
@@ -130,20 +130,7 @@ def check_local_folder(path: str | os.PathLike | None, gguf_file: str | None = N
     for entry in entries:
         if entry.endswith(".safetensors.index.json"):
             index_path = os.path.join(folder, entry)
-            try:
-                with open(index_path, encoding="utf-8") as fh:
-                    index = json.load(fh)
-            except (OSError, ValueError) as exc:
-                raise CheckpointError(
-                    f"{index_path}: not a valid weight index ({'empty file' if not os.path.getsize(index_path) else exc})"
-                    "; the save was interrupted or the file is corrupt: re-download or re-save the model"
-                ) from exc
-            weight_map = index.get("weight_map") if isinstance(index, dict) else None
-            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                raise CheckpointError(
-                    f"{index_path}: not a valid weight index (expected an object with a 'weight_map' of tensor name "
-                    "-> shard file); re-download or re-save the model"
-                )
+            weight_map = read_index(index_path)
             missing = sorted({v for v in weight_map.values() if not os.path.isfile(os.path.join(folder, v))})
             if missing:
                 raise CheckpointError(

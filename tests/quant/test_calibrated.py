@@ -364,7 +364,7 @@ def test_w8a8_path_override_gives_the_same_numbers_and_bad_names_fail(tiny_dir, 
         ),
         (
             {"quantization": {"bits_choices": []}},
-            r"quantization.bits_choices=\[\] is not allowed; allowed values: a non-empty list of 8, 4, 3, 2",
+            r"quantization.bits_choices=\[\] is not allowed; allowed values: a non-empty list of ints among 8, 4, 3, 2",
         ),
         (
             {"quantization": {"awq_grid": 1}},
