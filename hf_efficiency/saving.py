@@ -18,6 +18,8 @@ import json
 import os
 import re
 import shutil
+import socket
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -50,13 +52,48 @@ def is_weight_file(filename: str) -> bool:
     return WEIGHT_FILE.match(filename) is not None
 
 
+#: a staging folder of another process is left alone unless that process is gone (same host) or it is this old
+_ABANDONED_AFTER_S = 6 * 3600
+
+
+def _staging_name(pattern: str, name: str) -> str:
+    """``.<name>.saving-<host>-<pid>-<random>``: the owner is recorded so that only abandoned folders are removed."""
+    host = socket.gethostname().replace("-", "_")[:32]
+    return pattern.format(name=name) + f"{host}-{os.getpid()}-{new_save_id()[:8]}"
+
+
+def _abandoned(path: str, prefix: str) -> bool:
+    """Whether the staging folder ``path`` was left by a process that is gone: same host and its pid not alive,
+    or older than `_ABANDONED_AFTER_S` (another host, or a name without an owner)."""
+    try:
+        if time.time() - os.path.getmtime(path) > _ABANDONED_AFTER_S:
+            return True
+    except OSError:
+        return False
+    host, _, rest = os.path.basename(path)[len(prefix) :].partition("-")
+    pid = rest.partition("-")[0]
+    if host != socket.gethostname().replace("-", "_")[:32] or not pid.isdigit():
+        return False
+    if int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, owned by another user
+        return False
+    return False
+
+
 def _siblings(out_dir: str, pattern: str) -> list[str]:
+    """Abandoned staging (or replaced) folders of earlier saves into ``out_dir``."""
     parent, name = os.path.split(os.path.abspath(out_dir))
     prefix = pattern.format(name=name)
     try:
-        return [os.path.join(parent, e) for e in os.listdir(parent) if e.startswith(prefix)]
+        found = [os.path.join(parent, e) for e in os.listdir(parent) if e.startswith(prefix)]
     except FileNotFoundError:
         return []
+    return [p for p in found if _abandoned(p, prefix)]
 
 
 @contextlib.contextmanager
@@ -69,7 +106,7 @@ def staged_save(out_dir: str | os.PathLike) -> Iterator[str]:
     os.makedirs(parent, exist_ok=True)
     for stale in _siblings(out_dir, _STAGING):  # left by a save that was killed before publishing
         shutil.rmtree(stale, ignore_errors=True)
-    staging = os.path.join(parent, _STAGING.format(name=name) + new_save_id()[:12])
+    staging = os.path.join(parent, _staging_name(_STAGING, name))
     os.makedirs(staging)
     try:
         yield staging
@@ -149,7 +186,7 @@ def replaced_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> 
     os.makedirs(parent, exist_ok=True)
     for stale in _siblings(out_dir, _STAGING) + _siblings(out_dir, _OLD):
         shutil.rmtree(stale, ignore_errors=True)
-    staging = os.path.join(parent, _STAGING.format(name=name) + new_save_id()[:12])
+    staging = os.path.join(parent, _staging_name(_STAGING, name))
     os.makedirs(staging)
     try:
         yield staging
@@ -158,7 +195,7 @@ def replaced_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> 
         raise
     old = None
     if os.path.exists(out_dir):
-        old = os.path.join(parent, _OLD.format(name=name) + new_save_id()[:12])
+        old = os.path.join(parent, _staging_name(_OLD, name))
         os.replace(out_dir, old)
     os.replace(staging, out_dir)
     if old is not None:

@@ -197,11 +197,12 @@ def _saves_atomically(model, kwargs: dict[str, Any]) -> bool:
     pushes (transformers uploads the folder it wrote) or one on a non-main process (it writes nothing)."""
     from ..config import EfficiencyConfig
 
-    return (
-        isinstance(getattr(model.config, "quantization_config", None), EfficiencyConfig)
-        and not kwargs.get("push_to_hub", False)
-        and kwargs.get("is_main_process", True)
-    )
+    if not isinstance(getattr(model.config, "quantization_config", None), EfficiencyConfig):
+        return False
+    if kwargs.get("push_to_hub", False) or not kwargs.get("is_main_process", True):
+        return False
+    on_this_rank = getattr(model, "should_save_on_this_rank", None)  # False on ranks > 0 of torch.distributed
+    return on_this_rank is None or bool(on_this_rank(True))
 
 
 def _atomic_save_pretrained(original, model, save_directory, *args: Any, **kwargs: Any):

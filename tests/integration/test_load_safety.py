@@ -232,3 +232,30 @@ def test_quantizing_moe_experts_with_a_nan_names_the_expert(tmp_path):
         NonFiniteError, match=r"model\.layers\.1\.mlp\.experts\.gate_up_projs\.2: the float weight holds 1"
     ):
         _quantized(tmp_path / "fp")
+
+
+def test_a_killed_saves_staging_folder_is_removed_and_a_live_ones_kept(fp_dir, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    host = socket.gethostname().replace("-", "_")[:32]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    abandoned = tmp_path / f".q.saving-{host}-{int(dead.stdout)}-deadbeef"
+    live = tmp_path / f".q.saving-{host}-1-cafecafe"  # pid 1 is alive: another process saving right now
+    for folder in (abandoned, live):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"partial")
+    _quantized(fp_dir).save_pretrained(tmp_path / "q")
+    assert not abandoned.exists() and live.exists()
+
+
+def test_a_rank_that_does_not_save_stages_nothing(fp_dir, tmp_path, monkeypatch):
+    model = _quantized(fp_dir)
+    monkeypatch.setattr(type(model), "should_save_on_this_rank", lambda self, is_main: False)
+    busy = tmp_path / ".q.saving-otherhost-123-abcdabcd"  # rank 0 writing (another host: never touched)
+    busy.mkdir()
+    model.save_pretrained(tmp_path / "q")
+    assert busy.exists()
+    assert not any(n.endswith(".safetensors") for n in os.listdir(tmp_path / "q"))
+    assert sorted(os.listdir(tmp_path)) == [".q.saving-otherhost-123-abcdabcd", "fp", "q"]
