@@ -34,19 +34,10 @@ from hf_efficiency import EfficiencyConfig, QuantLinear
 from hf_efficiency.demo import bundled_gguf_path, bundled_model_path
 from hf_efficiency.formats import load_compressed
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from quant_kernels import bandwidth  # noqa: E402  (the same read-bandwidth measure as the kernel table)
+
 PROMPT = "The King James Bible begins with the book of Genesis. In the beginning"
-
-
-def bandwidth() -> float:
-    """Read bandwidth in bytes/s: median time to sum a 512 MiB float32 tensor (as benchmarks/quant_kernels.py)."""
-    t = torch.ones(128 * 2**20)
-    t.sum()
-    times = []
-    for _ in range(7):
-        s = time.perf_counter()
-        t.sum()
-        times.append(time.perf_counter() - s)
-    return t.numel() * 4 / statistics.median(times)
 
 
 def _tensor_bytes(module: nn.Module) -> int:

@@ -97,15 +97,14 @@ def _siblings(out_dir: str, pattern: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def staged_save(out_dir: str | os.PathLike) -> Iterator[str]:
-    """Yield a staging folder beside ``out_dir``; write the save there. On leaving the block without an error
-    the save is published into ``out_dir`` (`publish`); on an error the staging folder is removed and
-    ``out_dir`` is left as it was."""
-    out_dir = os.path.abspath(os.fspath(out_dir))
+def _staging_folder(out_dir: str, *abandoned: str) -> Iterator[str]:
+    """Yield a new staging folder beside ``out_dir`` (an absolute path), after removing abandoned folders of the
+    ``abandoned`` kinds left by earlier saves; the folder is removed if the block raises."""
     parent, name = os.path.split(out_dir)
     os.makedirs(parent, exist_ok=True)
-    for stale in _siblings(out_dir, _STAGING):  # left by a save that was killed before publishing
-        shutil.rmtree(stale, ignore_errors=True)
+    for pattern in abandoned:
+        for stale in _siblings(out_dir, pattern):
+            shutil.rmtree(stale, ignore_errors=True)
     staging = os.path.join(parent, _staging_name(_STAGING, name))
     os.makedirs(staging)
     try:
@@ -113,6 +112,16 @@ def staged_save(out_dir: str | os.PathLike) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def staged_save(out_dir: str | os.PathLike) -> Iterator[str]:
+    """Yield a staging folder beside ``out_dir``; write the save there. On leaving the block without an error
+    the save is published into ``out_dir`` (`publish`); on an error the staging folder is removed and
+    ``out_dir`` is left as it was."""
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    with _staging_folder(out_dir, _STAGING) as staging:
+        yield staging
     publish(staging, out_dir)
 
 
@@ -183,16 +192,8 @@ def replaced_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> 
     prepare_output_dir(out_dir, overwrite)
     out_dir = os.path.abspath(os.fspath(out_dir))
     parent, name = os.path.split(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    for stale in _siblings(out_dir, _STAGING) + _siblings(out_dir, _OLD):
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = os.path.join(parent, _staging_name(_STAGING, name))
-    os.makedirs(staging)
-    try:
+    with _staging_folder(out_dir, _STAGING, _OLD) as staging:
         yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     old = None
     if os.path.exists(out_dir):
         old = os.path.join(parent, _staging_name(_OLD, name))

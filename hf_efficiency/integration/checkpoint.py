@@ -30,17 +30,6 @@ __all__ = [
     "validate_checkpoint",
 ]
 
-#: the tensors of a `QuantLinear` whose presence, shape and dtype the checkpoint must match
-PACKED_TENSORS = (
-    "weight",
-    "weight_scale",
-    "weight_min",
-    "weight_zero",
-    "weight_perm",
-    "weight_outlier_index",
-    "weight_outlier_value",
-    "input_scale",
-)
 _DTYPE_NAMES = {
     "torch.int32": "I32",
     "torch.int16": "I16",
@@ -52,14 +41,14 @@ _DTYPE_NAMES = {
 
 
 def expected_tensors(model: nn.Module) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """``{checkpoint key: (dtype name, shape)}`` for every packed tensor of the model's QuantLinears."""
+    """``{checkpoint key: (dtype name, shape)}`` for every tensor of the model's QuantLinears whose dtype is part
+    of the format (`QuantLinear.storage_dtypes`: all but the bias)."""
     out: dict[str, tuple[str, tuple[int, ...]]] = {}
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
-            for attr in PACKED_TENSORS:
-                t = getattr(module, attr)
-                if t is not None:
-                    out[f"{name}.{attr}"] = (_DTYPE_NAMES.get(str(t.dtype), str(t.dtype)), tuple(t.shape))
+            for attr, dtype in module.storage_dtypes().items():
+                shape = tuple(getattr(module, attr).shape)
+                out[f"{name}.{attr}"] = (_DTYPE_NAMES.get(str(dtype), str(dtype)), shape)
     return out
 
 

@@ -22,6 +22,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from conftest import make_tiny_llama
+from resume_kit import KILL_AT, STEPS, KillAfterSave, Killed, Rows, assert_same_tensors, training_args
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -35,69 +36,6 @@ from hf_efficiency.distill import (
     make_student,
 )
 from hf_efficiency.distill.projections import PROJECTIONS_WEIGHTS
-
-TEXT = (
-    "In the beginning God created the heaven and the earth. And the earth was without form, and void; "
-    "and darkness was upon the face of the deep. And the Spirit of God moved upon the face of the waters. "
-) * 4
-
-N_ROWS = 14  # batch 2 -> 7 micro-batches per epoch -> 4 optimizer steps per epoch (the last one accumulates 1)
-STEPS = 8  # two epochs
-KILL_AT = 3  # mid-epoch: the resumed run skips 6 micro-batches, then crosses the epoch boundary
-
-
-class Rows(torch.utils.data.Dataset):
-    """Byte-token rows of varying content, labels = input_ids."""
-
-    def __init__(self, n: int = N_ROWS, length: int = 20):
-        ids = list(TEXT.encode())
-        self.rows = [ids[11 * i : 11 * i + length] for i in range(n)]
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        x = torch.tensor(self.rows[i])
-        return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
-
-
-class Killed(RuntimeError):
-    pass
-
-
-class KillAfterSave(TrainerCallback):
-    """Dies like a killed process right after the checkpoint of step ``step`` is written."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise Killed(f"killed after the checkpoint of step {self.step}")
-
-
-def common_args(out, **kw) -> dict:
-    base = dict(
-        output_dir=str(out),
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=2,
-        max_steps=STEPS,
-        learning_rate=3e-3,
-        lr_scheduler_type="cosine",
-        warmup_steps=2,
-        optim="adamw_torch",
-        weight_decay=0.01,
-        max_grad_norm=1.0,
-        save_strategy="steps",
-        save_steps=KILL_AT,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-    )
-    base.update(kw)
-    return base
 
 
 def run_interrupted(make_trainer: Callable[[str], object], tmp_path, kill_at: int = KILL_AT):
@@ -124,12 +62,6 @@ def run_interrupted(make_trainer: Callable[[str], object], tmp_path, kill_at: in
     return full, resumed, ckpt
 
 
-def assert_same_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
-    assert got.keys() == want.keys()
-    diff = {k: (got[k].float() - want[k].float()).abs().max().item() for k in want if not torch.equal(got[k], want[k])}
-    assert not diff, f"max abs differences: {diff}"
-
-
 def trained_state(trainer) -> dict[str, torch.Tensor]:
     out = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     projector = getattr(trainer, "projector", None)
@@ -150,7 +82,7 @@ def distill_trainer(out: str, student_kw: dict | None = None, **kw) -> Distillat
     teacher = make_tiny_llama(seed=1, num_hidden_layers=4, attention_dropout=0.1)
     student = make_tiny_llama(seed=2, **student_kw) if student_kw else make_student(teacher, 2)
     student.train()
-    args = DistillationTrainingArguments(**common_args(out, **kw))
+    args = DistillationTrainingArguments(**training_args(out, **kw))
     evals = Rows(n=4, length=16) if args.eval_strategy != "no" else None
     return DistillationTrainer(
         model=student, args=args, train_dataset=Rows(), eval_dataset=evals, teacher_model=teacher
@@ -206,7 +138,7 @@ def test_cached_teacher_resume_is_exact(tmp_path):
 
     def make(out: str) -> DistillationTrainer:
         student = make_student(make_tiny_llama(seed=1, num_hidden_layers=4), 2)
-        args = DistillationTrainingArguments(**common_args(out, teacher_cache_dir=str(cache), alpha=0.8))
+        args = DistillationTrainingArguments(**training_args(out, teacher_cache_dir=str(cache), alpha=0.8))
         return DistillationTrainer(model=student, args=args, train_dataset=Rows())
 
     full, resumed, _ = run_interrupted(make, tmp_path)
@@ -254,7 +186,7 @@ class RecordMutualState(TrainerCallback):
 
 def mutual_trainer(out: str, **kw) -> MutualDistillationTrainer:
     students = [make_tiny_llama(seed=1, attention_dropout=0.1), make_tiny_llama(seed=2, num_hidden_layers=3)]
-    args = MutualDistillationTrainingArguments(**common_args(out, **kw))
+    args = MutualDistillationTrainingArguments(**training_args(out, **kw))
     evals = Rows(n=4, length=16) if args.eval_strategy != "no" else None
     trainer = MutualDistillationTrainer(
         students, args, train_dataset=Rows(), eval_dataset=evals, learning_rates=[3e-3, 1e-3]

@@ -63,6 +63,16 @@ def scratch_dir(name: str) -> Path:
     return path
 
 
+def fresh_folder(name: str, sub: str, files: dict[str, bytes]) -> Path:
+    """``scratch_dir(name) / sub``, emptied and filled with ``files`` (``{file name: bytes}``)."""
+    path = scratch_dir(name) / sub
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir()
+    for f, content in files.items():
+        (path / f).write_bytes(content)
+    return path
+
+
 # ----------------------------------------------------------------------------- outcome bookkeeping
 
 

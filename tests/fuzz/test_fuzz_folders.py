@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ from fuzz.fuzzkit import (
     attempt,
     byte_mutation,
     changed_tensors,
+    fresh_folder,
     fuzz_settings,
     get_path,
     json_mutation,
@@ -260,11 +260,7 @@ READERS = {
 def test_folder_readers_survive_mutations(template, data):
     info = templates()[template]
     files = info["files"]
-    path = scratch_dir("fuzz-folders") / "folder"
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir()
-    for f, content in files.items():
-        (path / f).write_bytes(content)
+    path = fresh_folder("fuzz-folders", "folder", files)
     target = data.draw(st.sampled_from(sorted(files)), label="file")
     original = files[target]
     structural = False  # the edit changes the checkpoint's structure only: an accepted result must equal the original

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -20,6 +19,7 @@ from fuzz.fuzzkit import (
     attempt,
     byte_mutation,
     changed_tensors,
+    fresh_folder,
     fuzz_settings,
     json_mutation,
     json_paths,
@@ -91,11 +91,7 @@ def same_rows(a, b) -> bool:
 def test_teacher_cache_survives_mutations(data):
     info = template()
     files = info["files"]
-    folder = scratch_dir("fuzz-teacher-cache") / "cache"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir()
-    for f, content in files.items():
-        (folder / f).write_bytes(content)
+    folder = fresh_folder("fuzz-teacher-cache", "cache", files)
     target = data.draw(st.sampled_from(sorted(files)), label="file")
     original = files[target]
     values_only = False  # only stored log-probabilities / token ids changed: rows may differ but must be plausible

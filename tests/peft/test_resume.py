@@ -17,45 +17,13 @@ import pytest
 import torch
 from conftest import make_tiny_llama
 from peft import LoraConfig, get_peft_model
+from resume_kit import KILL_AT, STEPS, KillAfterSave, Killed, Rows, assert_same_tensors, training_args
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from hf_efficiency.peft import prepare_model_for_kbit_training
 
 Q4 = {"quantization": {"bits": 4, "group_size": 32}}
-TEXT = (
-    "In the beginning God created the heaven and the earth. And the earth was without form, and void; "
-    "and darkness was upon the face of the deep. And the Spirit of God moved upon the face of the waters. "
-) * 4
-STEPS, KILL_AT = 8, 3  # 14 rows, batch 2, accumulation 2 -> 4 steps per epoch (the last one accumulates 1)
-
-
-class Rows(torch.utils.data.Dataset):
-    def __init__(self, n: int = 14, length: int = 20):
-        ids = list(TEXT.encode())
-        self.rows = [ids[11 * i : 11 * i + length] for i in range(n)]
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        x = torch.tensor(self.rows[i])
-        return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
-
-
-class Killed(RuntimeError):
-    pass
-
-
-class KillAfterSave(TrainerCallback):
-    """Dies like a killed process right after the checkpoint of step ``step`` is written."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise Killed(f"killed after the checkpoint of step {self.step}")
 
 
 @pytest.fixture(scope="module")
@@ -66,25 +34,7 @@ def fp_dir(tmp_path_factory):
 
 
 def trainer_for(model, out: str) -> Trainer:
-    args = TrainingArguments(
-        output_dir=out,
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=2,
-        max_steps=STEPS,
-        learning_rate=5e-3,
-        lr_scheduler_type="cosine",
-        warmup_steps=2,
-        optim="adamw_torch",
-        weight_decay=0.01,
-        max_grad_norm=1.0,
-        save_strategy="steps",
-        save_steps=KILL_AT,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-    )
+    args = TrainingArguments(**training_args(out, learning_rate=5e-3))
     return Trainer(model=model, args=args, train_dataset=Rows())
 
 
@@ -104,12 +54,6 @@ def run_interrupted(build, tmp_path):
     losses = [[h["loss"] for h in t.state.log_history if "loss" in h] for t in (full, resumed)]
     assert losses[1] == losses[0]  # the checkpoint carries the log history of the first KILL_AT steps
     return full.model.state_dict(), resumed.model.state_dict(), ckpt
-
-
-def assert_same_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
-    assert got.keys() == want.keys()
-    diff = {k: (got[k].float() - want[k].float()).abs().max().item() for k in want if not torch.equal(got[k], want[k])}
-    assert not diff, f"max abs differences: {diff}"
 
 
 def test_qlora_resume_is_exact(fp_dir, tmp_path):

@@ -56,16 +56,7 @@ TENSOR_NAMES = (
 _TENSOR_NAME_SET = frozenset(TENSOR_NAMES)
 _INDEX_TENSORS = ("weight_outlier_index", "weight_perm")  # values must be column indices
 #: the tensors `QuantLinear.check_values` checks (all but the packed codes, which any bit pattern is valid for)
-_CHECKED_ON_LOAD = (
-    "weight_scale",
-    "weight_min",
-    "weight_zero",
-    "weight_outlier_index",
-    "weight_outlier_value",
-    "weight_perm",
-    "input_scale",
-    "bias",
-)
+_CHECKED_ON_LOAD = tuple(name for name in TENSOR_NAMES if name != "weight")
 _T = TypeVar("_T")
 
 
