@@ -88,3 +88,20 @@ def test_convert_and_export_refuse_a_non_empty_out(tmp_path, capsys, command):
     assert main(args) == 2
     assert "exists and is not empty (keep.txt)" in capsys.readouterr().err
     assert os.listdir(out) == ["keep.txt"]
+
+
+def test_out_that_is_a_file_is_refused(model_dir, tmp_path, capsys):
+    f = tmp_path / "file.txt"
+    f.write_text("x")
+    assert main(["quantize", str(model_dir), "--bits", "8", "--out", str(f)]) == 2
+    assert f"--out '{f}' is a file; give a folder" in capsys.readouterr().err
+    assert f.read_text() == "x"
+
+
+def test_save_pretrained_into_a_file_is_refused(model_dir, tmp_path):
+    q = AutoModelForCausalLM.from_pretrained(model_dir, efficiency_config={"quantization": {"bits": 8}})
+    f = tmp_path / "file.txt"
+    f.write_text("x")
+    with pytest.raises(ValueError, match=rf"save_pretrained: '{f}' is a file, not a folder"):
+        q.save_pretrained(str(f))
+    assert f.read_text() == "x"
