@@ -7,9 +7,12 @@ reference, and timed.
 Sections (each recorded on its own; a failure is written down and the next section runs):
 
 1. kernels: `QuantLinear` on CUDA (int8 per-channel -> ``_weight_int8pack_mm``, int4 g32/g128 ->
-   tinygemm ``_weight_int4pack_mm``, W8A8 -> ``_int_mm``, anything else -> dequantize) against the CPU
-   float32 reference; time per call (CUDA events, median) and effective GB/s of weight traffic for
-   M = 1, 16, 512 rows, beside bf16 ``F.linear``.
+   tinygemm ``_weight_int4pack_mm``, W8A8 -> ``_int_mm``, other 4/8-bit formats -> the Triton kernel
+   ``cuda_triton`` when triton imports, anything else -> dequantize) against the CPU float32 reference;
+   time per call (CUDA events, median) and effective GB/s of weight traffic for M = 1, 16, 512 rows, beside
+   bf16 ``F.linear``. Then, for M = 1 and 16, every 4/8-bit scheme forced through the Triton kernel
+   (``HF_EFFICIENCY_KERNEL=cuda_triton``, path ``cuda_triton (forced)``) beside the torch kernels' rows, and
+   torchao's int4 weight-only linear (``Int4WeightOnlyConfig``) when torchao imports (else one row saying so).
 2. decode: greedy tokens/s of a SmolLM2-135M-shaped and a 1.1B Llama-shaped model (random weights:
    the real checkpoints cannot travel to the machine) in bf16, int8 and int4.
 3. speculative: greedy identity on CUDA (batch 1 and a left-padded batch of 4) for each draft kind,
@@ -42,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 import hf_efficiency  # noqa: E402
 from hf_efficiency.quant import QuantLinear  # noqa: E402
+from hf_efficiency.quant.kernels import triton_kernels  # noqa: E402
 from hf_efficiency.speculative.slots import left_pad  # noqa: E402
 
 SMOLLM2 = dict(
@@ -108,8 +112,12 @@ def section_kernels(device: str, smoke: bool) -> list[dict]:
         ("int4-g32", 4, 32, False, None),
         ("int4-g128-sym", 4, 128, True, None),
         ("int3-g128", 3, 128, False, None),
+        ("int8-asym", 8, None, False, None),
+        ("int8-g128", 8, 128, True, None),
         ("w8a8-dynamic", 8, None, True, "dynamic"),
     ]
+    # the Triton kernel on CUDA, or on CPU in Triton's interpreter (TRITON_INTERPRET=1: checks the code, no timing claims)
+    triton_runs = triton_kernels.triton_available() and (device == "cuda" or triton_kernels.interpreting())
     rows = []
     g = torch.Generator().manual_seed(0)
     ms = (1, 16, 512)
@@ -156,6 +164,89 @@ def section_kernels(device: str, smoke: bool) -> list[dict]:
                         "vs_bf16": round(base[m] / t, 3),
                     }
                 )
+            if act or bits not in triton_kernels.TRITON_BITS:
+                continue
+            if not triton_runs:
+                why = triton_kernels.unavailable_reason() or f"needs CUDA (device: {device})"
+                rows.append({"shape": f"{out_f}x{in_f}", "scheme": name, "path": f"cuda_triton: not run ({why})"})
+                continue
+            for m in (1, 16):  # decoding and a speculative verification / small batch
+                previous = os.environ.get("HF_EFFICIENCY_KERNEL")
+                os.environ["HF_EFFICIENCY_KERNEL"] = "cuda_triton"
+                try:
+                    with torch.no_grad():
+                        y = q(xds[m])
+                        path = q.last_path
+                        t = timed(lambda m=m: q(xds[m]), device)
+                finally:
+                    if previous is None:
+                        del os.environ["HF_EFFICIENCY_KERNEL"]
+                    else:
+                        os.environ["HF_EFFICIENCY_KERNEL"] = previous
+                err = float((y.float().cpu() - refs[m]).abs().max() / refs[m].abs().max())
+                rows.append(
+                    {
+                        "shape": f"{out_f}x{in_f}",
+                        "m": m,
+                        "scheme": name,
+                        "path": f"{path} (forced)",
+                        "us": round(t * 1e6, 2),
+                        "GB/s": round(out_f * in_f * bits / 8 / t / 1e9, 1),
+                        "rel_err": round(err, 5),
+                        "vs_bf16": round(base[m] / t, 3),
+                    }
+                )
+        rows += _torchao_int4_rows(linear, xs, xds, base, device, out_f, in_f)
+    return rows
+
+
+def _torchao_int4_rows(linear: nn.Linear, xs: dict, xds: dict, base: dict, device: str, out_f: int, in_f: int):
+    """torchao's int4 weight-only linear (group 128, bf16) at M = 1 and 16, or one row saying why not."""
+    shape = f"{out_f}x{in_f}"
+    try:
+        import torchao
+        from torchao.quantization import quantize_
+    except Exception as exc:  # noqa: BLE001 - not installed or broken: recorded
+        return [{"shape": shape, "scheme": "int4-g128", "path": f"torchao: not installed ({type(exc).__name__})"}]
+    if device != "cuda":
+        return [{"shape": shape, "scheme": "int4-g128", "path": f"torchao {torchao.__version__}: needs CUDA"}]
+    import copy
+
+    from torchao.quantization import Int4WeightOnlyConfig
+
+    errors = []
+    model = None
+    for kwargs in ({"int4_packing_format": "tile_packed_to_4d"}, {}):  # tinygemm packing first, then the default
+        try:
+            candidate = copy.deepcopy(linear).to(device, torch.bfloat16)
+            quantize_(candidate, Int4WeightOnlyConfig(group_size=128, **kwargs))
+            candidate(xds[1])
+            model, how = candidate, kwargs.get("int4_packing_format", "default")
+            break
+        except Exception as exc:  # noqa: BLE001 - API differences between torchao versions
+            errors.append(f"{kwargs}: {type(exc).__name__}: {exc}"[:200])
+    if model is None:
+        return [
+            {"shape": shape, "scheme": "int4-g128", "path": f"torchao {torchao.__version__}: " + " | ".join(errors)}
+        ]
+    rows = []
+    for m in (1, 16):
+        with torch.no_grad():
+            y = model(xds[m])
+            t = timed(lambda m=m: model(xds[m]), device)
+        ref = F.linear(xs[m], linear.weight.detach())
+        rows.append(
+            {
+                "shape": shape,
+                "m": m,
+                "scheme": "int4-g128",
+                "path": f"torchao {torchao.__version__} ({how})",
+                "us": round(t * 1e6, 2),
+                "GB/s": round(out_f * in_f * 4 / 8 / t / 1e9, 1),
+                "rel_err": round(float((y.float().cpu() - ref).abs().max() / ref.abs().max()), 5),
+                "vs_bf16": round(base[m] / t, 3),
+            }
+        )
     return rows
 
 
@@ -449,6 +540,15 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "benchmarks" / "results")))
@@ -464,6 +564,8 @@ def main() -> None:
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "hf_efficiency": hf_efficiency.__version__,
+            "triton": _version("triton"),
+            "torchao": _version("torchao"),
             "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         }
     }

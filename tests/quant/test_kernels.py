@@ -6,7 +6,11 @@ import pytest
 import torch
 
 from hf_efficiency.quant.kernels import dispatch as kernels
+from hf_efficiency.quant.kernels.triton_kernels import triton_available
 from hf_efficiency.quant.modules.linear import QuantLinear
+
+#: the path of formats the torch CUDA kernels refuse: the Triton kernel where triton imports (tests/quant/test_triton_kernels.py)
+TRITON = "cuda_triton" if triton_available() else "dequant"
 
 
 def _q(bits, group, sym, in_features=256, out_features=64, seed=0):
@@ -24,16 +28,16 @@ def _x(device="cuda", dtype=torch.bfloat16, rows=1):
     [
         (8, None, True, 256, 64, torch.bfloat16, "cuda_int8"),
         (8, None, True, 256, 64, torch.float16, "cuda_int8"),
-        (8, None, True, 256, 64, torch.float32, "dequant"),  # no fp32 int8 kernel
-        (8, 64, True, 256, 64, torch.bfloat16, "dequant"),  # grouped int8: no kernel
-        (8, None, False, 256, 64, torch.bfloat16, "dequant"),  # asymmetric int8: no kernel
+        (8, None, True, 256, 64, torch.float32, TRITON),  # no fp32 torch int8 kernel
+        (8, 64, True, 256, 64, torch.bfloat16, TRITON),  # grouped int8: no torch kernel
+        (8, None, False, 256, 64, torch.bfloat16, TRITON),  # asymmetric int8: no torch kernel
         (4, 64, False, 256, 64, torch.bfloat16, "cuda_int4"),
         (4, 128, True, 256, 64, torch.bfloat16, "cuda_int4"),
-        (4, 64, False, 256, 64, torch.float16, "dequant"),  # tinygemm wants bf16
-        (4, 64, False, 96, 64, torch.bfloat16, "dequant"),  # in_features not a multiple of 128
-        (4, 64, False, 256, 60, torch.bfloat16, "dequant"),  # out_features not a multiple of 8
-        (4, None, False, 256, 64, torch.bfloat16, "dequant"),
-        (3, 64, False, 256, 64, torch.bfloat16, "dequant"),
+        (4, 64, False, 256, 64, torch.float16, TRITON),  # tinygemm wants bf16
+        (4, 64, False, 96, 64, torch.bfloat16, TRITON),  # in_features not a multiple of 128
+        (4, 64, False, 256, 60, torch.bfloat16, TRITON),  # out_features not a multiple of 8
+        (4, None, False, 256, 64, torch.bfloat16, TRITON),
+        (3, 64, False, 256, 64, torch.bfloat16, "dequant"),  # no kernel reads 3-bit codes on CUDA
     ],
 )
 def test_select_path_on_cuda(bits, group, sym, in_f, out_f, dtype, expected):

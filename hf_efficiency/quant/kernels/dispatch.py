@@ -16,6 +16,11 @@ Paths, chosen per call by :func:`select_path`:
   larger inputs take ``dequant`` (one de-quantization, one float matmul).
 * ``"cuda_int4"``: torch's tinygemm ``torch._weight_int4pack_mm`` for 4-bit group-wise weights
   (groups 32-256 dividing ``in_features``) with bf16 activations on CUDA.
+* ``"cuda_triton"``: the Triton kernel of :mod:`.triton_kernels` (when triton imports) for the other 4- and
+  8-bit modules on CUDA up to ``CUDA_KERNEL_MAX_ROWS`` rows: per-channel or groups of multiples of 32, every
+  grid (symmetric, float minimum, integer zero point), fp16/bf16/fp32 activations; it reads the packed words in
+  place (no layout beside the module). Modules the torch kernels above take keep them;
+  ``HF_EFFICIENCY_KERNEL=cuda_triton`` forces it (then a module it cannot compute raises).
 
 * ``"w8a8"`` (modules with int8 activations, any device): activations are quantized to int8
   per token (dynamic) or with the calibrated ``input_scale`` (static), then
@@ -54,7 +59,7 @@ if TYPE_CHECKING:
     from ..modules.linear import QuantLinear
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
-KERNEL_PATHS = ("dequant", "cpu_fused", "cuda_int8", "cuda_int4", "w8a8")
+KERNEL_PATHS = ("dequant", "cpu_fused", "cuda_int8", "cuda_int4", "w8a8", "cuda_triton")
 INT4_INNER_K_TILES = 8
 #: CUDA: activation rows up to which the int8/int4 weight-only kernels run; above (prefill) the weight is
 #: de-quantized once and one float matmul runs (tinygemm int4 measured 20x slower than bf16 at 512 rows on
@@ -108,7 +113,21 @@ def path_for(module: "QuantLinear", device_type: str, dtype: torch.dtype, rows: 
         and module.out_features % 8 == 0
     ):
         return "cuda_int4"
+    if _triton_serves(module, dtype):
+        return "cuda_triton"
     return "dequant"
+
+
+def _triton_serves(module: "QuantLinear", dtype: torch.dtype) -> bool:
+    """Whether the Triton kernel computes ``module`` for ``dtype`` activations on CUDA (triton importable; the
+    kernel reads the module's format). Imports triton on the first CUDA query, builds nothing."""
+    from . import triton_kernels
+
+    return (
+        dtype in triton_kernels.ACTIVATION_DTYPES
+        and triton_kernels.eligible(module)
+        and triton_kernels.triton_available()
+    )
 
 
 def dequantize_weight(module: "QuantLinear", dtype: torch.dtype) -> torch.Tensor:
@@ -195,6 +214,11 @@ def _needs_grad(module: "QuantLinear", x: torch.Tensor) -> bool:
 def quant_linear_forward(module: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
     """``x @ W_hat.T + b`` through the path :func:`select_path` picks (``dequant_autograd`` in training)."""
     lay = module.kernel_layout("cpu")
+    if torch.compiler.is_compiling():  # traced decode step: the layout built by an eager call, no env reads
+        if lay is not None and x.dtype == torch.float32 and x.device.type == "cpu" and not _needs_grad(module, x):
+            from . import cpu as cpu_kernel
+
+            return cpu_kernel.forward(module, x, lay)
     if (
         lay is not None
         and x.dtype == torch.float32
@@ -221,6 +245,10 @@ def quant_linear_forward(module: "QuantLinear", x: torch.Tensor) -> torch.Tensor
         w, sz = module.kernel_layout("int4", lambda: int4_kernel_layout(module))
         out = torch.ops.aten._weight_int4pack_mm(x.reshape(-1, x.shape[-1]), w, module.group_size, sz)
         out = out.reshape(*x.shape[:-1], module.out_features)
+    elif path == "cuda_triton":
+        from . import triton_kernels
+
+        return triton_kernels.forward(module, x)  # bias added in the kernel
     elif path == "dequant":
         bias = None if module.bias is None else module.bias.to(x.dtype)  # as the fused path: a bf16 bias, fp32 x
         return F.linear(x, dequantize_weight(module, x.dtype), bias)
