@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import re
 
 import torch
 from transformers.core_model_loading import ConversionOps
@@ -38,8 +39,11 @@ from ..quant.modules.replace import (
     dequantize_model,
     experts_to_quantize,
     modules_to_not_convert,
+    quant_linear_shell,
     replace_with_quant_linear,
     set_submodule,
+    tied_head_name,
+    untie_output_embedding,
 )
 from ..saving import SAVE_ID_KEY, new_save_id
 from .checkpoint import check_loaded_values, check_save_ids, checkpoint_keys, validate_checkpoint
@@ -161,8 +165,14 @@ class EfficiencyHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         # calibrated methods quantize after the float weights are loaded
+        self.head_to_untie = None
+        if self.quantization_config.quantization is not None and not self.pre_quantized:
+            # a tied head left out of modules_to_not_convert: quantized from the embedding after loading
+            self.head_to_untie = tied_head_name(model, self._skip_list(model))
         if self.quantization_config.quantization is not None and not self._calibrates:
             skip = self._skip_list(model)
+            if self.head_to_untie is not None:
+                skip = skip + [re.escape(self.head_to_untie)]
             experts = self.pre_quantized and _saved_experts_quantized(model, checkpoint_files)
             if not self.pre_quantized:
                 self.float_experts = experts_to_quantize(model, skip)
@@ -203,6 +213,8 @@ class EfficiencyHfQuantizer(HfQuantizer):
             init_unloaded_peft_parameters(model, warn=self.pre_quantized)  # before any calibration pass
         if self.float_experts:
             self._check_experts_loaded(model)
+        if self.head_to_untie is not None:
+            self._quantize_tied_head(model)
         if self._calibrates:
             from ..quant.calibrated.pipeline import quantize_calibrated
 
@@ -232,6 +244,31 @@ class EfficiencyHfQuantizer(HfQuantizer):
 
             mark_trainable(model, peft)
         return model
+
+    def _quantize_tied_head(self, model) -> None:
+        """Untie the output head from the input embeddings (``tie_word_embeddings=False`` from here on, saved so)
+        and give it its own quantized copy of the embedding matrix; the input embedding stays float. Calibrated
+        methods get a float copy to calibrate and quantize with the other linears."""
+        name = self.head_to_untie
+        spec = self.quantization_config.quantization
+        if self._calibrates:
+            untie_output_embedding(model, name, copy=True)
+            logger.info(f"{name} is untied from the input embeddings: it is quantized with the other linears")
+            return
+        linear = untie_output_embedding(model, name, copy=False)
+        shell = quant_linear_shell(linear, spec, name, self._act_mode())
+        q = quantize_matrix(
+            linear.weight, spec, shell.bits, scale_dtype=shell.weight_scale.dtype, outliers=shell.outliers, name=name
+        )
+        shell.load_quantized(q)
+        if linear.bias is not None:
+            shell.bias.data = linear.bias.detach().to(shell.bias.dtype)
+        set_submodule(model, name, shell.to(linear.weight.device))
+        self.quantized_modules = list(getattr(self, "quantized_modules", [])) + [name]
+        logger.info(
+            f"{name} was tied to the input embeddings: untied (tie_word_embeddings=False) and quantized to "
+            f"{shell.bits} bits; the input embedding stays float"
+        )
 
     def _check_experts_loaded(self, model) -> None:
         """Raise naming the first experts module whose float tensors were not all in the checkpoint (it would
@@ -282,6 +319,11 @@ class EfficiencyHfQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_compileable(self) -> bool:
+        # the CPU kernel is a torch operator (``hf_efficiency::quant_gemm``): a static-cache decode step traces
         return True
 
     @property

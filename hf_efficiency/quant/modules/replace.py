@@ -35,6 +35,34 @@ def tied_output_embedding(model: nn.Module) -> nn.Module | None:
     return model.get_output_embeddings()
 
 
+def tied_head_name(model: nn.Module, skip: list[str] | None) -> str | None:
+    """The name of the output head when it is tied to the input embeddings and ``skip`` does not keep it float
+    (an explicit choice: ``modules_to_not_convert`` without it), else ``None``."""
+    tied = tied_output_embedding(model)
+    if tied is None:
+        return None
+    name = next((n for n, m in model.named_modules() if m is tied), None)
+    return None if name is None or is_skipped(name, skip) else name
+
+
+def untie_output_embedding(model: nn.Module, name: str, *, copy: bool) -> nn.Linear:
+    """Give the tied output head ``name`` its own ``nn.Linear`` (the embedding matrix, cloned when ``copy``, else
+    shared until the head is replaced) and record ``tie_word_embeddings=False`` in the model's config, so that
+    transformers neither re-ties it nor drops its tensors when saving. Returns the new head."""
+    head = model.get_submodule(name)
+    weight = model.get_input_embeddings().weight
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=getattr(head, "bias", None) is not None, device="meta")
+    linear.weight = nn.Parameter(weight.detach().clone() if copy else weight.detach(), requires_grad=False)
+    if linear.bias is not None:
+        linear.bias = nn.Parameter(head.bias.detach().clone(), requires_grad=False)
+    set_submodule(model, name, linear)
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.tie_word_embeddings = False
+    if hasattr(model, "get_expanded_tied_weights_keys"):
+        model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True)
+    return linear
+
+
 def modules_to_not_convert(model: nn.Module, spec: QuantizationSpec) -> list[str]:
     """Module names/patterns kept in float: ``spec.modules_to_not_convert`` when given, else
     transformers' own default (the output embedding and the model's ``_keep_in_fp32_modules``),
@@ -147,31 +175,38 @@ def replace_with_quant_linear(
             f"quantization matched no nn.Linear module (modules_to_not_convert={skip!r}); nothing would be quantized"
         )
     for name in names:
-        linear = model.get_submodule(name)
-        fmt = spec.format_of(name)
-        in_features, out_features = linear_features(linear)
-        shell = QuantLinear(
-            in_features,
-            out_features,
-            linear.bias is not None,
-            bits=fmt["bits"],
-            group_size=fmt["group_size"],
-            symmetric=fmt["symmetric"],
-            scale_dtype=scale_dtype_of(fmt["scale_dtype"]),
-            bias_dtype=linear.weight.dtype,
-            device=linear.weight.device,
-            outliers=outlier_count(in_features, spec.outliers),
-            act_mode=act_mode,
-            act_order=fmt["act_order"],
-            zero_point=fmt.get("zero_point", "float"),
-        )
-        shell.requires_grad_(False)
-        if is_conv1d(linear):
-            shell.source_layout = "conv1d"  # a float checkpoint stores this weight [in, out]: QuantizeOp transposes
-        set_submodule(model, name, shell)
+        set_submodule(model, name, quant_linear_shell(model.get_submodule(name), spec, name, act_mode))
     if experts:
         names = names + replace_with_quant_experts(model, spec, expert_names)
     return names
+
+
+def quant_linear_shell(
+    linear: nn.Module, spec: QuantizationSpec, name: str, act_mode: str | None = None
+) -> QuantLinear:
+    """An empty `QuantLinear` with the format ``spec`` gives module ``name`` (``module_bits``, ``module_formats``,
+    outliers, activation mode), on ``linear``'s device."""
+    fmt = spec.format_of(name)
+    in_features, out_features = linear_features(linear)
+    shell = QuantLinear(
+        in_features,
+        out_features,
+        linear.bias is not None,
+        bits=fmt["bits"],
+        group_size=fmt["group_size"],
+        symmetric=fmt["symmetric"],
+        scale_dtype=scale_dtype_of(fmt["scale_dtype"]),
+        bias_dtype=linear.weight.dtype,
+        device=linear.weight.device,
+        outliers=outlier_count(in_features, spec.outliers),
+        act_mode=act_mode,
+        act_order=fmt["act_order"],
+        zero_point=fmt.get("zero_point", "float"),
+    )
+    shell.requires_grad_(False)
+    if is_conv1d(linear):
+        shell.source_layout = "conv1d"  # a float checkpoint stores this weight [in, out]: QuantizeOp transposes
+    return shell
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype) -> int:
