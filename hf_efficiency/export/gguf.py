@@ -35,6 +35,14 @@ for byte; ``"q8_0"`` / ``"f16"`` / ``"f32"`` force the type, a lossy choice meas
 ``report.changes``. 1-D tensors (norms, biases) are F32, as llama.cpp wants; other float matrices keep their
 dtype (F32/F16/BF16) unless ``dtype`` asks for another (a lossy cast is noted with its measured change).
 
+**Tied heads**: a head tied to the input embedding (``tie_word_embeddings``) is not written: llama.cpp uses
+``token_embd`` when a file has no ``output.weight``. A quantized head whose de-quantized weight equals the
+float input embedding exactly (what ``load_gguf`` gives a tied model: the head keeps ``token_embd``'s blocks,
+the embedding their float de-quantization) is tied again: one ``token_embd.weight`` is written, in the
+head's ggml type from its codes (``embeddings="auto"`` and a head the grid holds exactly; otherwise the
+embedding per ``embeddings``), and no ``output.weight``. Any other quantized head is written as
+``output.weight`` beside the embedding.
+
 **Families**: Llama, Qwen2 and Gemma 3 (text) -- see :mod:`.gguf_metadata` for the keys and the tensor
 layout changes (llama's rotary q/k row order, Gemma's ``1 + w`` norms, llama3 ``rope_freqs``).
 
@@ -47,8 +55,8 @@ several ``.gguf`` files sit in that folder, the first (by name) of the model's a
 size is the source (quantizations of one model share their tokenizer).
 
 A model loaded from a GGUF with ``keep_compressed`` writes back its own bytes: Q4_0/Q4_1/Q5_0/Q5_1/Q8_0
-linears, a Q8_0 (or F16/F32) embedding and F32 norms come out byte-identical. ``max_shard_size`` is not
-used: a GGUF export is one file.
+linears, a Q8_0 (or F16/F32) embedding, a tied head (the same single ``token_embd``) and F32 norms come out
+byte-identical. ``max_shard_size`` is not used: a GGUF export is one file.
 """
 
 from __future__ import annotations
@@ -139,14 +147,17 @@ def write_gguf(
     name_map = tensor_name_map(family, config.num_hidden_layers)
     embed_key = _input_embedding_key(model)
     tied = tied_output_key(model)
+    head_name = output_embedding_name(model)
+    retie = tied is None and _quantized_head_equals_embedding(model, qlinears, head_name, embed_key)
+    head_grid = _exact_grid(head_name, qlinears[head_name]) if retie and embeddings == "auto" else None
     tensors: list[tuple[str, torch.Tensor, str]] = []  # (gguf name, raw bytes, ggml type)
     state = model.state_dict()
     bar = tqdm(total=len(state), desc="GGUF tensors", disable=not progress)
     for key, value in state.items():
         bar.update(1)
         owner, _, suffix = key.rpartition(".")
-        if key == tied:
-            continue
+        if key == tied or (retie and owner == head_name):
+            continue  # a tied head: token_embd holds it (llama.cpp ties a file without output.weight)
         if owner in qlinears and suffix not in ("weight", "bias"):
             continue  # scales, minima, ... are part of the weight
         gguf_name = gguf_tensor_name(name_map, key)
@@ -168,8 +179,21 @@ def write_gguf(
             if family.norm_shift and key.endswith("norm.weight"):
                 t = 1.0 + t.float()  # Gemma's RMSNorm computes x * (1 + w) in float32
             tensors.append((gguf_name, float_raw("F32", t.float()), "F32"))
-        elif key == embed_key or (owner == output_embedding_name(model) and tied is None):
+        elif key == embed_key and head_grid is not None:
+            type_name, raw = _grid_blocks(head_grid, rows)
+            report.record(head_grid, type_name)
+            report.notes.append(
+                f"{head_name}: equal to the input embedding; both written once as {gguf_name} ({type_name}, from the "
+                "head's codes): llama.cpp ties a file without output.weight"
+            )
+            tensors.append((gguf_name, raw, type_name))
+        elif key == embed_key or (owner == head_name and tied is None):
             type_name, raw = _embedding(key, t, embeddings, report)
+            if key == embed_key and retie:
+                report.notes.append(
+                    f"{head_name}: equal to the input embedding; tied to {gguf_name} (written as {type_name}): "
+                    "llama.cpp ties a file without output.weight"
+                )
             tensors.append((gguf_name, raw, type_name))
             if key != embed_key:
                 report.float_modules.append(owner)
@@ -247,6 +271,29 @@ def _writer_class():
             return super()._pack_val(val, vtype, add_vtype, sub_type)
 
     return Writer
+
+
+def _quantized_head_equals_embedding(
+    model: nn.Module, qlinears: dict, head_name: str | None, embed_key: str | None
+) -> bool:
+    """True when the output head is a `QuantLinear` without bias whose de-quantized weight equals the float input
+    embedding exactly (a tied head loaded quantized by ``load_gguf``): the file can tie them again."""
+    head = qlinears.get(head_name) if head_name else None
+    if head is None or head.bias is not None or embed_key is None:
+        return False
+    emb = model.get_input_embeddings().weight.detach()
+    if not emb.is_floating_point() or tuple(emb.shape) != (head.out_features, head.in_features):
+        return False
+    return torch.equal(head.dequantize_weight(torch.float32).cpu(), emb.float().cpu())
+
+
+def _exact_grid(name: str, module) -> Grid | None:
+    """``module`` on the GGUF grid when it fits exactly, else ``None``."""
+    try:
+        grid = module_grid(name, module, GGUF_TARGET, lossy=False)
+    except ExportError:
+        return None
+    return grid if grid.exact else None
 
 
 def _rope_rows(config, family, gguf_name: str, rows: int) -> torch.Tensor | None:

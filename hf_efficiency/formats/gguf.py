@@ -7,6 +7,12 @@ support (``AutoConfig`` / ``AutoTokenizer`` with ``gguf_file=``) and the tensor 
 (`.gguf_blocks`: exact for Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K), so the model
 keeps the file's compression and runs on our kernels.
 
+A tied output head (``tie_word_embeddings``: the file has no ``output.weight``, llama.cpp multiplies by
+``token_embd``) is by default (``tied_head="quantized"``) loaded untied: the head becomes a `QuantLinear`
+holding ``token_embd``'s own blocks (when its ggml type is one of the above) while the input embedding
+stays the float de-quantization transformers gives it, so decoding multiplies by the file's 8.5 (Q8_0) or
+fewer bits per weight instead of a float32 copy. ``tied_head="float"`` keeps the tied float head.
+
 Row reorderings that transformers applies to some tensors (llama's rotary un-permutation of the
 q/k projections) are applied to codes, scales and minima alike, which is exact because our groups
 run along rows. A tensor processor that does anything else than permute rows makes that linear
@@ -34,6 +40,7 @@ logger = logging.get_logger(__name__)
 
 FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
 UNSUPPORTED_CHOICES = ("error", "float")
+TIED_HEAD_CHOICES = ("quantized", "float")
 SCALE_DTYPES = (None, "float16", "bfloat16", "float32")
 
 
@@ -197,6 +204,35 @@ def _linear_weights(model: nn.Module) -> dict[str, nn.Linear]:
     return {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
+def _text_configs(config) -> list:
+    """``config`` and its text config (the same object for text-only models)."""
+    get_text = getattr(config, "get_text_config", None)
+    text = get_text() if get_text is not None else config
+    return list({id(c): c for c in (config, text)}.values())
+
+
+def _tied_head(model: nn.Module, config) -> tuple[str, str] | None:
+    """``(head module name, input embedding key)`` when ``config`` ties the model's output head (an
+    ``nn.Linear``) to its input embeddings, else ``None``."""
+    if not any(getattr(c, "tie_word_embeddings", False) for c in _text_configs(config)):
+        return None
+    get_out = getattr(model, "get_output_embeddings", None)
+    get_in = getattr(model, "get_input_embeddings", None)
+    out = get_out() if get_out is not None else None
+    emb = get_in() if get_in is not None else None
+    if not isinstance(out, nn.Linear) or emb is None:
+        return None
+    head = next((n for n, m in model.named_modules() if m is out), None)
+    embed = next((n for n, m in model.named_modules() if m is emb), None)
+    return None if head is None or embed is None else (head, f"{embed}.weight")
+
+
+def _untie_config(config) -> None:
+    """``tie_word_embeddings=False`` on ``config`` and its text config (multimodal configs carry both)."""
+    for c in _text_configs(config):
+        c.tie_word_embeddings = False
+
+
 def _round_scales(q: QuantizedWeight, dtype: torch.dtype) -> None:
     q.scale = q.scale.to(dtype)
     if q.minimum is not None:
@@ -210,6 +246,7 @@ def read_gguf(
     model_class=None,
     scale_dtype: str | None = None,
     unsupported: str = "error",
+    tied_head: str = "quantized",
     progress: bool = True,
     reader=None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]], list[str], dict[str, Any]]:
@@ -218,14 +255,24 @@ def read_gguf(
     Returns ``(state_dict, formats, float_linears, report)``: our checkpoint keys for every quantized
     linear and float tensors for the rest, each quantized module's format, the linears kept in
     float, and a report (``types``: tensors per ggml type, ``rounded``: per module, the largest weight
-    change when ``scale_dtype`` rounds K-quant scales, ``float_fallback``: linears stored in float).
+    change when ``scale_dtype`` rounds K-quant scales, ``float_fallback``: linears stored in float,
+    ``tied_head``: the output head re-expressed from ``token_embd``'s blocks, or ``None``).
 
     ``scale_dtype``: ``None`` keeps every scale exactly (float16 for the legacy types, float32 for the
     K-quants); ``"float16"``/``"bfloat16"`` round the K-quants' scales and minima (smaller, nearest).
     ``unsupported``: what to do with a linear weight in a ggml type we cannot express (IQ*, TQ*, ...):
     ``"error"`` (default) raises `FormatError` naming the tensor; ``"float"`` de-quantizes it to float.
+    ``tied_head``: for a model whose head is tied to the input embeddings (``config.tie_word_embeddings``, or
+    its text config's) and a file without an output tensor: ``"quantized"`` (default) also emits the head as
+    a quantized module from ``token_embd``'s blocks (its state-dict keys and ``formats`` entry under the
+    model's real output-embedding name, rows reordered as transformers reorders ``token_embd``) when that
+    ggml type is one we express exactly, and then sets ``tie_word_embeddings=False`` on ``config`` (and its
+    text config) so the model is built untied; the input embedding stays float either way. ``"float"``
+    keeps the head tied to the float embedding.
     ``reader``: an already opened :func:`open_reader` of ``path`` (parsing the metadata takes seconds).
     """
+    if tied_head not in TIED_HEAD_CHOICES:
+        raise ValueError(f"tied_head={tied_head!r} is not allowed; allowed values: {', '.join(TIED_HEAD_CHOICES)}")
     if unsupported not in UNSUPPORTED_CHOICES:
         raise ValueError(
             f"unsupported={unsupported!r} is not allowed; allowed values: {', '.join(UNSUPPORTED_CHOICES)}"
@@ -255,8 +302,11 @@ def read_gguf(
     state_dict: dict[str, torch.Tensor] = {}
     formats: dict[str, dict[str, Any]] = {}
     float_linears: list[str] = []
-    report: dict[str, Any] = {"types": {}, "rounded": {}, "float_fallback": []}
+    report: dict[str, Any] = {"types": {}, "rounded": {}, "float_fallback": [], "tied_head": None}
     rounding = None if scale_dtype is None else getattr(torch, scale_dtype)
+    tied = _tied_head(model, config) if tied_head == "quantized" else None
+    if tied is not None and any(name_map.get(t.name) == f"{tied[0]}.weight" for t in reader.tensors):
+        tied = None  # the file has its own output tensor
     for t in tqdm(reader.tensors, desc="Reading GGUF tensors", disable=not progress):
         gguf_name = t.name
         type_name = GGMLQuantizationType(int(t.tensor_type)).name
@@ -264,6 +314,16 @@ def read_gguf(
         hf_name = name_map.get(gguf_name)
         linear = linears.get(hf_name) if hf_name else None
         fmt = BLOCK_FORMATS.get(type_name)
+        if tied is not None and hf_name == tied[1] and fmt is not None:
+            head = _head_from_embedding(t, fmt, linears[f"{tied[0]}.weight"], processor, process_kwargs, path)
+            if head is not None:
+                q, symmetric = head
+                if rounding is not None and q.scale.dtype != rounding:
+                    report["rounded"][tied[0]] = _rounding_error(q, rounding)
+                state_dict.update(quantized_tensors(tied[0], q))
+                formats[tied[0]] = format_of(q, symmetric)
+                report["tied_head"] = tied[0]
+            # the input embedding itself loads in float below, as transformers loads it
         if linear is not None and fmt is not None:
             module = hf_name[: -len(".weight")]
             rows, n = linear.out_features, linear.in_features
@@ -318,7 +378,36 @@ def read_gguf(
         for n in linears
         if n not in state_dict and n[: -len(".weight")] not in formats and n[: -len(".weight")] not in float_linears
     ]
+    if report["tied_head"] is not None:
+        _untie_config(config)  # the state dict now holds the head's own tensors
     return state_dict, formats, sorted(set(float_linears)), report
+
+
+def _head_from_embedding(
+    t, fmt: BlockFormat, head: nn.Linear, processor, process_kwargs: dict, path: str
+) -> tuple[QuantizedWeight, bool] | None:
+    """The tied output ``head`` as ``token_embd``'s own blocks (``t``), rows in the order transformers gives
+    the embedding; ``None`` (with a warning) when the shapes differ or transformers does more to the
+    embedding than permute its rows: the head then stays tied to the float embedding."""
+    rows, n = head.out_features, head.in_features
+    shape = [int(x) for x in reversed(list(t.shape))]
+    reason = None
+    if shape != [rows, n] or head.bias is not None:
+        reason = f"its shape {shape} (head {[rows, n]}{', with a bias' if head.bias is not None else ''})"
+    else:
+        try:
+            order = _row_permutation(processor, t.name, rows, process_kwargs)
+        except (ValueError, IndexError, KeyError, TypeError, RuntimeError):
+            reason = "transformers' processing of it is not a row permutation"
+    if reason is not None:
+        logger.warning(f"{path}: the tied output head stays float, tied to {t.name!r}: {reason}")
+        return None
+    q, symmetric = _quantized(t, fmt, n, path)
+    if order is not None:
+        idx = torch.from_numpy(order)
+        q.packed, q.scale = q.packed[idx], q.scale[idx]
+        q.minimum = None if q.minimum is None else q.minimum[idx]
+    return q, symmetric
 
 
 def _quantized(t, fmt: BlockFormat, n: int, path: str) -> tuple[QuantizedWeight, bool]:
@@ -360,6 +449,7 @@ def load_gguf(
     model_class=None,
     scale_dtype: str | None = None,
     unsupported: str = "error",
+    tied_head: str = "quantized",
     output_loading_info: bool = False,
     **from_pretrained_kwargs: Any,
 ):
@@ -370,15 +460,27 @@ def load_gguf(
     ``AutoModelForCausalLM``. Other keyword arguments (``dtype``, default float32 for the float tensors;
     ``device_map``, ``attn_implementation`` ...) go to ``from_pretrained``. With ``output_loading_info=True``
     it returns ``(model, report)``: :func:`read_gguf`'s report (``"rounded"``: each module's largest relative
-    weight change when ``scale_dtype`` rounds K-quant scales; ``"float_fallback"``: linears loaded in float). The tokenizer loads with transformers:
+    weight change when ``scale_dtype`` rounds K-quant scales; ``"float_fallback"``: linears loaded in float;
+    ``"tied_head"``: the head loaded quantized from ``token_embd``). ``tied_head``: ``"quantized"`` (default) loads
+    a head tied to the input embeddings untied (``config.tie_word_embeddings=False``), as a `QuantLinear`
+    holding ``token_embd``'s own blocks, the input embedding staying float; ``"float"`` keeps it tied to the
+    float embedding (see :func:`read_gguf`). The tokenizer loads with transformers:
     ``AutoTokenizer.from_pretrained(folder, gguf_file=name)``.
     """
+    if tied_head not in TIED_HEAD_CHOICES:
+        raise ValueError(f"tied_head={tied_head!r} is not allowed; allowed values: {', '.join(TIED_HEAD_CHOICES)}")
     folder, name = split_gguf_path(path, gguf_file)
     full = os.path.join(folder, name)
     reader = open_reader(full)  # bad files fail here with our message, not inside transformers' config parsing
     config = load_gguf_config(folder, name)
     state_dict, formats, float_linears, report = read_gguf(
-        full, config, model_class=model_class, scale_dtype=scale_dtype, unsupported=unsupported, reader=reader
+        full,
+        config,
+        model_class=model_class,
+        scale_dtype=scale_dtype,
+        unsupported=unsupported,
+        tied_head=tied_head,
+        reader=reader,
     )
     del reader
     qcfg = efficiency_config_for(formats, float_linears)

@@ -507,6 +507,42 @@ def test_needs_a_tokenizer_and_a_supported_family(tmp_path, bpe):
         export_model(tiny_llama(len(bpe)), tmp_path, "gguf", tokenizer=no_regex, progress=False)
 
 
+def test_a_tied_head_loaded_quantized_is_written_back_tied(tmp_path, bpe):
+    """load_gguf keeps a tied head quantized (token_embd's blocks) beside the float embedding: the export ties
+    them again (one token_embd in the head's type, no output.weight) unless they differ."""
+    src = tmp_path / "src.gguf"  # a tied file with a Q8_0 token_embd
+    export_model(tiny_llama(len(bpe)), src, "gguf", tokenizer=bpe, embeddings="q8_0", progress=False)
+    original = gguf_tensor_bytes(src)
+    assert original["token_embd.weight"][0] == "Q8_0" and "output.weight" not in original
+    loaded = load_gguf(src)
+    assert isinstance(loaded.lm_head, QuantLinear) and loaded.config.tie_word_embeddings is False
+    report = export_model(loaded, tmp_path / "again", "gguf", tokenizer=bpe, progress=False)
+    assert report.exact and report.quantized["lm_head"] == "Q8_0"
+    assert any(
+        n.startswith("lm_head: equal to the input embedding; both written once as token_embd") for n in report.notes
+    )
+    assert gguf_tensor_bytes(tmp_path / "again" / "model.gguf") == original  # every tensor: name, type, bytes
+    ref = AutoModelForCausalLM.from_pretrained(str(tmp_path / "again"), gguf_file="model.gguf", dtype=torch.float32)
+    assert ref.config.tie_word_embeddings  # transformers (and llama.cpp) tie a file without output.weight
+    assert float((_logits(ref) - _logits(loaded)).norm() / _logits(loaded).norm()) <= 1e-5
+
+    forced = export_model(loaded, tmp_path / "f32", "gguf", tokenizer=bpe, embeddings="f32", progress=False)
+    types = {k: t for k, (t, _) in gguf_tensor_bytes(tmp_path / "f32" / "model.gguf").items()}
+    assert types["token_embd.weight"] == "F32" and "output.weight" not in types and forced.exact
+    assert "lm_head" not in forced.quantized  # the embedding choice holds the tied pair
+
+    with torch.no_grad():  # an embedding that is no longer the head's weight: both are written
+        loaded.model.embed_tokens.weight[0] += 1.0
+    both = export_model(loaded, tmp_path / "both", "gguf", tokenizer=bpe, progress=False)
+    types = {k: t for k, (t, _) in gguf_tensor_bytes(tmp_path / "both" / "model.gguf").items()}
+    assert types["output.weight"] == "Q8_0" and types["token_embd.weight"] == "F32"
+    assert both.quantized["lm_head"] == "Q8_0"
+    written = gguf_tensor_bytes(tmp_path / "both" / "model.gguf")
+    assert written["output.weight"] == original["token_embd.weight"]  # the head's own codes, unchanged
+    again = load_gguf(tmp_path / "both" / "model.gguf")
+    assert torch.equal(_logits(again), _logits(loaded))
+
+
 # --- the bundled SmolLM2 GGUF ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def bundled_round_trip(tmp_path_factory):
@@ -524,9 +560,12 @@ def bundled_round_trip(tmp_path_factory):
 
 @pytest.mark.slow
 def test_bundled_gguf_is_written_back_byte_for_byte(bundled_round_trip):
-    src, _, ours, report = bundled_round_trip
+    src, model, ours, report = bundled_round_trip
     assert report.exact
+    # the tied head loads as a Q8_0 QuantLinear from token_embd and is written back tied: one token_embd
+    assert isinstance(model.lm_head, QuantLinear) and report.quantized["lm_head"] == "Q8_0"
     original, written = gguf_tensor_bytes(src), gguf_tensor_bytes(ours)
+    assert len(original) == 272 and "output.weight" not in written
     assert set(original) == set(written)
     assert [name for name in original if original[name] != written[name]] == []
     assert {t for t, _ in written.values()} == {"Q4_1", "Q8_0", "F32"}

@@ -118,9 +118,15 @@ def _add(writer, name: str, type_name: str, shape: tuple[int, int], rng, seed: i
 
 
 def write_tiny_gguf(
-    path, *, override: dict[str, str] | None = None, shapes: dict[str, tuple] | None = None, output_type: str = "Q6_K"
+    path,
+    *,
+    override: dict[str, str] | None = None,
+    shapes: dict[str, tuple] | None = None,
+    output_type: str | None = "Q6_K",
+    embd_type: str = "F32",
 ) -> None:
-    """A 2-layer Llama GGUF (hidden 256, GQA 4/2 heads) with the types of LAYER_TYPES."""
+    """A 2-layer Llama GGUF (hidden 256, GQA 4/2 heads) with the types of LAYER_TYPES; ``output_type=None``
+    writes no output.weight (a tied head, as llama.cpp's converter writes tied models)."""
     rng = np.random.default_rng(1)
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name("tiny-llama")
@@ -133,7 +139,7 @@ def write_tiny_gguf(
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_freq_base(10000.0)
     w.add_vocab_size(VOCAB)
-    _add(w, "token_embd.weight", "F32", (VOCAB, HIDDEN), rng, 0)
+    _add(w, "token_embd.weight", embd_type, (VOCAB, HIDDEN), rng, 0)
     for i in range(LAYERS):
         w.add_tensor(f"blk.{i}.attn_norm.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
         w.add_tensor(f"blk.{i}.ffn_norm.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
@@ -143,7 +149,8 @@ def write_tiny_gguf(
             shape = (shapes or {}).get(f"blk.{i}.{part}", SHAPES[part])
             _add(w, f"blk.{i}.{part}.weight", type_name, shape, rng, seed=100 * i + j)
     w.add_tensor("output_norm.weight", np.ones(HIDDEN, dtype=np.float32))
-    _add(w, "output.weight", output_type, (VOCAB, HIDDEN), rng, 999)
+    if output_type is not None:
+        _add(w, "output.weight", output_type, (VOCAB, HIDDEN), rng, 999)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -334,3 +341,99 @@ def test_convert_cli_writes_a_folder_plain_from_pretrained_loads(tiny_gguf, refe
     assert torch.equal(_logits(model), _logits(reference))
     assert main(["convert", str(out), "--out", str(tmp_path / "x")]) == 2  # our own folder is not a source
     assert "not a GGUF file nor a folder" in capsys.readouterr().err
+
+
+# --- a tied head (no output.weight) ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tied_gguf(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gguf_tied") / "tied.gguf"
+    write_tiny_gguf(path, output_type=None, embd_type="Q8_0")
+    return path
+
+
+def _token_embd(path) -> torch.Tensor:
+    """gguf's own de-quantization of the file's token_embd."""
+    t = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == "token_embd.weight")
+    return torch.from_numpy(dequantize(t.data, t.tensor_type).astype(np.float32))
+
+
+def test_tied_head_loads_quantized_from_token_embd(tied_gguf, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, report = load_gguf(tied_gguf, output_loading_info=True)
+    head = model.lm_head
+    assert isinstance(head, QuantLinear) and (head.bits, head.group_size, head.symmetric) == (8, 32, True)
+    assert head.weight_scale.dtype == torch.float16 and head.storage_bits_per_weight == pytest.approx(8.5)
+    assert model.config.tie_word_embeddings is False and model.config.get_text_config().tie_word_embeddings is False
+    assert report["tied_head"] == "lm_head" and report["types"]["Q8_0"] == 1 + LAYERS  # token_embd + attn_v
+    emb = model.model.embed_tokens.weight
+    assert type(model.model.embed_tokens) is torch.nn.Embedding and emb.dtype == torch.float32
+    expected = _token_embd(tied_gguf)
+    assert torch.equal(emb, expected)  # the input embedding: float, as before
+    assert torch.equal(head.dequantize_weight(), expected)  # the head: the same matrix, from the file's blocks
+    assert model.config.quantization_config.quantization.format_of("lm_head")["bits"] == 8
+
+    tied = load_gguf(tied_gguf, tied_head="float")  # the tied float head of before
+    assert type(tied.lm_head) is torch.nn.Linear and tied.config.tie_word_embeddings is True
+    assert tied.lm_head.weight.data_ptr() == tied.model.embed_tokens.weight.data_ptr()
+    ref = _logits(tied)
+    assert (_logits(model) - ref).abs().max() <= 1e-5 * ref.abs().max()  # same weights, other summation order
+    _decode_logits_close(model, tied)
+
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(again.lm_head, QuantLinear) and again.config.tie_word_embeddings is False
+    assert torch.equal(again.lm_head.weight, head.weight) and torch.equal(again.model.embed_tokens.weight, emb)
+    assert torch.equal(_logits(again), _logits(model))
+
+
+def test_tied_head_choice_is_validated_and_unsupported_types_stay_tied(tied_gguf, tmp_path):
+    from hf_efficiency.formats.gguf import load_gguf_config
+
+    for call in (
+        lambda: load_gguf(tied_gguf, tied_head="bogus"),
+        lambda: read_gguf(tied_gguf, load_gguf_config(str(tied_gguf.parent), tied_gguf.name), tied_head="bogus"),
+    ):
+        with pytest.raises(ValueError, match="tied_head='bogus' is not allowed; allowed values: quantized, float"):
+            call()
+    f32 = tmp_path / "f32.gguf"  # a float token_embd: nothing to keep compressed, the head stays tied
+    write_tiny_gguf(f32, output_type=None)
+    model, report = load_gguf(f32, output_loading_info=True)
+    assert report["tied_head"] is None and model.config.tie_word_embeddings is True
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    k = tmp_path / "k.gguf"  # a K-quant token_embd: the head takes its type (and scale_dtype rounds it)
+    write_tiny_gguf(k, output_type=None, embd_type="Q6_K")
+    model, report = load_gguf(k, scale_dtype="float16", output_loading_info=True)
+    assert isinstance(model.lm_head, QuantLinear) and (model.lm_head.bits, model.lm_head.group_size) == (6, 16)
+    assert model.lm_head.weight_scale.dtype == torch.float16 and 0 < report["rounded"]["lm_head"] < 2e-3
+    assert torch.equal(model.model.embed_tokens.weight, _token_embd(k))  # the embedding itself is not rounded
+
+
+def test_tied_head_follows_transformers_row_order(tied_gguf, monkeypatch):
+    """A processor that reorders token_embd's rows reorders the head's codes alike; one that changes values
+    leaves the head tied to the float embedding."""
+    from transformers import modeling_gguf_pytorch_utils as mgu
+
+    base = mgu.TENSOR_PROCESSORS["llama"]
+
+    def processor(change):
+        class Processor(base):
+            def process(self, weights, name, **kwargs):
+                result = super().process(weights, name, **kwargs)
+                if name == "token_embd.weight":
+                    result = mgu.GGUFTensor(change(np.asarray(result.weights)), result.name, result.metadata)
+                return result
+
+        return Processor
+
+    monkeypatch.setitem(mgu.TENSOR_PROCESSORS, "llama", processor(lambda w: w[::-1].copy()))
+    model = load_gguf(tied_gguf)
+    expected = _token_embd(tied_gguf).flip(0)
+    assert torch.equal(model.model.embed_tokens.weight, expected)
+    assert isinstance(model.lm_head, QuantLinear) and torch.equal(model.lm_head.dequantize_weight(), expected)
+
+    monkeypatch.setitem(mgu.TENSOR_PROCESSORS, "llama", processor(lambda w: w * 2))
+    model, report = load_gguf(tied_gguf, output_loading_info=True)
+    assert report["tied_head"] is None and model.config.tie_word_embeddings is True
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(model.model.embed_tokens.weight, 2 * _token_embd(tied_gguf))
