@@ -127,7 +127,10 @@ class QuantizationSpec(Section):
         scale_dtype: storage dtype of scales and minima.
         modules_to_not_convert: module names or patterns kept in float (prefix, suffix or regex
             match, as in transformers). ``None`` keeps the output embedding (``lm_head``); an
-            explicit list replaces that default. Embeddings are never quantized.
+            explicit list replaces that default, so ``[]`` quantizes the head too (at the width
+            ``module_bits`` gives it, e.g. ``{"lm_head": 8}``). A head tied to the input embeddings is
+            then untied (``tie_word_embeddings=False``, saved so): it gets its own quantized copy of the
+            matrix and the input embedding stays float. Input embeddings are never quantized.
         outliers: fraction of the weights of every row kept exactly in float16 beside the
             low-bit codes (SpQR-style; ``0.01`` = 1 %), chosen by sensitivity (``|w|`` times the
             input channel's RMS activation when calibration data is available, ``|w|`` otherwise)
