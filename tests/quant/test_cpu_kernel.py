@@ -1,5 +1,6 @@
-"""The fused CPU kernel (`hf_efficiency/quant/csrc/cpu_kernels.cpp`): every width, group size, scale dtype,
-odd sizes and row counts against the reference path; bit-exact de-quantization; dispatch and fallback."""
+"""The fused CPU kernel (`hf_efficiency/quant/csrc/cpu_kernels.cpp`): every width, group size (groups of 16
+codes, GGUF's Q6_K/Q3_K/Q2_K, included), scale dtype, odd sizes and row counts against the reference path;
+bit-exact de-quantization; dispatch and fallback."""
 
 from __future__ import annotations
 
@@ -25,18 +26,21 @@ def built():
     assert cpu_kernel.extension() is not None, cpu_kernel.unavailable_reason()  # CI machines are x86-64 + AVX2
 
 
-def _module(bits, group, sym, n, out=40, scale_dtype=torch.float16, bias=True, seed=0):
-    """A QuantLinear with random codes over the full range and random scales/minima (incl. negative)."""
+def _module(bits, group, sym, n, out=40, scale_dtype=torch.float16, bias=True, seed=0, zero=False):
+    """A QuantLinear with random codes over the full range and random scales/minima (incl. negative), or with
+    random integer zero points (``zero=True``, asymmetric)."""
     g = torch.Generator().manual_seed(seed)
-    m = QuantLinear(n, out, bias, bits=bits, group_size=group, symmetric=sym, scale_dtype=scale_dtype)
+    extra = {"zero_point": "integer"} if zero else {}
+    m = QuantLinear(n, out, bias, bits=bits, group_size=group, symmetric=sym, scale_dtype=scale_dtype, **extra)
     groups = num_groups(n, group)
     q = QuantizedWeight(
         packed=pack(torch.randint(0, 2**bits, (out, n), generator=g), bits),
         scale=(torch.rand(out, groups, generator=g) * 0.02 + 1e-3).to(scale_dtype),
-        minimum=None if sym else (torch.randn(out, groups, generator=g) * 0.05).to(scale_dtype),
+        minimum=None if sym or zero else (torch.randn(out, groups, generator=g) * 0.05).to(scale_dtype),
         bits=bits,
         group_size=group,
         in_features=n,
+        zero=torch.randint(0, 2**bits, (out, groups), generator=g).to(torch.uint8) if zero else None,
     )
     m.load_quantized(q)
     if bias:
@@ -96,6 +100,144 @@ def test_kernel_dequantization_is_bit_identical_to_torch(bits, sym, scale_dtype)
     assert torch.equal(m.dequantize_weight(torch.float32), _torch_weight(m))  # QuantLinear takes the kernel
 
 
+# groups of 16 codes (two per 32-code block): every width, the three grids (symmetric, float minimum,
+# integer zero point), in_features whose last block holds two groups (256), one group and padding (112, 200:
+# an odd number of groups) or part of one (72)
+GRIDS = {"symmetric": (True, False), "minimum": (False, False), "zero point": (False, True)}
+CASES16 = [
+    (bits, grid, n)
+    for bits, grid in itertools.product([2, 3, 4, 5, 6, 8], GRIDS)
+    for n in ([200, 256] if bits in (4, 6) else [112, 200])
+] + [(6, "symmetric", 72), (2, "minimum", 72), (3, "zero point", 72)]
+
+
+@pytest.mark.parametrize("vector_bits", VECTOR_BITS)
+@pytest.mark.parametrize("bits,grid,n", CASES16)
+def test_groups_of_16_match_reference(bits, grid, n, vector_bits, monkeypatch):
+    monkeypatch.setenv("HF_EFFICIENCY_CPU_VECTOR_BITS", str(vector_bits))
+    sym, zero = GRIDS[grid]
+    m = _module(bits, 16, sym, n, scale_dtype=torch.float32, seed=bits * 11 + n, zero=zero)
+    assert cpu_kernel.eligible(m)
+    w = _torch_weight(m)
+    lay = cpu_kernel.layout(m)
+    assert lay.group == 16 and lay.scale.shape[1] == num_groups(n, 16)
+    for rows in (1, 3, 8, 16, 17):  # 17: more than FUSED_MAX_ROWS, de-quantize + GEMM
+        x = torch.randn(rows, n, generator=torch.Generator().manual_seed(rows))
+        ref = torch.nn.functional.linear(x, w, m.bias)
+        y = cpu_kernel.forward(m, x, lay)
+        bound = (x.abs() @ w.abs().T).max()
+        if rows > cpu_kernel.FUSED_MAX_ROWS:
+            assert torch.equal(y, ref)
+        else:
+            assert (y - ref).abs().max() <= 2e-6 * bound, (rows, (y - ref).abs().max() / bound)
+    with torch.no_grad():
+        m(torch.randn(1, 2, n))
+    assert m.last_path == "cpu_fused"
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("grid", list(GRIDS))
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
+def test_groups_of_16_dequantization_is_bit_identical_to_torch(bits, grid, scale_dtype):
+    sym, zero = GRIDS[grid]
+    for n in (200, 256):  # odd and even number of groups
+        m = _module(bits, 16, sym, n, scale_dtype=scale_dtype, seed=bits + n, zero=zero)
+        assert torch.equal(cpu_kernel.dequantize(m, cpu_kernel.layout(m)), _torch_weight(m))
+        assert torch.equal(m.dequantize_weight(torch.float32), _torch_weight(m))
+
+
+def test_kernel_rejects_a_scale_of_the_wrong_group_count():
+    m = _module(6, 16, True, 200, scale_dtype=torch.float32)  # 13 groups
+    lay = cpu_kernel.layout(m)
+    x = torch.randn(1, lay.padded_in)
+    for groups in (12, 15):  # 13 and 14 (padding half) are allowed
+        with pytest.raises(RuntimeError, match=r"scale must be \[N, ceil\(K/gs\)\]"):
+            lay.gemm(lay.q, lay.scale[:, :1].repeat(1, groups).contiguous(), None, 8, 32, 16, x, 256, None)
+    with pytest.raises(RuntimeError, match="group size 16 or a multiple of 32"):
+        lay.gemm(lay.q, lay.scale, None, 8, 32, 48, x, 256, None)
+
+
+def _write_k_quant_gguf(path):
+    """A 1-layer Llama GGUF (hidden 256) whose linears are all Q6_K, Q3_K or Q2_K (random valid blocks)."""
+    import gguf
+    import numpy as np
+    from gguf import GGMLQuantizationType as T
+
+    hidden, ffn, vocab = 256, 512, 32
+    rng = np.random.default_rng(0)
+    w = gguf.GGUFWriter(str(path), "llama")
+    for add, value in [
+        (w.add_block_count, 1),
+        (w.add_context_length, 64),
+        (w.add_embedding_length, hidden),
+        (w.add_feed_forward_length, ffn),
+        (w.add_head_count, 4),
+        (w.add_head_count_kv, 2),
+        (w.add_layer_norm_rms_eps, 1e-5),
+        (w.add_rope_freq_base, 10000.0),
+        (w.add_vocab_size, vocab),
+    ]:
+        add(value)
+
+    def k_quant(name, type_name, rows, n):
+        block_elems, block_bytes = gguf.GGML_QUANT_SIZES[T[type_name]]
+        raw = rng.integers(0, 256, (rows * n // block_elems, block_bytes), dtype=np.uint8)
+        for off in K_QUANT_F16_FIELDS[type_name]:  # sane super-block scales
+            scales = (rng.standard_normal(len(raw)) * 0.002).astype(np.float16)
+            raw[:, off : off + 2] = scales.view(np.uint8).reshape(-1, 2)
+        w.add_tensor(name, raw.reshape(rows, -1), raw_dtype=T[type_name])
+
+    w.add_tensor("token_embd.weight", (rng.standard_normal((vocab, hidden)) * 0.05).astype(np.float32))
+    w.add_tensor("blk.0.attn_norm.weight", np.ones(hidden, dtype=np.float32))
+    w.add_tensor("blk.0.ffn_norm.weight", np.ones(hidden, dtype=np.float32))
+    for part, (type_name, rows, n) in K_QUANT_LAYERS.items():
+        k_quant(f"blk.0.{part}.weight", type_name, rows, n)
+    w.add_tensor("output_norm.weight", np.ones(hidden, dtype=np.float32))
+    k_quant("output.weight", "Q6_K", vocab, hidden)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+K_QUANT_F16_FIELDS = {"Q2_K": [80, 82], "Q3_K": [108], "Q6_K": [208]}
+K_QUANT_LAYERS = {  # GGUF name: (type, rows, in_features); module: (bits, symmetric)
+    "attn_q": ("Q6_K", 256, 256),
+    "attn_k": ("Q3_K", 128, 256),
+    "attn_v": ("Q2_K", 128, 256),
+    "attn_output": ("Q6_K", 256, 256),
+    "ffn_gate": ("Q2_K", 512, 256),
+    "ffn_up": ("Q3_K", 512, 256),
+    "ffn_down": ("Q6_K", 256, 512),
+}
+
+
+def test_gguf_k_quants_with_groups_of_16_take_the_fused_path(tmp_path, monkeypatch):
+    pytest.importorskip("gguf")
+    from hf_efficiency.formats import load_gguf
+
+    path = tmp_path / "k16.gguf"
+    _write_k_quant_gguf(path)
+    model = load_gguf(path).eval()
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert len(linears) == 8  # 7 projections + the untied Q6_K head
+    assert {(m.bits, m.group_size, m.symmetric) for m in linears.values()} == {
+        (6, 16, True),
+        (3, 16, True),
+        (2, 16, False),
+    }
+    ids = torch.tensor([[1, 5, 9, 30, 2]])
+    with torch.no_grad():
+        fused = model(ids[:, :1]).logits
+        assert {n: m.last_path for n, m in linears.items()} == {n: "cpu_fused" for n in linears}
+        model(ids)  # 5 rows: fused too
+        assert {m.last_path for m in linears.values()} == {"cpu_fused"}
+        monkeypatch.setenv("HF_EFFICIENCY_KERNEL", "dequant")
+        ref = model(ids[:, :1]).logits
+        assert {m.last_path for m in linears.values()} == {"dequant"}
+    assert (fused - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
 def test_module_forward_dispatch_bias_dtypes_and_batch_shapes():
     m = _module(4, 32, False, 128)
     x = torch.randn(2, 3, 128)
@@ -136,12 +278,12 @@ def test_act_order_permutation_is_applied_to_the_input():
 
 
 def test_modules_the_kernel_cannot_compute_take_the_reference_path():
-    gguf_like = QuantLinear(64, 8, True, bits=6, group_size=16, symmetric=True)  # groups of 16 codes
-    gguf_like.load_quantized(
-        QuantizedWeight(pack(torch.randint(0, 64, (8, 64)), 6), torch.rand(8, 4).half(), None, 6, 16, 64)
+    groups_of_48 = QuantLinear(96, 8, True, bits=6, group_size=48, symmetric=True)  # groups that split blocks
+    groups_of_48.load_quantized(
+        QuantizedWeight(pack(torch.randint(0, 64, (8, 96)), 6), torch.rand(8, 2).half(), None, 6, 48, 96)
     )
     with_outliers = QuantLinear(64, 8, True, bits=4, group_size=32, symmetric=False, outliers=1)
-    for m in (gguf_like, with_outliers):
+    for m in (groups_of_48, with_outliers):
         assert not cpu_kernel.eligible(m)
         assert kernels.select_path(m, torch.randn(1, 64)) == "dequant"
 

@@ -9,8 +9,11 @@ one warning saying why.
 
 The kernel reads our packed words in place for 8-, 4- and 2-bit codes (no second copy of the
 weight); 3-bit codes are repacked to 4 bits and 5/6-bit codes to 8 bits once per module (held
-beside the module, not saved). Groups must be whole blocks of 32 codes (group sizes 32, 64, ...,
-or per channel); other modules keep the ``dequant`` path.
+beside the module, not saved). Groups are whole blocks of 32 codes (group sizes 32, 64, ..., or per
+channel) or groups of 16 codes (GGUF's Q6_K, Q3_K and Q2_K): then each 32-code block holds two groups and
+the kernel scales its codes per 16-code half (adding the minimum) before the products, where the longer
+groups sum codes times activations first and scale each group's sum once. Other group sizes keep the
+``dequant`` path.
 
 The kernel computes asymmetric groups as ``u * scale + minimum``. For modules with integer zero points
 (``weight_zero``) the layout holds float32 copies of the scales and of the minima ``-zero * scale``
@@ -137,6 +140,28 @@ def _build():
     return load(name=name, sources=[str(SOURCE)], extra_cflags=flags, verbose=False)
 
 
+@torch.library.custom_op("hf_efficiency::quant_gemm", mutates_args=())
+def quant_gemm_op(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    minimum: torch.Tensor | None,
+    bits: int,
+    offset: int,
+    group: int,
+    x: torch.Tensor,
+    vector_bits: int,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """The kernel's matrix product as a torch operator (``torch.ops.hf_efficiency.quant_gemm``), so that
+    ``torch.compile`` traces a quantized model's decode step without a graph break at every linear."""
+    return extension().quant_gemm(q, scale, minimum, bits, offset, group, x, vector_bits, bias)
+
+
+@quant_gemm_op.register_fake
+def _(q, scale, minimum, bits, offset, group, x, vector_bits, bias):
+    return x.new_empty(x.shape[0], q.shape[0])
+
+
 @dataclass
 class CpuLayout:
     """What the kernel reads for one module."""
@@ -145,7 +170,7 @@ class CpuLayout:
     copied: bool  # whether ``q`` is a repacked copy (3-, 5- and 6-bit codes) held beside the module
     bits: int  # width of the codes in ``q``: 8, 4 or 2
     offset: int
-    group: int  # codes per group (a multiple of 32)
+    group: int  # codes per group (16 or a multiple of 32)
     padded_in: int  # in_features rounded up to 32
     scale: torch.Tensor  # the module's own tensors (any change of them drops the cached layout), or float32
     minimum: torch.Tensor | None  # copies (scale, -zero * scale) for integer zero points
@@ -155,13 +180,13 @@ class CpuLayout:
 
 def eligible(module: QuantLinear) -> bool:
     """Whether the fused kernel can compute ``module``: no outliers, no int8 activations, groups of whole
-    32-code blocks, a width it reads."""
+    32-code blocks or of 16 codes (two per block), a width it reads."""
     g = module.group_size
     return (
         not getattr(module, "outliers", 0)
         and not getattr(module, "act_mode", None)
         and module.bits in KERNEL_BITS
-        and (g is None or g % 32 == 0)
+        and (g is None or g % 32 == 0 or g == 16)
     )
 
 
@@ -229,7 +254,8 @@ def forward(module: QuantLinear, x: torch.Tensor, lay: CpuLayout) -> torch.Tenso
         if lay.padded_in != n:
             x2 = F.pad(x2, (0, lay.padded_in - n))
         fused_bias = bias is not None and bias.dtype == torch.float32
-        y = lay.gemm(
+        gemm = quant_gemm_op if torch.compiler.is_compiling() else lay.gemm  # the operator only when traced
+        y = gemm(
             lay.q,
             lay.scale,
             lay.minimum,

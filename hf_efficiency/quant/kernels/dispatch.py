@@ -8,9 +8,10 @@ Paths, chosen per call by :func:`select_path`:
   :mod:`.cpu_kernel` reads the packed codes in place and fuses unpacking, scaling and the matrix-vector product for up to
   ``FUSED_MAX_ROWS`` activation rows (decoding, speculative verification, small batches); larger
   inputs (prefill) de-quantize with the same kernel's unpacking and call the float GEMM. Modules it
-  cannot compute (outliers, groups that are not whole 32-code blocks) and CPUs without AVX2 or a
+  cannot compute (outliers, groups neither whole 32-code blocks nor 16 codes) and CPUs without AVX2 or a
   compiler take ``"dequant"``, as do bfloat16/float16 activations (the reference computes those in their
-  own dtype, and QAT and bf16 checkpoints are checked bit for bit against it).
+  own dtype, and QAT and bf16 checkpoints are checked bit for bit against it). Under ``torch.compile`` the
+  kernel is the operator ``torch.ops.hf_efficiency.quant_gemm`` (no graph break; see `hf_efficiency.decoding`).
 * ``"cuda_int8"``: ``torch._weight_int8pack_mm`` for symmetric 8-bit per-channel weights with
   fp16/bf16 activations on CUDA, up to ``CUDA_KERNEL_MAX_ROWS`` activation rows (as ``cuda_int4``);
   larger inputs take ``dequant`` (one de-quantization, one float matmul).
