@@ -20,6 +20,7 @@ from .config import (  # noqa: E402
     SpeculativeConfig,
     SpeculativeSpec,
 )
+from .decoding import compiled_generate_kwargs, cpu_compile_config  # noqa: E402
 from .integration.qat import convert_qat  # noqa: E402
 from .integration.registry import register  # noqa: E402
 from .memory import (  # noqa: E402
@@ -91,7 +92,9 @@ __all__ = [
     "TrainingSetup",
     "__version__",
     "apply_peft",
+    "compiled_generate_kwargs",
     "convert_qat",
+    "cpu_compile_config",
     "prepare_qat",
     "estimate_memory",
     "measure_memory",

@@ -133,11 +133,13 @@ def unavailable_reason() -> str | None:
 def _build():
     from torch.utils.cpp_extension import load
 
-    flags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off"]  # no implicit FMA: dequant stays bit-exact
+    # no implicit FMA: dequant stays bit-exact. -fopenmp: at::parallel_for is a header template that runs its
+    # loop serially unless the extension itself is compiled with OpenMP (torch's own build uses OpenMP)
+    flags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"]
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:10]
     name = f"hf_efficiency_cpu_kernels_{digest}"
     logger.info(f"loading hf-efficiency's CPU kernel {name} (compiled once, about a minute on 2 cores)")
-    return load(name=name, sources=[str(SOURCE)], extra_cflags=flags, verbose=False)
+    return load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
 
 
 @torch.library.custom_op("hf_efficiency::quant_gemm", mutates_args=())
