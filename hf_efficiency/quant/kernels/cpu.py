@@ -139,29 +139,18 @@ def _build():
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:10]
     name = f"hf_efficiency_cpu_kernels_{digest}"
     logger.info(f"loading hf-efficiency's CPU kernel {name} (compiled once, about a minute on 2 cores)")
-    return load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+    module = load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+    _register_fake()
+    return module
 
 
-@torch.library.custom_op("hf_efficiency::quant_gemm", mutates_args=())
-def quant_gemm_op(
-    q: torch.Tensor,
-    scale: torch.Tensor,
-    minimum: torch.Tensor | None,
-    bits: int,
-    offset: int,
-    group: int,
-    x: torch.Tensor,
-    vector_bits: int,
-    bias: torch.Tensor | None,
-) -> torch.Tensor:
-    """The kernel's matrix product as a torch operator (``torch.ops.hf_efficiency.quant_gemm``), so that
-    ``torch.compile`` traces a quantized model's decode step without a graph break at every linear."""
-    return extension().quant_gemm(q, scale, minimum, bits, offset, group, x, vector_bits, bias)
+def _register_fake() -> None:
+    """The shape function of ``torch.ops.hf_efficiency.quant_gemm`` (defined and implemented in C++ by the
+    extension), which ``torch.compile`` traces with: ``[M, N]`` float32 for ``x [M, K]`` and ``q [N, ...]``."""
 
-
-@quant_gemm_op.register_fake
-def _(q, scale, minimum, bits, offset, group, x, vector_bits, bias):
-    return x.new_empty(x.shape[0], q.shape[0])
+    @torch.library.register_fake("hf_efficiency::quant_gemm")
+    def _(q, scale, minimum, bits, offset, group, x, vector_bits, bias):
+        return x.new_empty(x.shape[0], q.shape[0])
 
 
 @dataclass
@@ -256,7 +245,8 @@ def forward(module: QuantLinear, x: torch.Tensor, lay: CpuLayout) -> torch.Tenso
         if lay.padded_in != n:
             x2 = F.pad(x2, (0, lay.padded_in - n))
         fused_bias = bias is not None and bias.dtype == torch.float32
-        gemm = quant_gemm_op if torch.compiler.is_compiling() else lay.gemm  # the operator only when traced
+        # traced (torch.compile): the operator the extension registers; eager: its Python binding (cheaper per call)
+        gemm = torch.ops.hf_efficiency.quant_gemm if torch.compiler.is_compiling() else lay.gemm
         y = gemm(
             lay.q,
             lay.scale,

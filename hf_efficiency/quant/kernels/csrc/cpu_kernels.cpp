@@ -515,3 +515,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_gemm", &quant_gemm, "y[M, N] = x[M, K] @ dequant(q)^T (float32)");
   m.def("quant_dequant", &quant_dequant, "float32 weight [N, K_out] from packed codes");
 }
+
+// The same product as a torch operator, torch.ops.hf_efficiency.quant_gemm (its fake, for tracing, is registered in
+// Python): torch.compile's generated code calls it through the dispatcher, with no Python in between.
+TORCH_LIBRARY(hf_efficiency, m) {
+  m.def(
+      "quant_gemm(Tensor q, Tensor scale, Tensor? minimum, int bits, int offset, int group, Tensor x, int vector_bits, "
+      "Tensor? bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(hf_efficiency, CPU, m) { m.impl("quant_gemm", &quant_gemm); }
