@@ -11,7 +11,7 @@ transformers compiles a model's forward inside ``generate`` when the cache is st
 
 The fused CPU kernel of `QuantLinear` is a torch operator (``torch.ops.hf_efficiency.quant_gemm``),
 so the traced step holds every quantized linear without a graph break. The first ``generate`` call
-compiles (about 40 s for SmolLM2-135M on 2 cores); later calls with the same batch size and a cache
+compiles (10-40 s for SmolLM2-135M on 2 cores, as measured by ``benchmarks/decode.py``); later calls with the same batch size and a cache
 at least as long reuse the compiled step. Greedy output is the same tokens as eager decoding (tested):
 the compiled step runs the same kernels, with elementwise operations fused by inductor.
 """

@@ -339,6 +339,22 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     )
 
 
+def config_and_text_config(config: Any) -> list:
+    """``config`` and its text config (``get_text_config()``; the same object for text-only models), once each."""
+    get_text = getattr(config, "get_text_config", None)
+    text = get_text() if get_text is not None else config
+    return list({id(c): c for c in (config, text)}.values())
+
+
+def output_embedding_name(model: nn.Module) -> str | None:
+    """The module name of the model's output embedding (``lm_head``), if it has one."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    if out is None:
+        return None
+    return next((n for n, m in model.named_modules() if m is out), None)
+
+
 def decoder_layer_prefixes(model: nn.Module, num_layers: int) -> list[str]:
     """Module names of the decoder layers (the ``ModuleList`` with ``num_layers`` entries)."""
     for name, module in model.named_modules():

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..families import output_embedding_name
 from ..quant.modules.experts import QuantExperts
 from ..quant.modules.linear import QuantLinear
 from .grid import ExportError, Grid
@@ -257,15 +258,6 @@ def export_options(options: dict[str, Any], defaults: dict[str, Any], fmt: str) 
     if not isinstance(out["progress"], bool):
         raise ValueError(f"progress={out['progress']!r} is not allowed; allowed values: True, False")
     return out
-
-
-def output_embedding_name(model: nn.Module) -> str | None:
-    """The module name of the model's output embedding (``lm_head``), if it has one."""
-    get_out = getattr(model, "get_output_embeddings", None)
-    out = get_out() if callable(get_out) else None
-    if out is None:
-        return None
-    return next((n for n, m in model.named_modules() if m is out), None)
 
 
 def engine_dtype(model: nn.Module, float_dtype: torch.dtype | None, report: ExportReport, fmt: str) -> torch.dtype:

@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
+from ..families import config_and_text_config, output_embedding_name
 from ..quant.core.packing import pack
 from ..quant.core.scheme import QuantizedWeight
 from .common import FormatError, efficiency_config_for, format_of, load_model, meta_model, quantized_tensors
@@ -204,32 +205,23 @@ def _linear_weights(model: nn.Module) -> dict[str, nn.Linear]:
     return {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
-def _text_configs(config) -> list:
-    """``config`` and its text config (the same object for text-only models)."""
-    get_text = getattr(config, "get_text_config", None)
-    text = get_text() if get_text is not None else config
-    return list({id(c): c for c in (config, text)}.values())
-
-
 def _tied_head(model: nn.Module, config) -> tuple[str, str] | None:
     """``(head module name, input embedding key)`` when ``config`` ties the model's output head (an
     ``nn.Linear``) to its input embeddings, else ``None``."""
-    if not any(getattr(c, "tie_word_embeddings", False) for c in _text_configs(config)):
+    if not any(getattr(c, "tie_word_embeddings", False) for c in config_and_text_config(config)):
         return None
-    get_out = getattr(model, "get_output_embeddings", None)
+    head = output_embedding_name(model)
     get_in = getattr(model, "get_input_embeddings", None)
-    out = get_out() if get_out is not None else None
     emb = get_in() if get_in is not None else None
-    if not isinstance(out, nn.Linear) or emb is None:
+    if head is None or emb is None or not isinstance(model.get_submodule(head), nn.Linear):
         return None
-    head = next((n for n, m in model.named_modules() if m is out), None)
     embed = next((n for n, m in model.named_modules() if m is emb), None)
-    return None if head is None or embed is None else (head, f"{embed}.weight")
+    return None if embed is None else (head, f"{embed}.weight")
 
 
 def _untie_config(config) -> None:
     """``tie_word_embeddings=False`` on ``config`` and its text config (multimodal configs carry both)."""
-    for c in _text_configs(config):
+    for c in config_and_text_config(config):
         c.tie_word_embeddings = False
 
 

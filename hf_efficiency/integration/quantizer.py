@@ -166,11 +166,11 @@ class EfficiencyHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         # calibrated methods quantize after the float weights are loaded
         self.head_to_untie = None
+        skip = self._skip_list(model) if self.quantization_config.quantization is not None else []
         if self.quantization_config.quantization is not None and not self.pre_quantized:
             # a tied head left out of modules_to_not_convert: quantized from the embedding after loading
-            self.head_to_untie = tied_head_name(model, self._skip_list(model))
+            self.head_to_untie = tied_head_name(model, skip)
         if self.quantization_config.quantization is not None and not self._calibrates:
-            skip = self._skip_list(model)
             if self.head_to_untie is not None:
                 skip = skip + [re.escape(self.head_to_untie)]
             experts = self.pre_quantized and _saved_experts_quantized(model, checkpoint_files)

@@ -235,6 +235,7 @@ def quantized_copy(target: nn.Module, spec: QuantizationSpec) -> nn.Module:
     per-channel copy (`DRAFT_HEAD_SPEC`: nearly exact, a quarter of the float bytes, and at this model size the
     head is a third of a token's time) unless ``spec.modules_to_not_convert`` is given (then those modules stay
     float and the head follows ``spec`` like any other linear, a tied head staying float)."""
+    from ..families import output_embedding_name
     from ..quant.core.mixed import bits_for_module
     from ..quant.methods import quantize_matrix
     from ..quant.modules.linear import QuantLinear, scale_dtype_of
@@ -243,10 +244,7 @@ def quantized_copy(target: nn.Module, spec: QuantizationSpec) -> nn.Module:
     if spec.needs_calibration:
         raise ValueError(f"a self-draft cannot use calibrated method {spec.method!r}; use rtn or hqq")
     draft = _copy_sharing(target)
-    head = None
-    if spec.modules_to_not_convert is None:
-        out = draft.get_output_embeddings() if hasattr(draft, "get_output_embeddings") else None
-        head = next((n for n, m in draft.named_modules() if out is not None and m is out), None)
+    head = output_embedding_name(draft) if spec.modules_to_not_convert is None else None
     skip = list(spec.modules_to_not_convert) if spec.modules_to_not_convert is not None else []
     names = linears_to_quantize(draft, skip + ([re.escape(head)] if head else []))
     linearize(draft, names)  # GPT-2's Conv1D -> the equivalent nn.Linear (the draft's own modules)

@@ -215,21 +215,18 @@ def _needs_grad(module: "QuantLinear", x: torch.Tensor) -> bool:
 def quant_linear_forward(module: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
     """``x @ W_hat.T + b`` through the path :func:`select_path` picks (``dequant_autograd`` in training)."""
     lay = module.kernel_layout("cpu")
-    if torch.compiler.is_compiling():  # traced decode step: the layout built by an eager call, no env reads
-        if lay is not None and x.dtype == torch.float32 and x.device.type == "cpu" and not _needs_grad(module, x):
-            from . import cpu as cpu_kernel
-
-            return cpu_kernel.forward(module, x, lay)
+    traced = torch.compiler.is_compiling()  # a compiled decode step: no env reads, no attribute writes
     if (
         lay is not None
         and x.dtype == torch.float32
         and x.device.type == "cpu"
         and not _needs_grad(module, x)
-        and not os.environ.get("HF_EFFICIENCY_KERNEL")
-    ):  # decoding: the path was chosen on an earlier call
+        and (traced or not os.environ.get("HF_EFFICIENCY_KERNEL"))
+    ):  # decoding: the path was chosen on an earlier (eager) call
         from . import cpu as cpu_kernel
 
-        module.last_path = "cpu_fused"
+        if not traced:
+            module.last_path = "cpu_fused"
         return cpu_kernel.forward(module, x, lay)
     path = select_path(module, x)
     if path not in KERNEL_PATHS:

@@ -10,7 +10,14 @@ from torch import nn
 from transformers.utils import logging
 
 from ...config import QuantizationSpec
-from ...families import conv1d_to_linear, family_of, find_decoder_layers, is_conv1d
+from ...families import (
+    config_and_text_config,
+    conv1d_to_linear,
+    family_of,
+    find_decoder_layers,
+    is_conv1d,
+    output_embedding_name,
+)
 from .experts import QuantExperts
 from .linear import QuantLinear, outlier_count, scale_dtype_of
 
@@ -38,10 +45,7 @@ def tied_output_embedding(model: nn.Module) -> nn.Module | None:
 def tied_head_name(model: nn.Module, skip: list[str] | None) -> str | None:
     """The name of the output head when it is tied to the input embeddings and ``skip`` does not keep it float
     (an explicit choice: ``modules_to_not_convert`` without it), else ``None``."""
-    tied = tied_output_embedding(model)
-    if tied is None:
-        return None
-    name = next((n for n, m in model.named_modules() if m is tied), None)
+    name = output_embedding_name(model) if tied_output_embedding(model) is not None else None
     return None if name is None or is_skipped(name, skip) else name
 
 
@@ -56,7 +60,7 @@ def untie_output_embedding(model: nn.Module, name: str, *, copy: bool) -> nn.Lin
     if linear.bias is not None:
         linear.bias = nn.Parameter(head.bias.detach().clone(), requires_grad=False)
     set_submodule(model, name, linear)
-    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+    for config in config_and_text_config(model.config):
         config.tie_word_embeddings = False
     if hasattr(model, "get_expanded_tied_weights_keys"):
         model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True)
