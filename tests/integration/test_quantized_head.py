@@ -78,3 +78,46 @@ def test_calibrated_method_quantizes_an_untied_float_copy(tied_dir, byte_tokeniz
     assert torch.equal(q.model.embed_tokens.weight, fp.model.embed_tokens.weight)  # GPTQ never touched it
     err = (q.lm_head.dequantize_weight() - fp.model.embed_tokens.weight).abs().max()
     assert 0 < err < fp.model.embed_tokens.weight.abs().max() / 4
+
+
+_FRESH = r"""
+import sys, torch
+import hf_efficiency
+from transformers import AutoModelForCausalLM
+ids = torch.load(sys.argv[2])
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+with torch.no_grad():
+    torch.save({k: m(v).logits for k, v in ids.items()}, sys.argv[3])
+"""
+
+
+def test_saved_quantized_head_reloads_bit_identical_in_a_fresh_process(tied_dir, tmp_path):
+    """The process that quantized (the head untied, int8 under int4 layers) and saved, and a fresh process loading
+    the folder: the same logits bit for bit, on a short input (fused kernel rows) and a long one (prefill)."""
+    import os
+    import subprocess
+    import sys
+
+    path, _ = tied_dir
+    cfg = {"quantization": {**INT4, "modules_to_not_convert": [], "module_bits": {"lm_head": 8}}}
+    q = AutoModelForCausalLM.from_pretrained(path, efficiency_config=cfg).eval()
+    assert isinstance(q.lm_head, QuantLinear) and q.lm_head.bits == 8
+    out = tmp_path / "q"
+    q.save_pretrained(out)
+    gen = torch.Generator().manual_seed(4)
+    ids = {"short": torch.randint(0, 256, (1, 7), generator=gen), "long": torch.randint(0, 256, (2, 40), generator=gen)}
+    with torch.no_grad():
+        here = {k: q(v).logits for k, v in ids.items()}
+    torch.save(ids, tmp_path / "ids.pt")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_EFFICIENCY_KERNEL", "HF_EFFICIENCY_CPU_VECTOR_BITS")}
+    r = subprocess.run(
+        [sys.executable, "-c", _FRESH, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "fresh.pt")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    fresh = torch.load(tmp_path / "fresh.pt")
+    for k in ids:
+        assert torch.equal(fresh[k], here[k]), k
