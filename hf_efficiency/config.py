@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .constants import KV_BITS, QUANT_BITS, QUANT_METHOD, SCALE_DTYPES, STORAGE_BITS
+from .constants import KV_BITS, QUANT_BITS, QUANT_METHOD, ROTATIONS, SCALE_DTYPES, STORAGE_BITS
 
 #: Version of the on-disk format written by this installation. Bumped on incompatible changes:
 #: 2 added methods hqq/awq/gptq, outliers, mixed precision and int8 activations; 3 added
@@ -156,6 +156,17 @@ class QuantizationSpec(Section):
             asymmetric module and to ``"float"`` for a symmetric one). Written by the readers of community
             checkpoints (GGUF, GPTQ, AWQ, compressed-tensors), whose files mix formats per tensor and use
             widths (5, 6 bits) and group sizes (16) the algorithms here do not produce.
+        rotation: rotate the hidden states by random Hadamard matrices before quantizing (QuaRot): ``None``
+            (default), ``"hadamard"`` (norms folded into the linears, the residual stream and each head's values
+            rotated by folded matrices, and the input of every MLP down projection rotated at run time by a fast
+            Walsh-Hadamard transform inside its `QuantLinear`) or ``"hadamard-folded"`` (the folded rotations
+            only: the model keeps its plain architecture and exports to every format). The float model computes
+            the same function; the rotated weights and activations have no outlier channels. Pre-norm RMSNorm
+            families only (Llama, Mistral, Qwen2/3, Phi-3); a tied output head is untied. Runs the calibrated
+            pipeline (whole model loaded first) with any method.
+        rotation_seed: seed of the random signs of the rotations.
+        online_rotation: written by the pipeline: the modules whose input is rotated at run time (their
+            `QuantLinear` holds the signs as ``input_rotation``); not set by users.
     """
 
     section_name: ClassVar[str] = "quantization"
@@ -178,6 +189,9 @@ class QuantizationSpec(Section):
     bits_choices: list[int] = field(default_factory=lambda: sorted(QUANT_BITS))
     options: Any = None
     module_formats: dict[str, dict[str, Any]] | None = None
+    rotation: str | None = None
+    rotation_seed: int = 0
+    online_rotation: list[str] | None = None
 
     FORMAT_KEYS: ClassVar[tuple[str, ...]] = (
         "bits",
@@ -188,6 +202,8 @@ class QuantizationSpec(Section):
         "zero_point",
     )
     ZERO_POINTS: ClassVar[tuple[str, ...]] = ("float", "integer")
+    #: written to config.json only for a rotated model (an older version then refuses it by name)
+    ROTATION_KEYS: ClassVar[tuple[str, ...]] = ("rotation", "rotation_seed", "online_rotation")
     STORAGE_BITS: ClassVar[tuple[int, ...]] = STORAGE_BITS
 
     def validate(self) -> None:
@@ -263,6 +279,8 @@ class QuantizationSpec(Section):
         ):
             _fail(s, "outliers", self.outliers, "a fraction in [0, 0.1] (0.01 = 1 %)")
         self.outliers = float(self.outliers)
+        if self.outliers and not method.supports_outliers:
+            _fail(s, "outliers", self.outliers, f"0 ({self.method} does not keep outliers)")
         if self.module_bits is not None:
             if not isinstance(self.module_bits, dict) or not all(
                 isinstance(k, str) and _is_int(v) and v in self.BITS for k, v in self.module_bits.items()
@@ -287,6 +305,23 @@ class QuantizationSpec(Section):
                 self.target_bits,
                 f"None or a number in [{min(self.bits_choices)}, {max(self.bits_choices)}] (bits_choices)",
             )
+        if self.rotation is not None and self.rotation not in ROTATIONS:
+            _fail(s, "rotation", self.rotation, "None, " + ", ".join(ROTATIONS))
+        if not _is_int(self.rotation_seed) or self.rotation_seed < 0:
+            _fail(s, "rotation_seed", self.rotation_seed, "a non-negative integer")
+        if self.online_rotation is not None:
+            if not isinstance(self.online_rotation, (list, tuple)) or not all(
+                isinstance(m, str) for m in self.online_rotation
+            ):
+                _fail(s, "online_rotation", self.online_rotation, "None or a list of module names")
+            if self.rotation != "hadamard":
+                _fail(
+                    s,
+                    "online_rotation",
+                    self.online_rotation,
+                    "None unless rotation='hadamard' (written by the pipeline)",
+                )
+            self.online_rotation = list(self.online_rotation)
         if self.module_formats is not None:
             if not isinstance(self.module_formats, dict):
                 _fail(s, "module_formats", self.module_formats, "None or a dict {module name: format dict}")
@@ -342,8 +377,8 @@ class QuantizationSpec(Section):
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for key, value in dataclasses.asdict(self).items():
-            if key == "options":
-                continue
+            if key == "options" or (key in self.ROTATION_KEYS and self.rotation is None):
+                continue  # no rotation: written as before rotations existed (older versions read it)
             out[key] = value
             if key == "method":
                 out[self.method] = self.options.to_dict()
@@ -403,7 +438,7 @@ class QuantizationSpec(Section):
         """True when this spec cannot be applied one tensor at a time without data."""
         from .quant.methods import METHODS
 
-        return METHODS[self.method].calibrated or self.target_bits is not None
+        return METHODS[self.method].calibrated or self.target_bits is not None or self.rotation is not None
 
 
 @dataclass

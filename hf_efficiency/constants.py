@@ -12,4 +12,7 @@ KV_BITS: tuple[int, ...] = (8, 4, 2)
 #: Storage dtypes of scales and minima, by name.
 SCALE_DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32")
 
-__all__ = ["KV_BITS", "QUANT_BITS", "QUANT_METHOD", "SCALE_DTYPES", "STORAGE_BITS"]
+#: ``quantization.rotation`` values besides None: QuaRot with online Hadamard rotations, folded rotations only
+ROTATIONS = ("hadamard", "hadamard-folded")
+
+__all__ = ["KV_BITS", "QUANT_BITS", "QUANT_METHOD", "ROTATIONS", "SCALE_DTYPES", "STORAGE_BITS"]

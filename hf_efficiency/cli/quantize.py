@@ -39,6 +39,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="asymmetric schemes: a float minimum per group (default) or an integer zero point (the "
         "GPTQ/AWQ/compressed-tensors grid: exports to those formats exactly)",
     )
+    p.add_argument(
+        "--rotation",
+        choices=("hadamard", "hadamard-folded"),
+        default=None,
+        help="rotate the hidden states by random Hadamard matrices first (QuaRot): 'hadamard' also rotates the MLP "
+        "down projections' inputs at run time; 'hadamard-folded' only folds rotations into the weights (exportable)",
+    )
     p.add_argument("--clip", default="none", help="clip search: none or mse (default: none; see README)")
     p.add_argument("--scale-dtype", default="float16", help="float16, bfloat16 or float32 (default: float16)")
     p.add_argument(
@@ -105,6 +112,7 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "outliers": args.outliers,
         "module_bits": _module_bits(args.module_bits),
         "target_bits": args.target_bits,
+        "rotation": args.rotation,
         **method_options(args, methods_table()),
     }
     sections: dict[str, Any] = {"quantization": quantization}

@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from .base import ExportReport, ModuleChange, refuse_quant_experts
+from .base import ExportReport, ModuleChange, refuse_online_rotations, refuse_quant_experts
 from .grid import ExportError, Grid, GridTarget, module_grid
 
 #: format name -> (module of this package, writer function)
@@ -54,6 +54,7 @@ def export_model(
     if not isinstance(lossy, bool):
         raise ValueError(f"lossy={lossy!r} is not allowed; allowed values: True, False")
     refuse_quant_experts(model)  # before anything is written
+    refuse_online_rotations(model)
     module_name, function = WRITERS[export_format]
     writer = getattr(importlib.import_module(f"{__name__}.{module_name}"), function)
     report = ExportReport(format=export_format, path=os.fspath(out_dir))

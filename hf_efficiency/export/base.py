@@ -104,6 +104,18 @@ def refuse_quant_experts(model: nn.Module) -> None:
         )
 
 
+def refuse_online_rotations(model: nn.Module) -> None:
+    """Raise `ExportError` naming the first `QuantLinear` that rotates its input at run time
+    (``quantization.rotation="hadamard"``): no engine format runs that transform."""
+    names = [n for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.input_rotation is not None]
+    if names:
+        raise ExportError(
+            f"{names[0]} rotates its input by a Hadamard transform at run time (rotation='hadamard'; {len(names)} "
+            "such module(s)), which no engine format runs. Quantize with rotation='hadamard-folded' (the rotations "
+            "folded into the weights only) to export, or keep the model in the hf-efficiency format"
+        )
+
+
 def quantized_linears(model: nn.Module) -> dict[str, QuantLinear]:
     """Every `QuantLinear` of ``model`` by its module name (model order); an `ExportError` when there is none
     or when the model holds `QuantExperts` (see `refuse_quant_experts`)."""

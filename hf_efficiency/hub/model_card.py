@@ -224,6 +224,16 @@ def describe_method(cfg: EfficiencyConfig) -> str:
         data = f", calibrated on {cal.samples} x {cal.sequence_length} tokens of `{source}`"
     how = get_method(spec.method).describe(spec.options, spec.clip)
     extras = []
+    if spec.rotation is not None:
+        extras.append(
+            "hidden states rotated by random Hadamard matrices before quantizing (QuaRot; "
+            + (
+                "folded into the weights"
+                if spec.rotation == "hadamard-folded"
+                else "folded into the weights, and the MLP down projections' inputs rotated at run time"
+            )
+            + f", seed {spec.rotation_seed})"
+        )
     if spec.outliers:
         extras.append(f"{spec.outliers:.1%} of the weights of every row kept exactly in float16")
     if spec.module_bits:

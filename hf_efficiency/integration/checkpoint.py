@@ -34,6 +34,7 @@ _DTYPE_NAMES = {
     "torch.int32": "I32",
     "torch.int16": "I16",
     "torch.uint8": "U8",
+    "torch.int8": "I8",
     "torch.float16": "F16",
     "torch.bfloat16": "BF16",
     "torch.float32": "F32",

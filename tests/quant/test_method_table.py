@@ -42,10 +42,20 @@ def toy(monkeypatch):
 
 
 def test_the_table_lists_every_method_with_its_options():
-    assert list(METHODS) == ["rtn", "hqq", "awq", "gptq"]
-    assert [m for m, spec in METHODS.items() if spec.calibrated] == ["awq", "gptq"]
+    assert list(METHODS) == ["rtn", "hqq", "awq", "gptq", "autoround"]
+    assert [m for m, spec in METHODS.items() if spec.calibrated] == ["awq", "gptq", "autoround"]
     assert get_method("gptq").options.field_names() == ["damp", "act_order", "block_size"]
-    with pytest.raises(ValueError, match="unknown quantization method 'int4'; allowed values: rtn, hqq, awq, gptq"):
+    assert get_method("autoround").options.field_names() == [
+        "iters",
+        "lr",
+        "min_factor",
+        "windows_per_step",
+        "mixed_precision",
+    ]
+    assert [m for m, spec in METHODS.items() if spec.tunes_layer] == ["autoround"]
+    with pytest.raises(
+        ValueError, match="unknown quantization method 'int4'; allowed values: rtn, hqq, awq, gptq, autoround"
+    ):
         get_method("int4")
 
 
@@ -95,5 +105,8 @@ def test_a_registered_method_gets_its_command_line_flags(toy):
         config_from_args(args)
     quantize = build_parser()._subparsers._group_actions[0].choices["quantize"]
     text = " ".join(quantize.format_help().split())
-    assert "{rtn,hqq,awq,gptq,toy-sym}" in text and "toy-sym: symmetric round-to-nearest on a shrunk range" in text
+    assert (
+        "{rtn,hqq,awq,gptq,autoround,toy-sym}" in text
+        and "toy-sym: symmetric round-to-nearest on a shrunk range" in text
+    )
     assert "--toy-sym-shrink TOY_SYM_SHRINK fixed shrink of every group's range (default: 0.9)" in text

@@ -30,7 +30,7 @@ from ...families import (
 )
 from ..core.mixed import allocate_bits, bits_for_module, mean_bits
 from ..core.scheme import fake_quantize
-from ..methods import get_method, quantize_matrix, weight_format
+from ..methods import check_quantized_finite, get_method, quantize_matrix, weight_format
 from ..methods.awq import smoothquant_scales
 from ..modules.experts import QuantExperts, experts_spec
 from ..modules.linear import QuantLinear, outlier_count, scale_dtype_of
@@ -60,6 +60,8 @@ class PipelineReport:
     awq_alphas: dict[str, float] = field(default_factory=dict)
     module_bits: dict[str, int] = field(default_factory=dict)
     mean_bits: float | None = None
+    #: layer -> (output MSE with round-to-nearest, after tuning) for methods that tune whole layers
+    tuned_error: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 # --- structure: which producer feeds which consumers (read from the family description) -------------
@@ -168,6 +170,18 @@ def quantize_calibrated(
     if not names and not expert_names:
         raise ValueError(f"quantization matched no nn.Linear module (modules_to_not_convert={skip!r})")
     linearize(model, names)  # GPT-2's Conv1D -> the equivalent nn.Linear
+    online: dict[str, torch.Tensor] = {}
+    if spec.rotation is not None:
+        from .rotation import rotate_model
+
+        online = rotate_model(model, spec.rotation, spec.rotation_seed)
+        kept = [n for n in online if n not in names]
+        if kept:
+            raise ValueError(
+                f"rotation='hadamard' rotates the input of {', '.join(kept[:3])} at run time, which only a quantized "
+                "module does: remove it from modules_to_not_convert, or use rotation='hadamard-folded'"
+            )
+        spec.online_rotation = sorted(online) or None
 
     if spec.target_bits is not None:
         alloc = _sensitivity_bits(model, config, names, windows, spec, scale_dtype)
@@ -231,21 +245,28 @@ def quantize_calibrated(
             model.config,
         )
         method.prepare_layer(ctx, spec.options)
+        tuned = method.tune_layer(ctx, spec.options, batches, float_outputs) if method.tunes_layer else {}
 
         for n in local:
             lin = layer.get_submodule(n)
             st = stats[n]
-            q = quantize_matrix(
-                lin.weight,
-                spec,
-                bits_of[n],
-                scale_dtype=scale_dtype,
-                outliers=outlier_count(lin.in_features, spec.outliers),
-                hessian=st.hessian,
-                act_rms=st.rms,
-                name=f"{prefix}{n}",
+            if n in tuned:
+                q = tuned[n]
+                check_quantized_finite(q, lin.weight.detach().float(), f"{prefix}{n}")
+            else:
+                q = quantize_matrix(
+                    lin.weight,
+                    spec,
+                    bits_of[n],
+                    scale_dtype=scale_dtype,
+                    outliers=outlier_count(lin.in_features, spec.outliers),
+                    hessian=st.hessian,
+                    act_rms=st.rms,
+                    name=f"{prefix}{n}",
+                )
+            module = QuantLinear.from_quantized(
+                lin, q, symmetric=spec.symmetric, act_mode=act_mode, input_rotation=online.get(prefix + n)
             )
-            module = QuantLinear.from_quantized(lin, q, symmetric=spec.symmetric, act_mode=act_mode)
             if act_mode == "static":
                 from ..core.activation import static_scale_from_samples
 

@@ -28,6 +28,7 @@ _TABLE = (
     "hqq",
     "awq",
     "gptq",
+    "autoround",
 )
 
 METHODS: dict[str, QuantMethod] = {

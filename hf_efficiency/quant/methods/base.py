@@ -169,6 +169,10 @@ class QuantMethod:
     folds_input_scales: ClassVar[bool] = False
     #: the next decoder layer is calibrated on this layer's float outputs (not its quantized ones)
     propagates_float_outputs: ClassVar[bool] = False
+    #: quantizes a whole decoder layer at once against its float outputs (`tune_layer`)
+    tunes_layer: ClassVar[bool] = False
+    #: keeps SpQR-style outliers (``quantization.outliers``)
+    supports_outliers: ClassVar[bool] = True
 
     def quantize(
         self,
@@ -187,6 +191,14 @@ class QuantMethod:
     def prepare_layer(self, ctx: LayerContext, options: MethodOptions) -> None:
         """Transform a decoder layer in float before its linears are rounded (AWQ's scales and
         clipping). The default does nothing."""
+
+    def tune_layer(
+        self, ctx: LayerContext, options: MethodOptions, batches: list[Any], targets: list[torch.Tensor]
+    ) -> dict[str, QuantizedWeight]:
+        """For methods with ``tunes_layer``: quantize every linear of ``ctx.names`` together so that the
+        layer, run on ``batches`` (its captured inputs: ``hidden`` and forward ``kwargs``), reproduces
+        ``targets`` (the float layer's outputs). Returns name -> packed weight."""
+        raise NotImplementedError
 
     def describe(self, options: MethodOptions, clip: str) -> str:
         """How the weights were quantized, as a sentence fragment for the model card."""

@@ -14,6 +14,8 @@ State (the checkpoint keys, so a saved model reloads by name):
 * ``input_scale``: scalar float32 activation scale (static int8 activations only)
 * ``weight_perm``: int32 ``[in]`` (act-order checkpoints only, e.g. GPTQ ``desc_act``): stored column
   ``j`` holds input feature ``weight_perm[j]``, so each group's columns stay contiguous
+* ``input_rotation``: int8 ``[in]`` signs ``s`` of an online Hadamard rotation of the input (``quantization.rotation
+  ="hadamard"``): the module computes ``hadamard_transform(x, s) @ W^T`` with the stored (rotated) ``W``
 
 The module does not know which algorithm produced its tensors.
 
@@ -34,6 +36,7 @@ import torch
 from torch import nn
 
 from ...constants import SCALE_DTYPES
+from ..core.hadamard import hadamard_transform, has_hadamard, rotation_matrix
 from ..core.outliers import outlier_index_dtype
 from ..core.packing import packed_words
 from ..core.scheme import ZERO_POINTS, QuantizedWeight, num_groups, quantize_weight
@@ -52,6 +55,7 @@ TENSOR_NAMES = (
     "weight_perm",
     "bias",
     "input_scale",
+    "input_rotation",
 )
 _TENSOR_NAME_SET = frozenset(TENSOR_NAMES)
 _INDEX_TENSORS = ("weight_outlier_index", "weight_perm")  # values must be column indices
@@ -101,6 +105,7 @@ class QuantLinear(nn.Module):
         act_mode: str | None = None,
         act_order: bool = False,
         zero_point: str = "float",
+        input_rotation: bool = False,
     ) -> None:
         super().__init__()
         self._kernel_cache: dict[str, Any] = {}  # derived layouts, never saved (see `kernel_layout`)
@@ -168,6 +173,14 @@ class QuantLinear(nn.Module):
             )
         else:
             self.register_parameter("weight_perm", None)
+        if input_rotation:
+            if not has_hadamard(in_features):
+                raise ValueError(f"input_rotation: no Hadamard matrix of order {in_features} is built here")
+            self.input_rotation = nn.Parameter(
+                torch.ones(in_features, dtype=torch.int8, device=device), requires_grad=False
+            )
+        else:
+            self.register_parameter("input_rotation", None)
 
     @classmethod
     def from_linear(
@@ -199,10 +212,17 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_quantized(
-        cls, linear: nn.Linear, q: QuantizedWeight, *, symmetric: bool, act_mode: str | None = None
+        cls,
+        linear: nn.Linear,
+        q: QuantizedWeight,
+        *,
+        symmetric: bool,
+        act_mode: str | None = None,
+        input_rotation: torch.Tensor | None = None,
     ) -> "QuantLinear":
         """A module holding ``q`` (any algorithm's result) with ``linear``'s bias (integer zero points when
-        ``q`` has them)."""
+        ``q`` has them). ``input_rotation``: the signs of an online Hadamard rotation of the input that ``q``'s
+        weight was rotated for (see `hadamard_transform`)."""
         module = cls(
             linear.in_features,
             linear.out_features,
@@ -217,8 +237,11 @@ class QuantLinear(nn.Module):
             act_mode=act_mode,
             act_order=q.perm is not None,
             zero_point="integer" if q.zero is not None else "float",
+            input_rotation=input_rotation is not None,
         )
         module.load_quantized(q)
+        if input_rotation is not None:
+            module.replace_tensors(input_rotation=input_rotation)
         if linear.bias is not None:
             module.bias.data.copy_(linear.bias.data)
         return module
@@ -281,12 +304,14 @@ class QuantLinear(nn.Module):
         weight_perm: torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
         input_scale: torch.Tensor | None = None,
+        input_rotation: torch.Tensor | None = None,
     ) -> None:
         """Replace the given tensors (``None``: keep) with copies of the values, all or none of them.
 
         Each value must have the current tensor's shape, dtype and device; float values must be finite
         (``input_scale`` positive too), index values (``weight_outlier_index``, ``weight_perm``)
-        columns in ``[0, in_features)`` and zero points (``weight_zero``) in ``[0, 2**bits - 1]``. Otherwise a ``ValueError`` naming the tensor is raised and the
+        columns in ``[0, in_features)``, zero points (``weight_zero``) in ``[0, 2**bits - 1]`` and rotation signs
+        (``input_rotation``) -1 or 1. Otherwise a ``ValueError`` naming the tensor is raised and the
         module is unchanged. The cached kernel layouts are dropped.
         """
         given = {
@@ -299,6 +324,7 @@ class QuantLinear(nn.Module):
             "weight_perm": weight_perm,
             "bias": bias,
             "input_scale": input_scale,
+            "input_rotation": input_rotation,
         }
         given = {name: value for name, value in given.items() if value is not None}
         for name, value in given.items():
@@ -329,6 +355,8 @@ class QuantLinear(nn.Module):
             raise ValueError(f"{name}: values must be column indices in [0, {self.in_features})")
         elif name == "weight_zero":
             self._check_zero(name, value)
+        elif name == "input_rotation" and not bool((value.abs() == 1).all()):
+            raise ValueError("input_rotation: the signs of a Hadamard rotation must all be -1 or 1")
 
     def _check_zero(self, name: str, value: torch.Tensor) -> None:
         if tuple(value.shape) != tuple(self.weight_scale.shape):
@@ -435,12 +463,18 @@ class QuantLinear(nn.Module):
             self.in_features, self.out_features, self.bias is not None, device=self.weight.device, dtype=dtype
         )
         with torch.no_grad():
-            linear.weight.copy_(self.dequantize_weight(dtype))
+            w = self.dequantize_weight(torch.float32)
+            if self.input_rotation is not None:  # the float weight on the unrotated input: W R^T
+                r = rotation_matrix(self.in_features, self.input_rotation.detach().cpu()).to(w.device)
+                w = (w.double() @ r.T).float()
+            linear.weight.copy_(w.to(dtype))
             if self.bias is not None:
                 linear.bias.copy_(self.bias.to(dtype))
         return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_rotation is not None:
+            x = hadamard_transform(x, self.input_rotation)
         return kernels.quant_linear_forward(self, x)
 
     def _apply(self, fn, recurse=True):  # device and dtype moves invalidate kernel layouts
@@ -485,6 +519,7 @@ class QuantLinear(nn.Module):
         extra += f", act_mode={self.act_mode!r}" if self.act_mode else ""
         extra += ", act_order=True" if self.weight_perm is not None else ""
         extra += ", zero_point='integer'" if self.weight_zero is not None else ""
+        extra += ", input_rotation='hadamard'" if self.input_rotation is not None else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"bits={self.bits}, group_size={self.group_size}, symmetric={self.symmetric}{extra}"

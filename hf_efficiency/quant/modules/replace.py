@@ -206,6 +206,7 @@ def quant_linear_shell(
         act_mode=act_mode,
         act_order=fmt["act_order"],
         zero_point=fmt.get("zero_point", "float"),
+        input_rotation=name in (spec.online_rotation or ()),
     )
     shell.requires_grad_(False)
     if is_conv1d(linear):
