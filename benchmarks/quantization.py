@@ -57,6 +57,11 @@ SCHEMES: dict[str, dict | None] = {
         "activations": {"mode": "dynamic", "smoothquant": 0.8},
         **CAL,
     },
+    "w8a8-dynamic-hadamard": {
+        "quantization": {"method": "rtn", **W8, "rotation": "hadamard"},
+        "activations": {"mode": "dynamic"},
+        **CAL,
+    },
     "w8a8-static-p99.99": {"quantization": {"method": "rtn", **W8}, "activations": {"mode": "static"}, **CAL},
     "rtn-w4-g128": q("rtn", 4, 128),
     "rtn-w4-g128-clip": q("rtn", 4, 128, clip="mse"),
@@ -64,6 +69,10 @@ SCHEMES: dict[str, dict | None] = {
     "awq-w4-g128": {**q("awq", 4, 128), **CAL},
     "gptq-w4-g128": {**q("gptq", 4, 128), **CAL},
     "gptq-w4-g128-actorder": {**q("gptq", 4, 128, gptq_act_order=True), **CAL},
+    "rtn-w4-g128-intzero": q("rtn", 4, 128, zero_point="integer"),
+    "gptq-w4-g128-actorder-intzero": {**q("gptq", 4, 128, zero_point="integer", gptq={"act_order": True}), **CAL},
+    "autoround-w4-g128": {**q("autoround", 4, 128, zero_point="integer"), **CAL},
+    "autoround-w4-g128-hadamard": {**q("autoround", 4, 128, zero_point="integer", rotation="hadamard"), **CAL},
     "rtn-w3-g64": q("rtn", 3, 64),
     "rtn-w3-g64-clip": q("rtn", 3, 64, clip="mse"),
     "hqq-w3-g64": q("hqq", 3, 64),
@@ -71,6 +80,7 @@ SCHEMES: dict[str, dict | None] = {
     "hqq-w3-g64-outliers1%-scale": {**q("hqq", 3, 64, outliers=0.01, hqq_optimize_scale=True), **CAL},
     "awq-w3-g64": {**q("awq", 3, 64), **CAL},
     "gptq-w3-g64": {**q("gptq", 3, 64), **CAL},
+    "autoround-w3-g64": {**q("autoround", 3, 64, zero_point="integer"), **CAL},
     "gptq-w3-g64-outliers1%": {**q("gptq", 3, 64, outliers=0.01), **CAL},
     "hqq-mixed-3.0bits-g64": {**q("hqq", 3, 64, target_bits=3.0, bits_choices=[2, 3, 4]), **CAL},
     "hqq-mixed-3.5bits-g64": {**q("hqq", 3, 64, target_bits=3.5, bits_choices=[3, 4]), **CAL},
@@ -79,12 +89,14 @@ SCHEMES: dict[str, dict | None] = {
     "hqq-w2-g32": q("hqq", 2, 32),
     "hqq-w2-g32-scale": q("hqq", 2, 32, hqq_optimize_scale=True),
     "gptq-w2-g32": {**q("gptq", 2, 32), **CAL},
+    "autoround-w2-g32": {**q("autoround", 2, 32, zero_point="integer"), **CAL},
 }
 
 
 def predicted_bytes(model: torch.nn.Module) -> int:
     """Bytes the quantized linears must hold: codes at exactly bits/8 per weight, scales and
-    minima, 4 bytes per kept outlier (int16 column + float16 value), static input scales."""
+    minima, 4 bytes per kept outlier (int16 column + float16 value), static input scales, one byte per input
+    feature of an online rotation's signs."""
     total = 0
     for m in model.modules():
         if isinstance(m, QuantLinear):
@@ -93,6 +105,7 @@ def predicted_bytes(model: torch.nn.Module) -> int:
             total += m.weight_zero.numel() if getattr(m, "weight_zero", None) is not None else 0  # uint8 zero points
             total += m.out_features * m.outliers * (m.weight_outlier_index.element_size() + 2 if m.outliers else 0)
             total += 4 if m.input_scale is not None else 0
+            total += m.in_features if m.input_rotation is not None else 0  # int8 rotation signs
     return total
 
 
@@ -103,8 +116,12 @@ def _describe(cfg: dict | None) -> dict:
     extra = []
     if qz.get("clip") == "mse":
         extra.append("clip=mse")
-    if qz.get("gptq_act_order"):
+    if qz.get("gptq_act_order") or qz.get("gptq", {}).get("act_order"):
         extra.append("act_order")
+    if qz.get("zero_point") == "integer":
+        extra.append("integer zero point")
+    if qz.get("rotation"):
+        extra.append(f"rotation={qz['rotation']}")
     if qz.get("outliers"):
         extra.append(f"outliers={qz['outliers']:.0%}")
     if qz.get("hqq_optimize_scale"):

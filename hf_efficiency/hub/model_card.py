@@ -184,6 +184,9 @@ def render_model_card(
     dash = "-"
     if spec is not None:
         how = describe_method(cfg)
+        training = getattr(model, "hf_efficiency_training", None)
+        if training:
+            how = f"{how}, after {training}"
         per = "output channel" if spec.group_size is None else f"{spec.group_size} input weights"
         offset = "" if spec.symmetric else (" and uint8 zero point" if spec.zero_point == "integer" else " and minimum")
         layout = f"one {spec.scale_dtype} scale{offset} per {per}"

@@ -270,3 +270,17 @@ def test_convert_refuses_layers_that_would_not_reload():
     model.model.layers[0].mlp.up_proj = model.model.layers[0].mlp.up_proj.to_linear()
     with pytest.raises(ValueError, match="are not the linears the recorded config quantizes"):
         convert_qat(model)
+
+
+def test_converted_model_card_names_the_training():
+    from hf_efficiency.hub.model_card import render_model_card
+
+    model = prepare_qat(make_tiny_llama(seed=2), {"quantization": {"bits": 2, "group_size": 32}})
+    convert_qat(model, training="distilled from the float model on 1k tokens of KJV")
+    text = str(render_model_card(model))
+    assert "after quantization-aware training (QAT), distilled from the float model on 1k tokens of KJV" in text
+    plain = prepare_qat(make_tiny_llama(seed=2), {"quantization": {"bits": 2, "group_size": 32}})
+    assert "after quantization-aware training (QAT)" in str(render_model_card(convert_qat(plain)))
+    again = prepare_qat(make_tiny_llama(seed=2), {"quantization": {"bits": 2, "group_size": 32}})
+    with pytest.raises(TypeError, match="training must be a string describing the training, got int"):
+        convert_qat(again, training=3)
