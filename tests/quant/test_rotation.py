@@ -148,7 +148,7 @@ def test_w8a8_with_online_rotation_is_closer_to_float_and_reloads_bit_identical(
     assert written["quantization_config"]["quantization"]["rotation"] == "hadamard"
     how = describe_method(model.config.quantization_config)
     assert "hidden states rotated by random Hadamard matrices before quantizing (QuaRot; folded into" in how
-    torch.save(_logits(model, ids), tmp_path / "logits.pt")
+    torch.save((_logits(model, ids), _logits(model, ids[:, :10])), tmp_path / "logits.pt")  # long and short
     torch.save(ids, tmp_path / "ids.pt")
     script = textwrap.dedent(
         f"""
@@ -156,9 +156,11 @@ def test_w8a8_with_online_rotation_is_closer_to_float_and_reloads_bit_identical(
         from transformers import AutoModelForCausalLM
         m = AutoModelForCausalLM.from_pretrained({str(out)!r})
         ids = torch.load({str(tmp_path / "ids.pt")!r})
+        want = torch.load({str(tmp_path / "logits.pt")!r})
         with torch.no_grad():
-            got = m(ids).logits
-        assert torch.equal(got, torch.load({str(tmp_path / "logits.pt")!r})), (got - torch.load({str(tmp_path / "logits.pt")!r})).abs().max()
+            got, short = m(ids).logits, m(ids[:, :10]).logits
+        assert torch.equal(got, want[0]), (got - want[0]).abs().max()
+        assert torch.equal(short, want[1]), (short - want[1]).abs().max()
         print("identical")
         """
     )

@@ -123,6 +123,7 @@ def rotate_model(model: nn.Module, rotation: str, seed: int = 0) -> dict[str, to
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     layers_name, layers = find_decoder_layers(model)
     hidden = int(config.hidden_size)
+    head_dim = int(getattr(config, "head_dim", None) or hidden // config.num_attention_heads)
     q = residual_rotation(hidden, seed)
     embed = model.get_input_embeddings()
     head_name = output_embedding_name(model)
@@ -158,12 +159,10 @@ def rotate_model(model: nn.Module, rotation: str, seed: int = 0) -> dict[str, to
             if not isinstance(producer, nn.Linear) or g.part is not None:
                 continue
             consumer = layer.get_submodule(g.consumers[0])
-            head_dim = int(getattr(config, "head_dim", None) or hidden // config.num_attention_heads)
-            if g.needs_one_value_head_per_query_head or g.producer.endswith("v_proj"):
+            if g.needs_one_value_head_per_query_head:  # v -> o: rotating each head's values is exact with GQA too
                 if has_hadamard(head_dim) and producer.out_features % head_dim == 0:
-                    h = hadamard_matrix(
-                        head_dim
-                    )  # each head's values v -> v H: v_proj's rows H^T W, o_proj's columns W H
+                    # each head's values v -> v H: v_proj's rows H^T W, o_proj's columns W H
+                    h = hadamard_matrix(head_dim)
                     bv = torch.block_diag(*[h] * (producer.out_features // head_dim))
                     bo = torch.block_diag(*[h] * (consumer.in_features // head_dim))
                     _rotate_outputs(producer, bv)
