@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer, Trainer
 from transformers.utils import logging
 
 from .arguments import MutualDistillationTrainingArguments
+from .distributed import ignored_fsdp_request, loaded_sharded, sum_across_processes
 from .losses import mutual_kl_loss, token_mask
 from .trainer import ReplaysMissedEpochEvaluation
 
@@ -119,7 +120,21 @@ class MutualDistillationTrainer(ReplaysMissedEpochEvaluation, Trainer):
         if learning_rates is not None and len(learning_rates) != len(models):
             raise ValueError(f"learning_rates has {len(learning_rates)} entries for {len(models)} students")
         group = models if isinstance(models, StudentGroup) else StudentGroup(list(models))
+        if any(loaded_sharded(s) for s in group.students):
+            raise ValueError(
+                "MutualDistillationTrainer cannot train students sharded at load time (from_pretrained(..., "
+                "distributed_config=...)): Trainer shards or wraps one model, the group of students. Load them "
+                "whole and launch with DDP (accelerate launch --multi_gpu)."
+            )
         super().__init__(group, args, *args_rest, **kwargs)
+        if self.is_deepspeed_enabled and args.max_grad_norm > 0:
+            logger.warning(
+                "Under DeepSpeed the students' gradients are clipped to one global norm (gradient_clipping), not "
+                "each student to its own as without it: set max_grad_norm=0 for the same updates as one process."
+            )
+        message = ignored_fsdp_request(self)
+        if message:
+            logger.warning(message)
         self.learning_rates = list(learning_rates) if learning_rates is not None else None
         self.best_index: int | None = None
         self._train_ce = torch.zeros(len(group.students))
@@ -189,8 +204,7 @@ class MutualDistillationTrainer(ReplaysMissedEpochEvaluation, Trainer):
             return (loss, outs[self.best_index or 0]) if return_outputs else loss
 
         a = self.args
-        self._train_ce += ces.detach().cpu() * n_tok
-        self._train_n += n_tok
+        self._add_training_losses(ces, n_tok, num_items_in_batch)
         if a.mutual_mode == "best" and a.exchange_steps and self.state.global_step >= self._next_exchange:
             if self._train_n:
                 self._pick_best_from_training()
@@ -215,7 +229,29 @@ class MutualDistillationTrainer(ReplaysMissedEpochEvaluation, Trainer):
                 total = total + ces[k]
         if num_items_in_batch is None:
             total = total / self.current_gradient_accumulation_steps
+        else:
+            total = total * self._token_scale()
         return (total, outs) if return_outputs else total
+
+    def _token_scale(self) -> int:
+        """What a loss normalized by ``num_items_in_batch`` is multiplied by (as ``Trainer.compute_loss`` does):
+        with ``average_tokens_across_devices`` the count covers every process, and DDP averages the
+        processes' gradients, so each process scales its share back up."""
+        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+            return self.accelerator.num_processes
+        return 1
+
+    def _add_training_losses(
+        self, ces: torch.Tensor, n_tok: int, num_items_in_batch: torch.Tensor | int | None
+    ) -> None:
+        """Add a micro-batch's per-student label-loss sums (and token count) to the running sums that mode
+        "best" picks from, summed over the processes so that every process picks the same teacher."""
+        # ``ces`` are token sums divided by ``num_items_in_batch`` when it is given, else per-token means
+        weight = float(num_items_in_batch) if num_items_in_batch is not None else float(n_tok)
+        row = torch.cat([ces.detach() * weight, ces.new_tensor([float(n_tok)])])
+        row = sum_across_processes(row.to(self.args.device)).cpu()
+        self._train_ce += row[:-1].to(self._train_ce.dtype)
+        self._train_n += int(row[-1])
 
     def _pick_best_from_training(self) -> None:
         if not self._train_n:
@@ -241,6 +277,9 @@ class MutualDistillationTrainer(ReplaysMissedEpochEvaluation, Trainer):
         self._eval_ce.zero_()
         self._eval_n = 0
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        # every process evaluated its shard: sum them, so every process reports and picks the same
+        row = sum_across_processes(torch.cat([self._eval_ce, torch.tensor([float(self._eval_n)])]).to(self.args.device))
+        self._eval_ce, self._eval_n = row[:-1].cpu().to(self._eval_ce.dtype), int(row[-1])
         if self._eval_n:
             per = (self._eval_ce / self._eval_n).tolist()
             extra = {f"{metric_key_prefix}_loss_student_{k}": round(v, 6) for k, v in enumerate(per)}

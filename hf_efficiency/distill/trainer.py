@@ -19,6 +19,16 @@ from transformers.utils import logging
 from ..vocab import check_same_vocabulary as same_vocabulary
 from ..vocab import tokenizer_of as _tokenizer_of
 from .arguments import DistillationTrainingArguments
+from .distributed import (
+    average_gradients,
+    broadcast_parameters,
+    check_parallel_setup,
+    clip_with_extra_parameters,
+    deepspeed_inference_engine,
+    is_zero3_partitioned,
+    sum_across_processes,
+    world_size,
+)
 from .losses import (
     attention_map_loss,
     hidden_state_loss,
@@ -84,16 +94,26 @@ class _ComponentLog:
         self.sums: dict[str, float] = defaultdict(float)
         self.count = 0
 
-    def add(self, parts: dict[str, torch.Tensor]) -> None:
+    def add(self, parts: dict[str, torch.Tensor], scales: dict[str, float] | None = None) -> None:
+        """Add one micro-batch's components, each times its ``scales`` entry (default 1)."""
+        scales = scales or {}
         for k, v in parts.items():
-            self.sums[k] += float(v.detach())
+            self.sums[k] += float(v.detach()) * scales.get(k, 1.0)
         self.count += 1
 
-    def pop(self) -> dict[str, float]:
-        out = {k: round(v / self.count, 4) for k, v in self.sums.items()} if self.count else {}
+    def pop(self, device: torch.device | str = "cpu") -> dict[str, float]:
+        """The mean of every component since the last call, over the micro-batches and (in a distributed
+        run: a collective, called by every process) over the processes."""
+        if not self.count:
+            return {}
+        keys = sorted(self.sums)
+        means = [self.sums[k] / self.count for k in keys]
+        if world_size() > 1:  # the same keys in every process, sorted: one all-reduce
+            total = sum_across_processes(torch.tensor(means, dtype=torch.float64, device=device))
+            means = (total / world_size()).tolist()
         self.sums.clear()
         self.count = 0
-        return out
+        return {k: round(v, 4) for k, v in zip(keys, means)}
 
 
 def missed_epoch_evaluation(args: Any, state: Any, train_dataloader: Any) -> bool:
@@ -207,7 +227,7 @@ class DistillationTrainer(ReplaysMissedEpochEvaluation, Trainer):
                     "DistillationTrainer needs a teacher: pass teacher_model=, set "
                     "args.teacher_model_name_or_path, or args.teacher_cache_dir"
                 )
-            if not hasattr(self.teacher, "hf_device_map"):
+            if not hasattr(self.teacher, "hf_device_map") and not is_zero3_partitioned(self.teacher):
                 self.teacher.to(self.args.device)
             teacher_tok = teacher_processing_class if teacher_processing_class is not None else loaded_tokenizer
             if self.processing_class is not None and teacher_tok is not None:
@@ -215,6 +235,10 @@ class DistillationTrainer(ReplaysMissedEpochEvaluation, Trainer):
             self._check_vocab_sizes()
         self.projector = self._build_projector()
         self.layer_map = self.projector.layer_map if self.projector is not None else self._layer_map()
+        check_parallel_setup(self, has_external_parameters=bool(self._projector_params()))
+        if self.teacher is not None and self.is_deepspeed_enabled and is_zero3_partitioned(self.teacher):
+            # loaded under ZeRO-3's zero.Init: only an engine gathers its weights for the forward
+            self.teacher = deepspeed_inference_engine(self.teacher, self.accelerator)
         if self.projector is not None:
             self.add_callback(_ClearProjectorGrads(self.projector))
         self._track_missed_epoch_evaluation()
@@ -271,6 +295,7 @@ class DistillationTrainer(ReplaysMissedEpochEvaluation, Trainer):
         sw = int(self._student.config.hidden_size)
         tw = int(self.teacher.config.hidden_size)
         proj = FeatureProjector(sw, tw, layer_map, trainable=sw != tw).to(self.args.device)
+        broadcast_parameters(proj)  # every process starts from process 0's maps, like DDP's model
         logger.info(
             "Feature distillation: student layers 1..%d -> teacher hidden states %s (%s)",
             len(layer_map),
@@ -401,7 +426,10 @@ class DistillationTrainer(ReplaysMissedEpochEvaluation, Trainer):
         ):
             if name in parts:
                 loss = loss + weight * parts[name] / ga
-        self._components.add(parts)
+        # log each token term as the step's value: it is normalized by the label count of every micro-batch
+        # (and process), so scale it back to this micro-batch's share before the log averages the shares
+        per_step = 1.0 if num_items_in_batch is None else ga * token_scale
+        self._components.add(parts, {"response": per_step, "lm": per_step})
         return (loss, outputs) if return_outputs else loss
 
     def _attention_loss(self, outputs: Any, t_out: Any, tok_mask: torch.Tensor | None) -> torch.Tensor:
@@ -436,9 +464,34 @@ class DistillationTrainer(ReplaysMissedEpochEvaluation, Trainer):
         return torch.stack(terms).sum()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:
-            logs = {**logs, **{f"loss_{k}": v for k, v in self._components.pop().items()}}
+        if "loss" in logs:  # every process logs the training loss (Trainer gathers it): average the parts too
+            parts = self._components.pop(device=self.args.device)
+            logs = {**logs, **{f"loss_{k}": v for k, v in parts.items()}}
         super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ several processes
+
+    def _projector_params(self) -> list[nn.Parameter]:
+        return [p for p in self.projector.parameters() if p.requires_grad] if self.projector is not None else []
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.sync_gradients:
+            # DDP / FSDP average the model's gradients over the processes at the last micro-batch of a step;
+            # the projections live outside the model: average theirs here, before clipping and the step
+            average_gradients(self._projector_params())
+        return loss
+
+    def _clip_grad_norm(self, model: nn.Module) -> torch.Tensor:
+        """Clip the model's and the learned projections' gradients together (one global norm, as if the
+        projections were part of the model); returns the pre-clip norm."""
+        params = self._projector_params()
+        if not params or self.is_deepspeed_enabled:
+            return super()._clip_grad_norm(model)
+        model_norm = self._get_grad_norm(model)  # over every shard under FSDP; unscales fp16 gradients
+        return clip_with_extra_parameters(model.parameters(), params, model_norm, self.args.max_grad_norm)
 
     # ------------------------------------------------------------------ save / resume
 
