@@ -13,10 +13,12 @@ DESCRIPTION = (
     "Predict the peak memory of MODEL term by term (runtime overhead, weights, weight copies, gradients, "
     "optimizer states, activations, KV cache, logits, workspace) from its config.json alone, for inference or "
     "for training with full fine-tuning, LoRA, QLoRA, BitFit, adapters or frozen lower layers. --compare adds "
-    "the standard scenarios, --plot draws them, --measure runs the scenario for real and prints both."
+    "the standard scenarios, --plot draws them, --measure runs the scenario for real and prints both. --devices N "
+    "with --strategy (dp, zero1, zero2, zero3, fsdp-full, fsdp-hybrid), --tp and --offload-optimizer makes the "
+    "estimate per device; --device-memory 80GB checks that it fits and names the term that does not."
 )
 #: scenario fields with flags of their own below (the other fields get generated flags)
-_STRUCTURED = ("training", "efficiency_config")
+_STRUCTURED = ("training", "efficiency_config", "parallel")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,6 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--lora-dropout", type=float, default=0.0)
     t.add_argument("--adapter-size", type=int, default=64)
     t.add_argument("--freeze-layers", type=int, default=0)
+    _add_parallel_arguments(p)
     p.add_argument("--decimal", action="store_true", help="print GB/MB (powers of 1000) instead of GiB/MiB")
     p.add_argument(
         "--compare",
@@ -60,6 +63,59 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--measure", action="store_true", help="run the scenario with random weights and report its measured peak"
     )
+
+
+def _memory_size(text: str) -> int:
+    from ..memory.parallel import parse_memory_size
+
+    try:
+        return parse_memory_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _add_parallel_arguments(p: argparse.ArgumentParser) -> None:
+    from ..memory.parallel import STRATEGIES
+
+    g = p.add_argument_group("per device (multi-device training and inference)")
+    g.add_argument("--devices", type=int, default=None, help="number of devices (default: one)")
+    g.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default=None,
+        help="dp (DDP), zero1 (sharded optimizer), zero2 (+ gradients), zero3 / fsdp-full (+ parameters), "
+        "fsdp-hybrid (sharded within --shard-size devices, replicated across); default: dp",
+    )
+    g.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (Megatron-style; default: 1)")
+    g.add_argument("--shard-size", type=int, default=None, help="fsdp-hybrid: devices per shard group (a node)")
+    g.add_argument(
+        "--offload-optimizer", action="store_true", help="optimizer states and fp32 master copy in host memory"
+    )
+    g.add_argument("--offload-params", action="store_true", help="zero3 / fsdp: parameter shards in host memory too")
+    g.add_argument(
+        "--device-memory",
+        type=_memory_size,
+        default=None,
+        metavar="SIZE",
+        help="memory of one device (80GB = 80 x 10^9 bytes, 80GiB = 80 x 2^30): fail naming the term that does not fit",
+    )
+
+
+def parallel_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The `ParallelPlan` (as a dict) the per-device flags describe, or ``None`` for one device."""
+    given = (args.devices, args.strategy, args.tp, args.shard_size)
+    if all(v is None for v in given) and not (args.offload_optimizer or args.offload_params):
+        return None
+    from ..memory.parallel import ParallelPlan
+
+    return ParallelPlan(
+        devices=1 if args.devices is None else args.devices,
+        strategy=args.strategy or "dp",
+        tp=1 if args.tp is None else args.tp,
+        shard_size=args.shard_size,
+        offload_optimizer=args.offload_optimizer,
+        offload_params=args.offload_params,
+    ).to_dict()
 
 
 def scenario_from_args(args: argparse.Namespace):
@@ -90,7 +146,7 @@ def scenario_from_args(args: argparse.Namespace):
         "freeze_layers": args.freeze_layers,
     }
     scalars = {f.name: getattr(args, f.name) for f in dataclasses.fields(MemoryScenario) if f.name not in _STRUCTURED}
-    return MemoryScenario(**scalars, training=training, efficiency_config=eff)
+    return MemoryScenario(**scalars, training=training, efficiency_config=eff, parallel=parallel_from_args(args))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -101,6 +157,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     scenario = scenario_from_args(args)
     main = estimate_memory(model, scenario, label="requested")
     result: dict[str, Any] = {"model": model, "estimate": main.to_dict(), "_breakdowns": [main]}
+    if args.device_memory is not None:
+        from ..memory.parallel import DeviceMemoryError, check_fits
+
+        try:
+            check_fits(main, args.device_memory, decimal=args.decimal)
+        except DeviceMemoryError as err:
+            raise DeviceMemoryError(f"{err}\n\n{main.table(decimal=args.decimal)}") from None
+        result["device_memory"] = args.device_memory
     if args.compare or args.plot:
         others = standard_breakdowns(model, scenario)
         result["compare"] = [b.to_dict() for b in others]
@@ -112,7 +176,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             title=f"{os.path.basename(model.rstrip('/'))}: "
             f"batch {scenario.batch_size} x {scenario.sequence_length} tokens on {scenario.device}",
         )
-    if args.measure:
+    if args.measure and scenario.parallel is not None:
+        from ..memory.measure_parallel import measure_memory_parallel
+
+        ranks = measure_memory_parallel(model, scenario)
+        result["measured_per_rank"] = [m.to_dict() for m in ranks]
+        result["measured_vs_estimate"] = {
+            "estimate_without_overhead": main.total_without_overhead,
+            "measured_peak": max(m.peak_bytes for m in ranks),
+            "error": main.total_without_overhead / max(m.peak_bytes for m in ranks) - 1,
+        }
+        result["measured"] = {"method": f"{ranks[0].method}, largest of {len(ranks)} ranks"}
+    elif args.measure:
         m = measure_memory(model, scenario, isolate=True)
         result["measured"] = m.to_dict()
         result["measured_vs_estimate"] = {
@@ -130,6 +205,8 @@ def print_human(r: dict[str, Any]) -> None:
     breakdowns = r["_breakdowns"]
     decimal = bool(r.get("_decimal"))
     print(breakdowns[0].table(decimal=decimal))
+    if "device_memory" in r:
+        print(f"fits in the {format_bytes(r['device_memory'], decimal)} device")
     if "compare" in r:
         print()
         print(comparison_markdown(breakdowns[1:], decimal=decimal))

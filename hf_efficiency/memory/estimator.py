@@ -12,7 +12,9 @@ layer's gradients), so the ``overlap`` term subtracts what is not resident at th
   + max(activations + logits + lm_head gradient, gradients + optimizer step workspace)
 * inference peak = overhead + weights + KV cache + max(layer workspace, logits)
 
-Every term is reported in a `MemoryBreakdown`; ``total`` is their sum (``overlap`` <= 0).
+Every term is reported in a `MemoryBreakdown`; ``total`` is their sum (``overlap`` <= 0). With a
+``parallel`` plan the breakdown is per device (`parallel.estimate_parallel`): the terms divided as the
+strategy divides them, its ``communication`` buffers, and offloaded state in ``host`` (outside ``total``).
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ TERMS = (
     ("kv_cache", "KV cache"),
     ("logits", "logits / loss buffers"),
     ("workspace", "workspace"),
+    ("communication", "communication buffers"),
     ("overlap", "not resident at the same time"),
 )
 
@@ -92,7 +95,10 @@ class MemoryBreakdown:
     kv_cache: int = 0
     logits: int = 0
     workspace: int = 0
+    communication: int = 0
     overlap: int = 0
+    #: host (CPU) memory the strategy offloads to, per device; not part of ``total`` (`parallel.ParallelPlan`)
+    host: int = 0
     label: str = ""
     details: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -128,7 +134,7 @@ class MemoryBreakdown:
         return self.table()
 
 
-def _unique_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+def unique_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     seen: set[int] = set()
     out = []
     for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers()):
@@ -157,7 +163,7 @@ def _weights(
     q_bytes = other = 0
     emb_bytes = 0
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    for name, t in _unique_tensors(model):
+    for name, t in unique_tensors(model):
         b = tensor_bytes(t)
         if name.rpartition(".")[0] in qnames:
             q_bytes += b
@@ -194,7 +200,7 @@ def _dropout_probability(config) -> float:
     return max([float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)], default=0.0)
 
 
-def _optimizer_bytes(optimizer: str, shapes: list[tuple[int, ...]], state_bytes: int) -> int:
+def optimizer_state_bytes(optimizer: str, shapes: list[tuple[int, ...]], state_bytes: int) -> int:
     total = 0
     for shape in shapes:
         n = math.prod(shape)
@@ -209,7 +215,7 @@ def _optimizer_bytes(optimizer: str, shapes: list[tuple[int, ...]], state_bytes:
     return total
 
 
-def _optimizer_step_bytes(optimizer: str, device: str, trainable: int, largest: int, state_bytes: int) -> int:
+def optimizer_step_bytes(optimizer: str, device: str, trainable: int, largest: int, state_bytes: int) -> int:
     """Temporaries of one optimizer step: the fused kernel works in place; ``foreach`` builds
     one full list of ``sqrt(v)``; the per-tensor loop needs about two of the largest tensor."""
     if optimizer == "adamw":
@@ -243,8 +249,8 @@ def estimate_memory(
     its dict); its fields may also be given as keyword arguments (``mode``, ``dtype``,
     ``efficiency_config``, ``training``, ``optimizer``, ``batch_size``, ``sequence_length``,
     ``new_tokens``, ``gradient_checkpointing``, ``attn_implementation``, ``mixed_precision``,
-    ``kv_cache_bits``, ``kv_group_size``, ``device``, ``overhead_bytes``), which replace the
-    scenario's values; a mode name as second argument is ``mode=``. Inference is one forward over
+    ``kv_cache_bits``, ``kv_group_size``, ``device``, ``overhead_bytes``, ``parallel``), which replace
+    the scenario's values; a mode name as second argument is ``mode=``. Inference is one forward over
     ``batch_size x sequence_length`` tokens with the KV cache (all logits, as ``model(...)``
     returns them), or, with ``new_tokens > 0``, ``generate`` of that many tokens (the prompt's
     last-token logits only). Training is one step of ``optimizer`` on ``batch_size`` sequences
@@ -253,9 +259,38 @@ def estimate_memory(
     its fields, or a peft ``LoraConfig``). ``efficiency_config`` quantizes the weights exactly
     as ``from_pretrained`` would (its packed layout is what is counted).
     ``device`` picks the runtime overhead (`DEVICE_OVERHEAD_BYTES`, or ``overhead_bytes``) and
-    the kernel paths. Returns a `MemoryBreakdown` whose ``total`` is in bytes.
+    the kernel paths. ``parallel`` (a `parallel.ParallelPlan`, its dict or JSON text) makes the estimate
+    per device for data-parallel, ZeRO/FSDP and tensor-parallel runs (see ``docs/memory-per-device.md``).
+    Returns a `MemoryBreakdown` whose ``total`` is in bytes.
     """
     s = MemoryScenario.build(scenario, **scenario_fields)
+    plan = s.parallel_plan
+    if plan is not None and not plan.is_single_device:
+        from .parallel import estimate_parallel
+
+        return estimate_parallel(model, s, plan, label=label, trust_remote_code=trust_remote_code)
+    return estimate_with_context(model, s, label=label, trust_remote_code=trust_remote_code)[0]
+
+
+@dataclass
+class EstimateContext:
+    """What `estimate_memory` worked out besides the breakdown, for the per-device rules (`parallel.py`)."""
+
+    meta: nn.Module
+    shape: Any
+    pbytes: int
+    plan: TrainablePlan | None = None
+    added_bytes: int = 0
+    state_bytes: int = 0
+    master: bool = False
+    step_workspace: int = 0
+    lm_head_grad: int = 0
+
+
+def estimate_with_context(
+    model: Any, s: MemoryScenario, *, label: str = "", trust_remote_code: bool = False
+) -> tuple[MemoryBreakdown, EstimateContext]:
+    """The one-device estimate of scenario ``s`` and its `EstimateContext`."""
     mode, optimizer, mixed_precision = s.mode, s.optimizer, s.mixed_precision
     batch_size, seq, new_tokens = s.batch_size, s.sequence_length, s.new_tokens
     attn_implementation, gradient_checkpointing = s.attn_implementation, s.gradient_checkpointing
@@ -274,7 +309,7 @@ def estimate_memory(
     setup = s.training_setup
 
     meta = build_meta_model(config, weight_dtype, trust_remote_code=trust_remote_code)
-    params = sum(t.numel() for _, t in _unique_tensors(meta) if isinstance(t, nn.Parameter))
+    params = sum(t.numel() for _, t in unique_tensors(meta) if isinstance(t, nn.Parameter))
     quantized = quantize_structure(meta, eff) if spec is not None else []
     lm_head_name, tied = output_embedding_names(meta)
     notes: list[str] = []
@@ -320,7 +355,7 @@ def estimate_memory(
             out.logits = batch_size * seq * shape.vocab_size * a
         out.workspace = batch_size * inference_layer_workspace(shape, seq, context, a, attn_implementation) + dequant_ws
         out.overlap = max(out.workspace, out.logits) - (out.workspace + out.logits)
-        return out
+        return out, EstimateContext(meta=meta, shape=shape, pbytes=pbytes)
 
     assert setup is not None
     # CUDA's fused dropout keeps a bool mask; the CPU kernel keeps a mask in the dtype it drops out (0)
@@ -335,10 +370,10 @@ def estimate_memory(
     master = mixed_precision is not None and pbytes == 2
     state_bytes = 4 if master else pbytes
     shapes = _trainable_shapes(meta, plan)
-    out.optimizer_states = _optimizer_bytes(optimizer, shapes, state_bytes)
+    out.optimizer_states = optimizer_state_bytes(optimizer, shapes, state_bytes)
     if setup.uses_lora or setup.method == "adapters":  # adapter states follow the adapters' fp32
         adapter_shapes = shapes[len(plan.trainable_numels) :]
-        out.optimizer_states += _optimizer_bytes(optimizer, adapter_shapes, 4) - _optimizer_bytes(
+        out.optimizer_states += optimizer_state_bytes(optimizer, adapter_shapes, 4) - optimizer_state_bytes(
             optimizer, adapter_shapes, state_bytes
         )
     if master:
@@ -383,14 +418,25 @@ def estimate_memory(
     forward = [layer_forward_bytes(lt) for lt in plan.layers]
     out.activations += max(forward, default=0) if gradient_checkpointing else sum(forward)
     out.logits = batch_size * training_logits_bytes(shape, seq, a)
-    out.workspace = (
-        _optimizer_step_bytes(optimizer, device, plan.trainable_parameters, plan.largest_trainable, state_bytes)
-        + dequant_ws
+    step_workspace = optimizer_step_bytes(
+        optimizer, device, plan.trainable_parameters, plan.largest_trainable, state_bytes
     )
+    out.workspace = step_workspace + dequant_ws
     lm_head_grad = shape.vocab_size * shape.hidden_size * pbytes if plan.lm_head_trainable else 0
     peak_backward = out.activations + out.logits + lm_head_grad
     peak_step = out.gradients + out.workspace
     out.overlap = max(peak_backward, peak_step) - (out.activations + out.logits + out.gradients + out.workspace)
     if optimizer == "adamw_8bit":
         notes.append("8-bit AdamW as bitsandbytes stores it (block-wise int8 states, fp32 under 4096 elements)")
-    return out
+    context = EstimateContext(
+        meta=meta,
+        shape=shape,
+        pbytes=pbytes,
+        plan=plan,
+        added_bytes=added_bytes,
+        state_bytes=state_bytes,
+        master=master,
+        step_workspace=step_workspace,
+        lm_head_grad=lm_head_grad,
+    )
+    return out, context

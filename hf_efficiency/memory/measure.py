@@ -75,7 +75,7 @@ def _status_kib(key: str) -> int:
 _M_MMAP_THRESHOLD = -3
 
 
-def _pin_allocator() -> bool:
+def pin_mmap_threshold() -> bool:
     """Pin glibc's mmap threshold at 128 KiB (disables its dynamic growth); False if not glibc."""
     try:
         return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 128 * 1024))
@@ -83,7 +83,10 @@ def _pin_allocator() -> bool:
         return False
 
 
-def _trim() -> None:
+_pin_allocator = pin_mmap_threshold  # the former name (hf_efficiency.quant.calibrated.onload uses it)
+
+
+def trim_heap() -> None:
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -91,7 +94,9 @@ def _trim() -> None:
         pass
 
 
-class _Peak:
+class PeakMemory:
+    """Current and peak memory of this process: the allocator on CUDA, ``VmRSS`` / ``VmHWM`` on CPU (Linux)."""
+
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
         if not self.cuda and not os.path.exists("/proc/self/clear_refs"):
@@ -121,9 +126,9 @@ class _Peak:
 def peak_memory_of(fn, device: str | torch.device = "cpu") -> tuple[Any, int, float]:
     """Run ``fn()`` and return ``(its result, peak bytes above the memory in use before it, seconds)``;
     on CPU from the process's resident-set high-water mark (Linux), on CUDA from the allocator."""
-    _pin_allocator()
-    _trim()
-    peak = _Peak(torch.device(device))
+    pin_mmap_threshold()
+    trim_heap()
+    peak = PeakMemory(torch.device(device))
     base = peak.current()
     peak.reset()
     start = time.perf_counter()
@@ -204,7 +209,8 @@ def build_model(
     return model
 
 
-def _make_optimizer(name: str, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+def make_optimizer(name: str, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """The torch (or bitsandbytes / transformers) optimizer a scenario's ``optimizer`` names."""
     if name == "adamw":  # transformers.Trainer's default, adamw_torch_fused
         return torch.optim.AdamW(params, lr=1e-5, fused=True)
     if name == "adamw_foreach":
@@ -237,14 +243,14 @@ def _run(
     device: torch.device,
     mixed_precision: str | None,
     gradient_checkpointing: bool,
-    peak: _Peak | None,
+    peak: PeakMemory | None,
 ) -> None:
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch_size, seq), device=device)
     if mode == "inference":
         model.eval()
         if peak is not None:
-            _trim()
+            trim_heap()
             peak.reset()
         with torch.no_grad():
             if new_tokens:
@@ -266,9 +272,9 @@ def _run(
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = _make_optimizer(optimizer, params)
+    opt = make_optimizer(optimizer, params)
     if peak is not None:
-        _trim()
+        trim_heap()
         peak.reset()
     amp = DTYPES[mixed_precision] if mixed_precision else None
     for _ in range(steps):
@@ -280,7 +286,8 @@ def _run(
         opt.zero_grad(set_to_none=True)
 
 
-def _tiny(config):
+def one_layer_config(config):
+    """A one-layer copy of ``config`` with at most 512 tokens of vocabulary (the warm-up model)."""
     small = copy.deepcopy(config)
     small.num_hidden_layers = 1
     small.vocab_size = min(small.vocab_size, 512)
@@ -318,6 +325,11 @@ def measure_memory(
         )
     if s.device_type not in ("cuda", "cpu"):
         raise ValueError(f"device={s.device!r} cannot be measured; allowed values: cuda, cpu")
+    if s.parallel_plan is not None and not s.parallel_plan.is_single_device:
+        raise ValueError(
+            f"parallel={s.parallel!r} cannot be measured in one process; allowed values: None or one device "
+            "(measure_parallel.measure_memory_parallel runs a plan)"
+        )
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps={steps!r} is not allowed; allowed values: integers >= 1")
     config = load_config(model)
@@ -344,8 +356,8 @@ def measure_memory(
     weight_dtype = resolve_dtype(s.dtype, config)
     device = s.device
     dev = torch.device(device)
-    peak = _Peak(dev)
-    pinned = dev.type == "cpu" and pin_allocator and _pin_allocator()
+    peak = PeakMemory(dev)
+    pinned = dev.type == "cpu" and pin_allocator and pin_mmap_threshold()
     run = dict(
         batch_size=s.batch_size,
         seq=s.sequence_length,
@@ -357,7 +369,7 @@ def measure_memory(
     )
     build = dict(dtype=weight_dtype, efficiency_config=eff, setup=setup, attn_implementation=s.attn_implementation)
     # warm-up on a one-layer copy: imports, kernels and allocator arenas are not the model's memory
-    warm = build_model(_tiny(config), device=device, **build)
+    warm = build_model(one_layer_config(config), device=device, **build)
     _run(
         warm,
         s.mode,
@@ -366,20 +378,20 @@ def measure_memory(
         **{**run, "seq": min(s.sequence_length, 16), "new_tokens": min(s.new_tokens, 2)},
     )
     del warm
-    _trim()
+    trim_heap()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     baseline = peak.current()
     start = time.perf_counter()
     built = build_model(config, device=device, **build)
-    _trim()
+    trim_heap()
     resident = peak.current() - baseline
     trainable = sum(p.numel() for p in built.parameters() if p.requires_grad)
     _run(built, s.mode, steps=steps, peak=peak, **run)
     top = peak.peak() - baseline
     seconds = time.perf_counter() - start
     del built
-    _trim()
+    trim_heap()
     return MemoryMeasurement(
         device=device,
         method="cuda_max_memory_allocated" if dev.type == "cuda" else ("rss_vmhwm_pinned" if pinned else "rss_vmhwm"),

@@ -23,8 +23,14 @@ def format_bytes(n: float, decimal: bool = False) -> str:
 
 def _scenario(b: "MemoryBreakdown") -> str:
     what = b.label or f"{b.mode} {b.dtype}"
+    parallel = b.details.get("parallel")
+    where = b.device
+    if parallel is not None:
+        from .parallel import ParallelPlan
+
+        where = f"{b.device}, per device of {ParallelPlan.from_dict(parallel).describe()}"
     return (
-        f"{what}: {b.mode} on {b.device}, {b.dtype}, batch {b.batch_size} x {b.sequence_length} tokens, "
+        f"{what}: {b.mode} on {where}, {b.dtype}, batch {b.batch_size} x {b.sequence_length} tokens, "
         f"{b.parameters:,} parameters ({b.trainable_parameters:,} trainable)"
     )
 
@@ -39,6 +45,8 @@ def breakdown_table(b: "MemoryBreakdown", decimal: bool = False) -> str:
     lines += [f"{t:<{width}}  {format_bytes(v, decimal):>13}" for t, v in rows]
     lines.append("-" * (width + 16))
     lines.append(f"{'total':<{width}}  {format_bytes(b.total, decimal):>13}")
+    if b.host:
+        lines.append(f"{'host (offloaded)':<{width}}  {format_bytes(b.host, decimal):>13}  (CPU memory, not in total)")
     lines += [f"note: {n}" for n in b.notes]
     return "\n".join(lines)
 

@@ -24,6 +24,7 @@ from .training import TrainingSetup
 if TYPE_CHECKING:
     from ..config import EfficiencyConfig
     from .estimator import MemoryBreakdown
+    from .parallel import ParallelPlan
 
 #: Memory the runtime holds before the first tensor: the CUDA context, cuBLAS/cuDNN workspaces
 #: and loaded kernels on GPU (the talk's 1 GB; ``torch.cuda.max_memory_allocated`` does not see
@@ -83,11 +84,13 @@ class MemoryScenario:
     tokens. Training is one step of ``optimizer`` on ``batch_size`` sequences of ``sequence_length``
     tokens with the method in ``training``. ``kv_cache_bits``, ``kv_group_size`` and
     ``overhead_bytes`` only change the estimate (`measure_memory` refuses a quantized KV cache and
-    never counts the runtime overhead).
+    never counts the runtime overhead). ``parallel`` makes the estimate per device of a multi-device
+    run (`parallel.ParallelPlan`; `measure_memory_parallel` runs it); `measure_memory` refuses it.
 
     ``training`` accepts a `TrainingSetup`, a method name, a dict of its fields, its JSON text or a
     peft ``LoraConfig``, and holds a `TrainingSetup` afterwards; ``efficiency_config`` accepts an
-    ``EfficiencyConfig``, its dict or its JSON text (or ``None``), and holds the validated dict.
+    ``EfficiencyConfig``, its dict or its JSON text (or ``None``), and holds the validated dict;
+    ``parallel`` likewise accepts a `parallel.ParallelPlan`, its dict or JSON text and holds the dict.
     ``dtype`` accepts a torch dtype too and holds its name.
     """
 
@@ -129,6 +132,13 @@ class MemoryScenario:
     overhead_bytes: int | None = field(
         default=None, metadata={"help": "estimate: override the device's runtime overhead (DEVICE_OVERHEAD_BYTES)"}
     )
+    parallel: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "estimate per device: ParallelPlan (JSON text), e.g. "
+            '{"devices": 8, "strategy": "zero3", "tp": 1} (default: one device)'
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -165,6 +175,7 @@ class MemoryScenario:
                 f"device={self.device!r} has no documented overhead; allowed values: "
                 f"{_choices(tuple(DEVICE_OVERHEAD_BYTES))} (or pass overhead_bytes)"
             )
+        self.parallel = self._check_parallel(self.parallel)
         if self.mode == "training":
             quantized = self.efficiency_config is not None and self.efficiency_config.get("quantization") is not None
             if self.training.method == "qlora" and not quantized:
@@ -187,6 +198,16 @@ class MemoryScenario:
 
         return EfficiencyConfig.coerce(value).to_dict()
 
+    @staticmethod
+    def _check_parallel(value: Any) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = _json("parallel", value)
+        from .parallel import ParallelPlan
+
+        return ParallelPlan.coerce(value).to_dict()
+
     # --- derived --------------------------------------------------------------------------
     @property
     def device_type(self) -> str:
@@ -201,6 +222,15 @@ class MemoryScenario:
         from ..config import EfficiencyConfig
 
         return EfficiencyConfig.coerce(self.efficiency_config)
+
+    @property
+    def parallel_plan(self) -> ParallelPlan | None:
+        """``parallel`` as a `parallel.ParallelPlan` (``None``: one device)."""
+        if self.parallel is None:
+            return None
+        from .parallel import ParallelPlan
+
+        return ParallelPlan.from_dict(self.parallel)
 
     @property
     def training_setup(self) -> TrainingSetup | None:
