@@ -23,6 +23,7 @@ from .config import (  # noqa: E402
 from .decoding import compiled_generate_kwargs, cpu_compile_config  # noqa: E402
 from .integration.qat import convert_qat  # noqa: E402
 from .integration.registry import register  # noqa: E402
+from .integration.sequential import quantize_sequential  # noqa: E402
 from .memory import (  # noqa: E402
     MemoryBreakdown,
     MemoryMeasurement,
@@ -100,4 +101,5 @@ __all__ = [
     "measure_memory",
     "quantize_weight",
     "register",
+    "quantize_sequential",
 ]

@@ -80,7 +80,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="PATTERN",
         help="module name/pattern kept in float (repeatable)",
     )
-    p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default: 5GB)")
+    p.add_argument(
+        "--onload",
+        choices=("auto", "sequential", "in-memory"),
+        default="auto",
+        help="'sequential': read, quantize and write one decoder layer at a time (models larger than memory; "
+        "safetensors checkpoints); 'in-memory': load the whole float model; 'auto' (default): sequential when our "
+        "memory estimate of the float model exceeds the available memory",
+    )
+    p.add_argument(
+        "--max-shard-size", default="5GB", help="safetensors shard size (default: 5GB; sequential: one per layer)"
+    )
     p.add_argument("--eval", action="store_true", help="also evaluate the result (perplexity, bytes, tokens/s)")
     add_text_args(p)
     add_method_arguments(p, methods)
@@ -145,11 +155,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = EfficiencyConfig(**config_from_args(args))
     prepare_output_dir(args.out, args.overwrite)  # before the slow part
     source = resolve_model_path(args.model)
+    sequential = _sequential(args, source, cfg)
     start = time.perf_counter()
-    model, tokenizer = load(source, efficiency_config=cfg)
-    quantize_s = time.perf_counter() - start
+    if not sequential:
+        model, tokenizer = load(source, efficiency_config=cfg)
+        quantize_s = time.perf_counter() - start
     with replaced_output_dir(args.out, args.overwrite) as out:  # the whole folder appears at once
-        model.save_pretrained(out, max_shard_size=args.max_shard_size)
+        if sequential:
+            from transformers import AutoTokenizer
+
+            from ..integration.sequential import quantize_sequential
+
+            report = quantize_sequential(source, cfg, out)
+            model, tokenizer = report.model, AutoTokenizer.from_pretrained(report.source)
+            quantize_s = time.perf_counter() - start
+        else:
+            model.save_pretrained(out, max_shard_size=args.max_shard_size)
         tokenizer.save_pretrained(out)
         try:
             GenerationConfig.from_pretrained(source).save_pretrained(out)
@@ -157,6 +178,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             pass
         summary: dict[str, Any] = {
             "source": source,
+            "onload": "sequential" if sequential else "in-memory",
             "out": os.path.abspath(args.out),
             "config": model.config.quantization_config.to_dict(),
             "quantize_seconds": round(quantize_s, 2),
@@ -165,6 +187,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         metrics = None
         if args.eval:
+            if sequential:  # the quantized model fits: evaluate it as saved
+                model = load(out)[0]
             result = evaluate(model, tokenizer, args, out)
             summary["eval"] = result.to_dict()
             metrics = {
@@ -178,9 +202,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+def _sequential(args: argparse.Namespace, source: str, cfg) -> bool:
+    """Whether to quantize one layer at a time (``--onload``; ``auto`` asks `should_onload`)."""
+    from ..integration.sequential import check_streamable, should_onload
+
+    if args.onload == "in-memory":
+        return False
+    if args.onload == "sequential":
+        check_streamable(cfg)
+        return True
+    return should_onload(source, cfg)
+
+
 def print_human(result: dict[str, Any]) -> None:
     b = result["bytes"]
-    print(f"saved {result['out']} in {result['quantize_seconds']} s (load + quantize)")
+    how = " one decoder layer at a time" if result.get("onload") == "sequential" else ""
+    print(f"saved {result['out']} in {result['quantize_seconds']} s (load + quantize{how})")
     print(
         f"quantized linear bytes: {b['quantized']:,} ({b.get('bits_per_weight') or 0:.3f} bits/weight stored); "
         f"model bytes in memory: {b['total']:,}; on disk: {result['disk_bytes']:,}"

@@ -10,6 +10,7 @@ lazily, tensor by tensor, with ``safetensors.safe_open``.
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Iterator
 
 import torch
@@ -50,6 +51,7 @@ class FolderTensors:
         self._file_of: dict[str, str] = {}
         self._entries: dict[str, dict] = {}
         self._handles: dict[str, object] = {}
+        self._data_start: dict[str, int] = {}
         weight_map = self._weight_map()
         files = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE_FILE]
         for file in files:
@@ -60,6 +62,8 @@ class FolderTensors:
                 header = read_header(path)
             except CheckpointError as exc:
                 raise FormatError(str(exc)) from exc
+            with open(path, "rb") as fh:  # the header was checked: its length is valid
+                self._data_start[file] = 8 + struct.unpack("<Q", fh.read(8))[0]
             for name, entry in header.items():
                 if name in self._file_of:
                     raise FormatError(
@@ -134,6 +138,30 @@ class FolderTensors:
             return handle.get_tensor(name)
         except Exception as exc:  # safetensors raises its own error types
             raise FormatError(f"{os.path.join(self.folder, file)}: cannot read tensor {name!r} ({exc})") from exc
+
+    def read_copy(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` read with plain file reads into a fresh tensor: the file is never memory-mapped, so
+        nothing but the tensor itself becomes resident (`get` maps the shard: every page read stays in the
+        process's resident set while the handle is open)."""
+        if name not in self._entries:
+            raise FormatError(f"{self.folder}: tensor {name!r} is missing")
+        entry, file = self._entries[name], self._file_of[name]
+        dtype = self.dtype(name)
+        if dtype is None:
+            raise FormatError(f"{self.folder}: {self.where(name)} has dtype {entry['dtype']}, which torch cannot hold")
+        start, end = entry["data_offsets"]
+        out = torch.empty(self.shape(name), dtype=dtype)
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+        path = os.path.join(self.folder, file)
+        with open(path, "rb", buffering=0) as fh:
+            fh.seek(self._data_start[file] + start)
+            done = 0
+            while done < end - start:
+                got = fh.readinto(view[done:])
+                if not got:
+                    raise FormatError(f"{path}: file ends inside tensor {name!r}")
+                done += got
+        return out
 
     def close(self) -> None:
         self._handles.clear()

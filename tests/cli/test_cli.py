@@ -7,6 +7,7 @@ import shutil
 import subprocess
 
 import pytest
+import torch
 from conftest import make_byte_tokenizer, make_tiny_llama
 from transformers import AutoModelForCausalLM
 
@@ -292,3 +293,40 @@ def test_generate_bad_arguments(model_dir, capsys):
     assert "--max-new-tokens must be >= 1" in capsys.readouterr().err
     assert main(["generate", str(model_dir), "--draft", "early-exit:9"]) == 2
     assert "early-exit:9 needs 1 <= K < 2" in capsys.readouterr().err
+
+
+def test_quantize_onload_sequential_writes_the_in_memory_folder(model_dir, text_file, tmp_path, capsys):
+    """``--onload sequential`` (one decoder layer at a time) writes the same weights and config as the in-memory
+    pipeline, plus the same tokenizer, generation config and model card; a refused combination says why."""
+    from safetensors.torch import load_file
+
+    args = ["--method", "awq", "--bits", "4", "--group-size", "32", "--calibration-file", str(text_file)]
+    args += ["--calibration-samples", "4", "--calibration-length", "64", "--json"]
+    outs = {}
+    for mode in ("sequential", "in-memory"):
+        outs[mode] = tmp_path / mode
+        assert main(["quantize", str(model_dir), "--onload", mode, "--out", str(outs[mode]), *args]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        assert summary["onload"] == mode
+
+    def tensors(folder):
+        out = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            out.update(load_file(f))
+        return out
+
+    a, b = tensors(outs["sequential"]), tensors(outs["in-memory"])
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("config.json", "tokenizer.json", "generation_config.json"):
+        if (outs["in-memory"] / name).exists():
+            assert json.loads((outs["sequential"] / name).read_text()) == json.loads(
+                (outs["in-memory"] / name).read_text()
+            ), name
+    card = (outs["sequential"] / "README.md").read_text()
+    assert card == (outs["in-memory"] / "README.md").read_text()
+
+    code = main(
+        ["quantize", str(model_dir), "--onload", "sequential", "--rotation", "hadamard", "--out", str(tmp_path / "r")]
+    )
+    assert code != 0
+    assert "rotates every weight of the model before the first layer" in capsys.readouterr().err

@@ -135,8 +135,11 @@ class InputStats:
     rows: list[torch.Tensor] = field(default_factory=list)
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
     rows_per_batch: int = 512
+    xtx_normalized: bool = False
 
     def add(self, x: torch.Tensor) -> None:
+        if self.xtx_normalized:
+            raise RuntimeError("InputStats.add after the Hessian was taken")
         x = x.detach().reshape(-1, x.shape[-1]).float()
         if self.sq_sum is None:
             zeros = torch.zeros(self.in_features, device=x.device)
@@ -168,7 +171,14 @@ class InputStats:
 
     @property
     def hessian(self) -> torch.Tensor | None:
-        return None if self.xtx is None else self.xtx / max(self.tokens, 1)
+        """``X^T X / n``: the accumulator is divided in place on first use (no second ``[in, in]`` matrix, which
+        for an 8192-wide down projection is 256 MiB); no rows may be added afterwards."""
+        if self.xtx is None:
+            return None
+        if not self.xtx_normalized:
+            self.xtx.div_(max(self.tokens, 1))
+            self.xtx_normalized = True
+        return self.xtx
 
     def sample(self) -> torch.Tensor:
         """The kept token rows ``[<= max_rows, in]`` (CPU, float32)."""

@@ -34,7 +34,14 @@ from ..methods import check_quantized_finite, get_method, quantize_matrix, weigh
 from ..methods.awq import smoothquant_scales
 from ..modules.experts import QuantExperts, experts_spec
 from ..modules.linear import QuantLinear, outlier_count, scale_dtype_of
-from ..modules.replace import experts_to_quantize, linearize, linears_to_quantize, set_submodule
+from ..modules.replace import (
+    experts_to_quantize,
+    is_conv1d,
+    linearize,
+    linears_to_quantize,
+    output_embedding_name,
+    set_submodule,
+)
 from .capture import (
     InputStats,
     calibration_windows,
@@ -43,6 +50,7 @@ from .capture import (
     collect_model_input_rms,
     run_layer,
 )
+from .onload import LayerOnloader
 
 logger = logging.get_logger(__name__)
 
@@ -149,9 +157,18 @@ def _sensitivity_bits(model, config, names, windows, spec, scale_dtype) -> dict[
 
 
 def quantize_calibrated(
-    model: nn.Module, config: EfficiencyConfig, tokenizer: Any, skip: list[str] | None, progress: bool = True
+    model: nn.Module,
+    config: EfficiencyConfig,
+    tokenizer: Any,
+    skip: list[str] | None,
+    progress: bool = True,
+    onloader: LayerOnloader | None = None,
 ) -> tuple[EfficiencyConfig, PipelineReport]:
     """Quantize a float model in place with the calibrated pipeline.
+
+    With an ``onloader`` (sequential onloading, `hf_efficiency.quant.calibrated.onload`), ``model`` is a
+    ``meta`` skeleton: the onloader reads each part from the checkpoint just before it is used and writes it
+    out (returning it to ``meta``) as soon as it is final.
 
     Returns the config as applied (``module_bits`` filled in by an automatic allocation) and a
     :class:`PipelineReport`.
@@ -163,12 +180,17 @@ def quantize_calibrated(
     spec, cal, act = config.quantization, config.calibration, config.activations
     scale_dtype = scale_dtype_of(spec.scale_dtype)
     report = PipelineReport()
-    windows = calibration_windows(cal, tokenizer)
-    report.calibration_tokens = windows.numel()
+    # data-free methods (rtn, hqq without calibrated extras) reach this pipeline only through sequential
+    # onloading: no calibration pass, every weight quantized as on the fly while loading
+    calibrate = config.needs_calibration
+    windows = calibration_windows(cal, tokenizer) if calibrate else None
+    report.calibration_tokens = windows.numel() if calibrate else 0
     names = linears_to_quantize(model, skip)
     expert_names = experts_to_quantize(model, skip)
     if not names and not expert_names:
         raise ValueError(f"quantization matched no nn.Linear module (modules_to_not_convert={skip!r})")
+    if onloader is not None:  # their checkpoint tensors are [in, out]
+        onloader.transposed.update(f"{n}.weight" for n in names if is_conv1d(model.get_submodule(n)))
     linearize(model, names)  # GPT-2's Conv1D -> the equivalent nn.Linear
     online: dict[str, torch.Tensor] = {}
     if spec.rotation is not None:
@@ -190,9 +212,15 @@ def quantize_calibrated(
     expert_spec = experts_spec(spec) if expert_names else spec  # rtn for awq/gptq (warns once)
 
     layers_name, layers = find_decoder_layers(model)
-    home = next(model.parameters()).device
-    device = torch.device(cal.device) if cal.device else home
-    batches = capture_first_layer_inputs(model, layers, windows, cal.batch_size)
+    home = next(model.parameters()).device if onloader is None else torch.device("cpu")
+    device = torch.device(cal.device) if cal is not None and cal.device else home
+    outside = [n for n in names if not n.startswith(f"{layers_name}.")]
+    late = _late_modules(model, outside) if onloader is not None else []
+    if onloader is not None:  # the float parts before the layers: read, used for the first pass, written
+        onloader.load(model, exclude=(layers_name, *late))
+    batches = capture_first_layer_inputs(model, layers, windows, cal.batch_size) if calibrate else []
+    if onloader is not None:
+        onloader.release([(model, "")], exclude=(layers_name, *late))
     for b in batches:
         b.hidden = b.hidden.to(device)
         b.kwargs = {k: _to(v, device) for k, v in b.kwargs.items()}
@@ -206,19 +234,23 @@ def quantize_calibrated(
         if not family.scaling_groups:
             family.groups_for(layers[0], model.config)  # raises, naming the family and what is missing
     act_mode = act.mode if act is not None else None
-    in_layers = set()
     for i, layer in enumerate(tqdm(layers, desc=f"quantizing layers ({method.name})", disable=not progress)):
         prefix = f"{layers_name}.{i}."
         local = [n[len(prefix) :] for n in names if n.startswith(prefix)]
-        in_layers.update(prefix + n for n in local)
+        if onloader is not None:
+            onloader.load(layer, prefix)
         if not local:
             _quantize_experts(model, [n for n in expert_names if n.startswith(prefix)], expert_spec)
             batches = _advance(layer, batches, device, home)
+            if onloader is not None:
+                onloader.release([(layer, prefix)])
             continue
         layer.to(device)
         max_rows = STATIC_SAMPLE_ROWS if act_mode == "static" else SAMPLE_ROWS
-        stats, float_outputs = collect_layer_stats(
-            layer, batches, local, want_xtx=method.needs_hessian, max_rows=max_rows
+        stats, float_outputs = (
+            collect_layer_stats(layer, batches, local, want_xtx=method.needs_hessian, max_rows=max_rows)
+            if calibrate
+            else ({}, [])
         )
         bits_of = {n: bits_for_module(prefix + n, spec) for n in local}
 
@@ -249,7 +281,7 @@ def quantize_calibrated(
 
         for n in local:
             lin = layer.get_submodule(n)
-            st = stats[n]
+            st = stats.get(n)
             if n in tuned:
                 q = tuned[n]
                 check_quantized_finite(q, lin.weight.detach().float(), f"{prefix}{n}")
@@ -260,8 +292,8 @@ def quantize_calibrated(
                     bits_of[n],
                     scale_dtype=scale_dtype,
                     outliers=outlier_count(lin.in_features, spec.outliers),
-                    hessian=st.hessian,
-                    act_rms=st.rms,
+                    hessian=None if st is None else st.hessian,
+                    act_rms=None if st is None else st.rms,
                     name=f"{prefix}{n}",
                 )
             module = QuantLinear.from_quantized(
@@ -284,13 +316,21 @@ def quantize_calibrated(
         else:
             del float_outputs
             batches = _advance(layer, batches, device, home)
+        # nothing of this layer may outlive it (with sequential onloading it is written and freed now): the
+        # statistics (GPTQ's Hessians), the float linear just replaced, the quantized results
+        del ctx, tuned, lin, st, q, module
+        if onloader is not None:
+            onloader.release([(layer, prefix)])
 
-    outside = [n for n in names if n not in in_layers]
+    if onloader is not None:
+        for n in late:
+            onloader.load(model.get_submodule(n), f"{n}.")
     if outside:
-        logger.warning(
-            f"{len(outside)} linear(s) outside the decoder layers ({', '.join(outside[:3])}...) are quantized "
-            "without calibration statistics (round-to-nearest for awq/gptq)"
-        )
+        if calibrate:
+            logger.warning(
+                f"{len(outside)} linear(s) outside the decoder layers ({', '.join(outside[:3])}...) are quantized "
+                "without calibration statistics (round-to-nearest for awq/gptq)"
+            )
         fallback = spec if not method.calibrated else spec.with_method("rtn")
         for n in outside:
             lin = model.get_submodule(n)
@@ -303,9 +343,24 @@ def quantize_calibrated(
                 name=n,
             )
             set_submodule(model, n, QuantLinear.from_quantized(lin, q, symmetric=spec.symmetric, act_mode=act_mode))
+    if onloader is not None:
+        onloader.release([(model.get_submodule(n), f"{n}.") for n in late])
     report.module_bits = {n: bits_for_module(n, spec) for n in names}
     report.seconds = time.perf_counter() - start
     return config, report
+
+
+def _late_modules(model: nn.Module, outside: list[str]) -> list[str]:
+    """Modules outside the decoder layers that sequential onloading reads only after the layers: the linears
+    quantized there (``outside``) and a float output head with its own weight (a head tied to the input
+    embedding is that embedding, read before the layers)."""
+    late = list(outside)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and head.weight is not model.get_input_embeddings().weight:
+        name = output_embedding_name(model)
+        if name is not None and name not in late:
+            late.append(name)
+    return late
 
 
 def _quantize_experts(model: nn.Module, names: list[str], spec: QuantizationSpec) -> None:

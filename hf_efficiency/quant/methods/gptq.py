@@ -27,6 +27,7 @@ Everything runs in float32 on the weight's device. Pure tensor code: no transfor
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -51,22 +52,45 @@ def _inverse_upper_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     Computed without forming ``H^-1``: with ``J`` the reversal permutation and
     ``J H J = L L^T``, ``U = J L^-1 J`` (one Cholesky and one triangular solve; faster and far
     less sensitive to CPU contention than cholesky -> cholesky_inverse -> cholesky). Retries with
-    10x the damping up to ``_MAX_DAMP_RETRIES`` times, then raises.
+    10x the damping up to ``_MAX_DAMP_RETRIES`` times, then raises. ``h`` is not modified.
     """
+    return _inverse_upper_factor_of([h], damp, lambda: h)
+
+
+def _inverse_upper_factor_of(
+    holder: list[torch.Tensor], damp: float, remake: Callable[[], torch.Tensor]
+) -> torch.Tensor:
+    """`_inverse_upper_factor` of ``holder[0]``, which it takes out of the list (the caller keeps no reference:
+    it is released once flipped); a retry rebuilds it with ``remake()``. At most three ``n x n`` matrices are
+    alive at once (the flipped Hessian becomes the Cholesky input in place of a copy, the triangular solve
+    writes into its right-hand side): at n = 8192 each is 256 MiB, and this is the peak of GPTQ's memory, which
+    bounds sequential onloading of large models. The arithmetic is that of the plain formulation, bit for bit."""
+    h = holder.pop()
     n = h.shape[0]
     mean_diag = float(torch.diagonal(h).mean())
     idx = torch.arange(n, device=h.device)
+    device, dtype = h.device, h.dtype
     flipped = h.flip(0, 1)
-    eye = torch.eye(n, device=h.device, dtype=h.dtype)
+    del h
     lam = damp
     for attempt in range(_MAX_DAMP_RETRIES + 1):
-        hd = flipped.clone()
+        if flipped is None:
+            flipped = remake().flip(0, 1)
+        hd, flipped = flipped, None  # (a fresh flip: adding to its diagonal leaves the Hessian untouched)
         hd[idx, idx] += lam * mean_diag
         chol, info = torch.linalg.cholesky_ex(hd)
+        del hd
         if int(info) == 0:
-            upper = torch.linalg.solve_triangular(chol, eye, upper=False).flip(0, 1)
+            eye = torch.eye(n, device=device, dtype=dtype).t()  # column-major: the solve runs in place in it
+            inverse = torch.linalg.solve_triangular(chol, eye, upper=False, out=eye)
+            del chol, eye
+            upper = inverse.flip(0, 1)
+            del inverse
             if bool(torch.isfinite(torch.diagonal(upper)).all()) and bool(torch.isfinite(upper.sum())):
                 return upper
+            del upper
+        else:
+            del chol
         if attempt < _MAX_DAMP_RETRIES:
             new_lam = lam * 10 if lam > 0 else 1e-2
             logger.warning(
@@ -77,6 +101,16 @@ def _inverse_upper_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
         f"GPTQ: the Hessian is not positive definite even with damp={lam:g} "
         f"(started from damp={damp:g}); check the calibration statistics for nan/inf or too few tokens"
     )
+
+
+def _prepared_hessian(
+    hessian: torch.Tensor, device: torch.device, dead: torch.Tensor | None, perm: torch.Tensor | None
+) -> torch.Tensor:
+    """The float32 Hessian as `gptq_quantize` factors it: dead inputs' diagonal set to 1, columns permuted."""
+    h = hessian.detach().to(device=device, dtype=torch.float32, copy=True)
+    if dead is not None:
+        h[dead, dead] = 1.0
+    return h if perm is None else h[perm][:, perm]
 
 
 def gptq_quantize(
@@ -170,10 +204,10 @@ def gptq_quantize(
     maxq = 2**bits - 1
 
     # ---------------------------------------------------------------- dead inputs
-    diag = torch.diagonal(h)
-    dead = diag == 0
+    dead = torch.diagonal(h) == 0  # (no view of h is kept: h must be freed when factored)
+    dead_idx = None
     if bool(dead.any()):
-        idx = torch.nonzero(dead).squeeze(1)
+        idx = dead_idx = torch.nonzero(dead).squeeze(1)
         h[idx, idx] = 1.0
         w[:, dead] = 0.0
 
@@ -201,8 +235,9 @@ def gptq_quantize(
     else:
         perm = None
 
-    upper = _inverse_upper_factor(h, damp)
+    holder = [h]
     del h
+    upper = _inverse_upper_factor_of(holder, damp, lambda: _prepared_hessian(hessian, device, dead_idx, perm))
     # Row-normalize to a unit diagonal: with raw errors r_j = w_j - q_j the OBS update of a later
     # column k is  w_k -= r_j * U[j, k] / U[j, j]  (GPTQ's err_j = r_j / U_jj folded into U).
     upper.div_(torch.diagonal(upper).clone().unsqueeze(1))

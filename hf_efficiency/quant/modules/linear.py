@@ -435,8 +435,18 @@ class QuantLinear(nn.Module):
         held beside the module, never in its state dict, and dropped whenever one of its tensors changes."""
         lay = self._kernel_cache.get(key)
         if lay is None and build is not None:
-            lay = self._kernel_cache[key] = build()
+            lay = build()
+            if not self.offloaded:
+                self._kernel_cache[key] = lay
         return lay
+
+    @property
+    def offloaded(self) -> bool:
+        """Whether accelerate offloads this module's tensors (``device_map`` with CPU or disk offload: its hook
+        loads them for each forward and returns them to ``meta`` after). Kernel layouts of an offloaded module
+        are built for the call and not kept, so that offloading saves their memory too."""
+        hook = getattr(self, "_hf_hook", None)
+        return any(getattr(h, "offload", False) for h in getattr(hook, "hooks", (hook,)) if h is not None)
 
     def kernel_layout_nbytes(self, device_type: str, dtype: torch.dtype) -> int:
         """Bytes of the kernel layout this module caches beside its packed weight for ``dtype`` activations
