@@ -87,18 +87,14 @@ def build_skeleton(folder: str, dtype: torch.dtype) -> nn.Module:
     return model
 
 
-def resolve_dtype(dtype: torch.dtype | str, folder: str) -> torch.dtype:
-    """``dtype`` as a torch dtype (``"auto"``: the checkpoint config's own, float32 when it names none)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        from transformers import AutoConfig
+def source_dtype(dtype: torch.dtype | str, folder: str) -> torch.dtype:
+    """``dtype`` as a torch dtype, as the memory estimator reads it (`resolve_dtype`; ``"auto"``: the dtype of
+    ``folder``'s config.json, float32 when it names none)."""
+    from transformers import AutoConfig
 
-        found = getattr(AutoConfig.from_pretrained(folder), "dtype", None)
-        return found if isinstance(found, torch.dtype) else getattr(torch, found or "float32")
-    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
-        return getattr(torch, dtype)
-    raise ValueError(f"dtype={dtype!r} is not a torch dtype, its name, or 'auto'")
+    from ..memory.scenarios import resolve_dtype
+
+    return resolve_dtype(dtype, AutoConfig.from_pretrained(folder) if dtype == "auto" else None)
 
 
 def check_source(model: nn.Module, reader: CheckpointReader, aliases: dict[str, str], skip_prefixes=()) -> None:
@@ -182,7 +178,7 @@ def quantize_sequential(
     check_streamable(config)
     folder = resolve_source(model, cache_dir, revision)
     reader = CheckpointReader(folder)
-    dtype = resolve_dtype(dtype, folder)
+    dtype = source_dtype(dtype, folder)
     skeleton = build_skeleton(folder, dtype)
     skip = modules_to_not_convert(skeleton, config.quantization)
     aliases = {}
@@ -257,7 +253,7 @@ def should_onload(
     try:
         check_streamable(config)
         folder = resolve_source(model)
-        skeleton = build_skeleton(folder, resolve_dtype(dtype, folder))
+        skeleton = build_skeleton(folder, source_dtype(dtype, folder))
         check_source(skeleton, CheckpointReader(folder), {})
     except SequentialOnloadError as e:
         logger.warning(

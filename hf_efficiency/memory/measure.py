@@ -35,6 +35,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -231,7 +232,7 @@ def make_optimizer(name: str, params: list[nn.Parameter]) -> torch.optim.Optimiz
 
 
 # --- scenarios ------------------------------------------------------------------------------
-def _run(
+def run_steps(
     model: nn.Module,
     mode: str,
     *,
@@ -244,8 +245,14 @@ def _run(
     mixed_precision: str | None,
     gradient_checkpointing: bool,
     peak: PeakMemory | None,
+    build_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
 ) -> None:
-    vocab = model.config.vocab_size
+    """Run the measured work on ``model`` (a transformers model, or one wrapped by DDP/FSDP as ``.module``):
+    one forward or ``generate`` of ``new_tokens`` for inference, ``steps`` optimizer steps for training (the
+    optimizer from ``build_optimizer``, default `make_optimizer` of ``optimizer``); ``peak`` is reset just
+    before."""
+    inner = getattr(model, "module", model)
+    vocab = inner.config.vocab_size
     ids = torch.randint(0, vocab, (batch_size, seq), device=device)
     if mode == "inference":
         model.eval()
@@ -267,12 +274,12 @@ def _run(
         return
     model.train()
     if gradient_checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable = getattr(inner, "activation_checkpointing_enable", None) or inner.gradient_checkpointing_enable
         enable()
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
+        if hasattr(inner, "enable_input_require_grads"):
+            inner.enable_input_require_grads()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(optimizer, params)
+    opt = build_optimizer(params) if build_optimizer is not None else make_optimizer(optimizer, params)
     if peak is not None:
         trim_heap()
         peak.reset()
@@ -370,7 +377,7 @@ def measure_memory(
     build = dict(dtype=weight_dtype, efficiency_config=eff, setup=setup, attn_implementation=s.attn_implementation)
     # warm-up on a one-layer copy: imports, kernels and allocator arenas are not the model's memory
     warm = build_model(one_layer_config(config), device=device, **build)
-    _run(
+    run_steps(
         warm,
         s.mode,
         steps=2 if s.mode == "training" else 1,
@@ -387,7 +394,7 @@ def measure_memory(
     trim_heap()
     resident = peak.current() - baseline
     trainable = sum(p.numel() for p in built.parameters() if p.requires_grad)
-    _run(built, s.mode, steps=steps, peak=peak, **run)
+    run_steps(built, s.mode, steps=steps, peak=peak, **run)
     top = peak.peak() - baseline
     seconds = time.perf_counter() - start
     del built

@@ -39,10 +39,11 @@ from .measure import (
     make_optimizer,
     one_layer_config,
     pin_mmap_threshold,
+    run_steps,
     trim_heap,
 )
 from .parallel import DDP_STRATEGIES, FSDP_STRATEGIES, ParallelPlan
-from .scenarios import DTYPES, MemoryScenario, resolve_dtype
+from .scenarios import MemoryScenario, resolve_dtype
 from .shapes import load_config
 
 
@@ -200,34 +201,21 @@ def _optimizer(name: str, params: list[nn.Parameter], plan: ParallelPlan) -> tor
 
 
 def _steps(model: nn.Module, s: MemoryScenario, plan: ParallelPlan, steps: int, peak: PeakMemory | None) -> None:
-    vocab = (getattr(model, "module", model)).config.vocab_size
-    ids = torch.randint(0, vocab, (s.batch_size, s.sequence_length))
-    if s.mode == "inference":
-        model.eval()
-        if peak is not None:
-            trim_heap()
-            peak.reset()
-        with torch.no_grad():
-            model(input_ids=ids, use_cache=True)
-        return
-    model.train()
-    if s.gradient_checkpointing:
-        inner = getattr(model, "module", model)
-        inner.gradient_checkpointing_enable()
-        if hasattr(inner, "enable_input_require_grads"):
-            inner.enable_input_require_grads()
-    opt = _optimizer(s.optimizer, [p for p in model.parameters() if p.requires_grad], plan)
-    if peak is not None:
-        trim_heap()
-        peak.reset()
-    amp = DTYPES[s.mixed_precision] if s.mixed_precision else None
-    for _ in range(steps):
-        with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        del loss
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    """`run_steps` on this rank (one forward for inference), the optimizer the plan shards (`_optimizer`)."""
+    run_steps(
+        model,
+        s.mode,
+        batch_size=s.batch_size,
+        seq=s.sequence_length,
+        new_tokens=0,
+        optimizer=s.optimizer,
+        steps=steps,
+        device=torch.device("cpu"),
+        mixed_precision=s.mixed_precision,
+        gradient_checkpointing=s.gradient_checkpointing,
+        peak=peak,
+        build_optimizer=lambda params: _optimizer(s.optimizer, params, plan),
+    )
 
 
 def _rank_main() -> None:

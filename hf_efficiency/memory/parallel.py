@@ -170,15 +170,9 @@ class ParallelPlan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ParallelPlan:
-        if not isinstance(data, dict):
-            raise ValueError(f"a parallel plan must be a dict or ParallelPlan, got {type(data).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(names))
-        if unknown:
-            raise ValueError(
-                f"unknown parallel plan key(s) {', '.join(map(repr, unknown))}; allowed keys: {', '.join(names)}"
-            )
-        return cls(**data)
+        from .scenarios import dataclass_from_dict
+
+        return dataclass_from_dict(cls, data, "parallel plan")
 
     @classmethod
     def coerce(cls, value: Any) -> ParallelPlan:

@@ -48,6 +48,18 @@ DTYPES = {
 }
 
 
+def dataclass_from_dict(cls: type, data: Any, what: str) -> Any:
+    """``cls(**data)`` after checking that ``data`` is a dict of ``cls``'s fields (``ValueError`` naming ``what``,
+    the unknown keys and the allowed ones)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"a {what} must be a dict or {cls.__name__}, got {type(data).__name__}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ValueError(f"unknown {what} key(s) {', '.join(map(repr, unknown))}; allowed keys: {', '.join(names)}")
+    return cls(**data)
+
+
 def resolve_dtype(dtype: Any, config=None) -> torch.dtype:
     """The torch dtype a scenario's ``dtype`` names (``"auto"``: the config's own dtype, else float32)."""
     if isinstance(dtype, torch.dtype):
@@ -251,15 +263,7 @@ class MemoryScenario:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MemoryScenario:
-        if not isinstance(data, dict):
-            raise ValueError(f"a memory scenario must be a dict or MemoryScenario, got {type(data).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(names))
-        if unknown:
-            raise ValueError(
-                f"unknown memory scenario key(s) {', '.join(map(repr, unknown))}; allowed keys: {', '.join(names)}"
-            )
-        return cls(**data)
+        return dataclass_from_dict(cls, data, "memory scenario")
 
     @classmethod
     def build(cls, scenario: MemoryScenario | dict[str, Any] | str | None = None, **fields: Any) -> MemoryScenario:
